@@ -1,0 +1,221 @@
+"""Architecture registry: one builder per architecture, each with a single-logit binary head.
+
+Initialisation is always explicit (`imagenet`, `scratch` or a local weights file) and never falls
+back silently: a failure raises `InitError` naming the alternatives.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+class InitError(RuntimeError):
+    """Raised when the requested initialisation cannot be honoured."""
+
+
+class HistoClassifier(nn.Module):
+    """Backbone feature map -> global average pool -> dropout -> one malignancy logit."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, dropout: float = 0.2):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(feat_dim, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, feat_dim): what the linear head and the baseline read."""
+        return self.pool(self.backbone(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x))).squeeze(1)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    make_backbone: Callable[[], nn.Module]
+    feat_dim: int
+    cam_layer: str  # module path inside HistoClassifier whose activations Grad-CAM reads
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: tuple[int, int]  # (H, W) of the whole resized frame; 700x460 keeps its aspect
+    stages: Callable[[nn.Module], list[nn.Module]]  # ordered stem..last block, for partial fine-tuning
+    imagenet_loader: Callable[[nn.Module], None]
+    imagenet_hint: str
+
+
+def _resnet50_backbone() -> nn.Module:
+    from torchvision.models import resnet50
+
+    m = resnet50(weights=None)
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+def _densenet121_backbone() -> nn.Module:
+    from torchvision.models import densenet121
+
+    return nn.Sequential(densenet121(weights=None).features, nn.ReLU(inplace=False))
+
+
+def _lite2_backbone() -> nn.Module:
+    import timm
+
+    # num_classes=0 and global_pool='' make forward() return the (B,1280,h,w) feature map.
+    return timm.create_model("tf_efficientnet_lite2", pretrained=False, num_classes=0, global_pool="")
+
+
+def _torchvision_imagenet(weights_enum_name: str, builder_name: str, prefix_map: Callable[[dict], dict]):
+    def load(backbone: nn.Module) -> None:
+        import torchvision.models as tvm
+
+        weights = getattr(tvm, weights_enum_name).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # network or cache failure: never continue with random weights
+            raise InitError(
+                f"--init imagenet: torchvision could not provide {weights_enum_name}.IMAGENET1K_V1 "
+                f"({type(exc).__name__}: {exc}). Put the file in torch's hub cache, pass a local file "
+                f"with --init FILE, or train with --init scratch."
+            ) from exc
+        load_torchvision_state(backbone, prefix_map(state))
+
+    return load
+
+
+def _resnet_prefix(state: dict) -> dict:
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    out = {}
+    for k, v in state.items():
+        head = k.split(".")[0]
+        if head in names:
+            out[f"{names.index(head)}.{k[len(head) + 1:]}"] = v
+    return out
+
+
+def _densenet_prefix(state: dict) -> dict:
+    import re
+
+    out = {}
+    for k, v in state.items():
+        if k.startswith("features."):
+            # old torchvision checkpoints use 'norm.1' instead of 'norm1'
+            k = re.sub(r"\.(norm|relu|conv)\.(\d+)\.", r".\1\2.", k)
+            out["0." + k[len("features."):]] = v
+    return out
+
+
+def _lite2_imagenet(backbone: nn.Module) -> None:
+    import timm
+
+    try:
+        ref = timm.create_model("tf_efficientnet_lite2", pretrained=True)
+    except Exception as exc:
+        raise InitError(
+            f"--init imagenet: timm could not fetch tf_efficientnet_lite2 weights ({type(exc).__name__}). "
+            "Pass the local file instead: --init ../shared/weights/efficientnet_lite2_in1k.safetensors"
+        ) from exc
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.")}
+    backbone.load_state_dict(state, strict=True)
+
+
+def load_torchvision_state(backbone: nn.Module, state: dict) -> None:
+    """Strictly load backbone weights; a missing or unexpected key is an error, not a warning."""
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InitError(f"weights do not fit the backbone: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+
+def _lite2_stages(b: nn.Module) -> list[nn.Module]:
+    return [nn.ModuleList([b.conv_stem, b.bn1]), *list(b.blocks), nn.ModuleList([b.conv_head, b.bn2])]
+
+
+def _seq_stages(b: nn.Module) -> list[nn.Module]:
+    children = list(b.children())
+    if len(children) == 8:  # resnet: stem (4 modules) then 4 layers
+        return [nn.ModuleList(children[:4]), *children[4:]]
+    feats = children[0]  # densenet: features then relu
+    return [*list(feats.children()), children[1]]
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "efficientnet_lite2": ArchSpec(
+        "efficientnet_lite2", _lite2_backbone, 1280, "backbone.bn2", LITE_MEAN, LITE_STD, (230, 350),
+        _lite2_stages, _lite2_imagenet,
+        "--init ../shared/weights/efficientnet_lite2_in1k.safetensors",
+    ),
+    "resnet50": ArchSpec(
+        "resnet50", _resnet50_backbone, 2048, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (112, 170),
+        _seq_stages, _torchvision_imagenet("ResNet50_Weights", "resnet50", _resnet_prefix),
+        "--init scratch (no ResNet-50 ImageNet weights are available here)",
+    ),
+    "densenet121": ArchSpec(
+        "densenet121", _densenet121_backbone, 1024, "backbone.1", IMAGENET_MEAN, IMAGENET_STD, (230, 350),
+        _seq_stages, _torchvision_imagenet("DenseNet121_Weights", "densenet121", _densenet_prefix),
+        "--init scratch",
+    ),
+}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (weights can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_weight_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+
+def build_model(arch: str, init: str = "scratch") -> tuple[HistoClassifier, dict]:
+    """Build `arch` with an explicit init; returns the model and a provenance record for the card."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    backbone = spec.make_backbone()
+    record: dict = {"init": init}
+    if init == "scratch":
+        record["description"] = "random initialisation (trained from scratch)"
+    elif init == "imagenet":
+        spec.imagenet_loader(backbone)
+        record["description"] = "ImageNet-1k weights through the library's weights API"
+    else:
+        path = Path(init)
+        if not path.is_file():
+            raise InitError(f"--init {init}: no such file. Use 'scratch', 'imagenet' or an existing weights file.")
+        state = _load_weight_file(path)
+        head_prefixes = ("classifier.", "fc.", "head.")
+        state = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
+        if arch == "resnet50" and "conv1.weight" in state:
+            state = _resnet_prefix(state)
+        elif arch == "densenet121" and any(k.startswith("features.") for k in state):
+            state = _densenet_prefix(state)
+        if arch == "efficientnet_lite2":
+            try:
+                backbone.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise InitError(f"--init {init}: weights do not fit {arch}: {exc}") from exc
+        else:
+            load_torchvision_state(backbone, state)
+        record.update(description=f"backbone weights from local file {path.name}", file=path.name,
+                      file_sha256=file_sha256(path))
+    model = HistoClassifier(backbone.float(), spec.feat_dim)
+    return model, record

@@ -1,0 +1,94 @@
+"""`card.json`: a model folder that describes itself (Model Cards for Model Reporting; MONAI bundle metadata).
+
+The preprocessing config travels with the weights (like timm's `pretrained_cfg`), so inference can
+never drift from training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CARD_VERSION = 1
+
+
+@dataclass
+class PreprocessConfig:
+    """How a frame becomes a tensor: the whole frame resized to (H, W); no crop drops tissue."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    value_range: tuple[float, float] = (0.0, 1.0)  # RGB scaled to this range before mean/std
+    crop: str = "none (full frame resized; aspect 700:460 kept by the chosen size)"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        for k in ("input_size", "mean", "std", "value_range"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+@dataclass
+class ModelCard:
+    model_id: str
+    architecture: str
+    magnification: str  # '40X' | '100X' | '200X' | '400X' | 'all'
+    preprocess: PreprocessConfig
+    init: dict
+    task: str = "binary classification of H&E breast histopathology frames: benign (0) vs malignant (1)"
+    output: str = "one logit; p_malignant = sigmoid(logit / temperature)"
+    temperature: float = 1.0
+    threshold: float = 0.5
+    weights_file: str = "model.safetensors"
+    weights_sha256: str = ""
+    weights_dtype: str = "float16"
+    recipe: dict = field(default_factory=dict)
+    hyperparameters: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # provenance: source, images/patients per split and class
+    split_file: str = "split.csv"
+    evaluation: dict = field(default_factory=dict)  # protocol + metrics with 95% CIs
+    per_magnification: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)
+    training_log: list = field(default_factory=list)
+    training_time_s: float = 0.0
+    versions: dict = field(default_factory=dict)
+    git_commit: str = ""
+    created: str = ""
+    intended_use: str = (
+        "Research aid for computational-pathology researchers and pathologists exploring BreakHis-style "
+        "frames. Not a diagnosis; not validated for clinical use."
+    )
+    limitations: list = field(default_factory=list)
+    changelog: list = field(default_factory=list)
+    card_version: int = CARD_VERSION
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1, default=_jsonable) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelCard":
+        d: dict[str, Any] = json.loads(Path(path).read_text())
+        d["preprocess"] = PreprocessConfig.from_dict(d["preprocess"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _jsonable(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

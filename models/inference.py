@@ -1,0 +1,136 @@
+"""Load a model folder (verifying its sha256 first), route magnifications, predict on images or files."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.archs import HistoClassifier, build_model, file_sha256
+from models.card import ModelCard
+from models.metrics import apply_temperature
+from models.preprocess import ImageError, frame_to_tensor, load_image
+from models.quality import check_quality
+
+MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+DEFAULTS_FILE = "defaults.json"
+
+
+class ModelIntegrityError(RuntimeError):
+    """The weights on disk are not the ones the card vouches for."""
+
+
+def models_root() -> Path:
+    """Where shipped models live; BREAKHIS_MODELS_DIR overrides (tests, private models)."""
+    return Path(os.environ.get("BREAKHIS_MODELS_DIR", Path(__file__).resolve().parent.parent / "magnif_models"))
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    model: HistoClassifier
+    folder: Path
+
+    @property
+    def model_id(self) -> str:
+        return self.card.model_id
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw logits for a preprocessed (B,3,H,W) batch, fp32 so evaluate and predict agree exactly."""
+        return self.model(batch.float()).double().numpy()
+
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Calibrated p(malignant) for a preprocessed batch."""
+        return apply_temperature(self.logits(batch), self.card.temperature)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return frame_to_tensor(img, self.card.preprocess)
+
+    def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
+        """Calibrated p(malignant) for RGB PIL frames."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            out.append(self.probabilities(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def label_for(self, p: float) -> str:
+        return "malignant" if p >= self.card.threshold else "benign"
+
+    def predict_files(self, paths: Iterable[str], magnification: str, batch_size: int = 16) -> list[dict]:
+        """One result row per input, in order; a bad file gets an empty probability and its reason."""
+        rows: list[dict] = []
+        pending: list[tuple[int, Image.Image]] = []
+
+        def flush() -> None:
+            probs = self.predict_images([im for _, im in pending], batch_size)
+            for (i, _), p in zip(pending, probs):
+                rows[i]["p_malignant"] = float(p)
+                rows[i]["label"] = self.label_for(float(p))
+            pending.clear()
+
+        for path in paths:
+            row = {"path": path, "magnification": magnification, "model_id": self.model_id,
+                   "p_malignant": None, "label": "", "warning": ""}
+            rows.append(row)
+            try:
+                loaded = load_image(path, name=path)
+            except ImageError as exc:
+                row["warning"] = str(exc)
+                continue
+            q = check_quality(loaded.image, magnification)
+            row["warning"] = "; ".join(loaded.warnings + q.warnings)
+            pending.append((len(rows) - 1, loaded.image))
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
+            flush()
+        return rows
+
+
+def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
+    """Build the card's architecture and load its weights, refusing weights whose sha256 differs."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    card_path = folder / "card.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{folder}: no card.json; not a model folder")
+    card = ModelCard.from_json(card_path)
+    weights = folder / card.weights_file
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file missing")
+    if verify:
+        digest = file_sha256(weights)
+        if digest != card.weights_sha256:
+            raise ModelIntegrityError(
+                f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…; "
+                "refusing to load modified or corrupt weights")
+    model, _ = build_model(card.architecture, "scratch")  # weights come from our own file just below
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(card, model, folder)
+
+
+def list_model_folders(root: str | Path | None = None) -> list[Path]:
+    """Every `<MAG or all>/<name>/card.json` folder under root, sorted."""
+    root = Path(root) if root else models_root()
+    return sorted(p.parent for p in root.glob("*/*/card.json"))
+
+
+def read_defaults(root: str | Path | None = None) -> dict:
+    """The validation-chosen default per magnification, as written by `python -m training select-defaults`."""
+    path = (Path(root) if root else models_root()) / DEFAULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def default_model_id(magnification: str, root: str | Path | None = None) -> str | None:
+    """Model id serving `magnification`, or None when nothing is trained for it."""
+    entry = read_defaults(root).get(magnification)
+    return entry["model_id"] if entry else None

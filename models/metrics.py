@@ -1,0 +1,182 @@
+"""Metrics as plain functions over arrays, shared by the training CLI, the tests and the dashboard.
+
+Confidence intervals bootstrap *patients* (stratified by label), since patients, not frames, are the
+unit of evidence.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated p(malignant) from raw logits."""
+    return sigmoid(np.asarray(logits, dtype=np.float64) / float(temperature))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature minimising the NLL on validation patients (Guo et al. 2017); 1.0 if undefined."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = np.asarray(logits, float), np.asarray(y, float)
+    if len(np.unique(y)) < 2 or len(z) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        p = np.clip(sigmoid(z / np.exp(log_t)), 1e-7, 1 - 1e-7)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def image_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """Image-level threshold and ranking metrics (malignant = positive class)."""
+    y, p = np.asarray(y, int), np.asarray(p, float)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    prec = tp / (tp + fp) if tp + fp else float("nan")
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+    return {
+        "accuracy": float((tp + tn) / len(y)) if len(y) else float("nan"),
+        "balanced_accuracy": float(np.nanmean([sens, spec])),
+        "auc": _safe_auc(y, p),
+        "sensitivity": float(sens),
+        "specificity": float(spec),
+        "precision": float(prec),
+        "f1": float(f1),
+    }
+
+
+def patient_table(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5) -> list[dict]:
+    """One row per patient: label, images, mean p(malignant), fraction of frames classified correctly."""
+    y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
+    rows = []
+    for pat in sorted(set(patients)):
+        m = patients == pat
+        lab = int(round(y[m].mean()))
+        rows.append({
+            "patient": pat, "label": lab, "n_images": int(m.sum()), "mean_p": float(p[m].mean()),
+            "fraction_correct": float(((p[m] >= threshold).astype(int) == y[m]).mean()),
+        })
+    return rows
+
+
+def patient_metrics(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5) -> dict[str, float]:
+    """Patient-level accuracy/AUC (mean probability per patient) and the BreakHis patient score."""
+    rows = patient_table(y, p, patients, threshold)
+    py = np.array([r["label"] for r in rows])
+    pp = np.array([r["mean_p"] for r in rows])
+    return {
+        "patient_accuracy": float(((pp >= threshold).astype(int) == py).mean()),
+        "patient_auc": _safe_auc(py, pp),
+        # Spanhol et al. 2016: mean over patients of the fraction of that patient's images correct
+        "patient_score": float(np.mean([r["fraction_correct"] for r in rows])),
+    }
+
+
+def reliability_curve(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> dict[str, list]:
+    """Equal-width bins: mean predicted probability, observed malignant fraction and count per bin."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    conf, acc, count = [], [], []
+    for b in range(n_bins):
+        m = idx == b
+        count.append(int(m.sum()))
+        conf.append(float(p[m].mean()) if m.any() else float("nan"))
+        acc.append(float(y[m].mean()) if m.any() else float("nan"))
+    return {"bin_edges": edges.tolist(), "mean_predicted": conf, "fraction_malignant": acc, "count": count}
+
+
+def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int = 10) -> float:
+    """ECE: count-weighted mean |observed - predicted| over equal-width bins."""
+    rc = reliability_curve(y, p, n_bins)
+    n = sum(rc["count"])
+    return float(sum(c * abs(a - m) for c, a, m in zip(rc["count"], rc["fraction_malignant"], rc["mean_predicted"]) if c) / n) if n else float("nan")
+
+
+def all_metrics(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5) -> dict[str, float]:
+    """Every scalar metric we report, image and patient level plus calibration."""
+    out = image_metrics(y, p, threshold)
+    out.update(patient_metrics(y, p, patients, threshold))
+    out["ece"] = expected_calibration_error(y, p)
+    out["brier"] = float(np.mean((np.asarray(p, float) - np.asarray(y, float)) ** 2))
+    return out
+
+
+def bootstrap_patients(
+    y: Sequence[int], p: Sequence[float], patients: Sequence, fn: Callable[..., dict[str, float]],
+    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, **kw,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of every metric `fn` returns, resampling patients within each label."""
+    y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for pat in np.unique(patients):
+        groups[pat] = np.flatnonzero(patients == pat)
+    by_label = {lab: [g for g in groups if int(round(y[groups[g]].mean())) == lab] for lab in (0, 1)}
+    samples: dict[str, list[float]] = {}
+    for b in range(n_boot):
+        idx, pats = [], []
+        for lab, pats_l in by_label.items():
+            if not pats_l:
+                continue
+            for j, g in enumerate(rng.choice(pats_l, size=len(pats_l), replace=True)):
+                idx.append(groups[g])
+                pats.extend([f"{g}#{b}_{lab}_{j}"] * len(groups[g]))  # a resampled patient is a new patient
+        idx = np.concatenate(idx)
+        for k, v in fn(y[idx], p[idx], np.array(pats), **kw).items():
+            samples.setdefault(k, []).append(v)
+    out = {}
+    for k, vals in samples.items():
+        v = np.asarray(vals, float)
+        v = v[np.isfinite(v)]
+        out[k] = (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) if len(v) else (float("nan"),) * 2
+    return out
+
+
+def summarize(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5,
+              n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics with 95% patient-bootstrap CIs, confusion matrix and counts, ready for a card."""
+    y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
+    point = all_metrics(y, p, patients, threshold)
+    ci = bootstrap_patients(y, p, patients, all_metrics, n_boot=n_boot, seed=seed, threshold=threshold) if n_boot else {}
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    pt = patient_table(y, p, patients, threshold)
+    return {
+        "metrics": {k: {"value": v, "ci95": list(ci.get(k, (float("nan"), float("nan"))))} for k, v in point.items()},
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+        "n_images": {"benign": int((y == 0).sum()), "malignant": int((y == 1).sum())},
+        "n_patients": {"benign": sum(r["label"] == 0 for r in pt), "malignant": sum(r["label"] == 1 for r in pt)},
+        "threshold": threshold,
+        "bootstrap": {"unit": "patient, stratified by label", "n": n_boot, "seed": seed},
+    }
+
+
+def curve_points(y: Sequence[int], p: Sequence[float], max_points: int = 200) -> dict:
+    """ROC, PR and reliability points for plotting (thinned to at most max_points each)."""
+    y, p = np.asarray(y, int), np.asarray(p, float)
+    out: dict = {"reliability": reliability_curve(y, p)}
+    if len(np.unique(y)) == 2:
+        fpr, tpr, thr = skm.roc_curve(y, p)
+        prec, rec, _ = skm.precision_recall_curve(y, p)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).round().astype(int))
+        keep_pr = np.unique(np.linspace(0, len(prec) - 1, min(max_points, len(prec))).round().astype(int))
+        out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(),
+                      "threshold": np.where(np.isfinite(thr[keep]), thr[keep], 1.0).tolist()}
+        out["pr"] = {"precision": prec[keep_pr].tolist(), "recall": rec[keep_pr].tolist()}
+    return out

@@ -1,0 +1,130 @@
+"""Image loading with clear errors, and the one frame->tensor path that training and inference share."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import InterpolationMode
+
+from models.card import PreprocessConfig
+
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # a BreakHis frame is 0.32 MP; anything past 40 MP is refused as a decompression bomb
+MIN_SIDE = 64
+
+
+class ImageError(ValueError):
+    """An input that cannot be analysed; the message is shown to the user as is."""
+
+
+@dataclass
+class LoadedImage:
+    image: Image.Image  # RGB, 8-bit, EXIF orientation applied
+    original_mode: str
+    original_size: tuple[int, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> LoadedImage:
+    """Decode any user file into 8-bit RGB, or raise ImageError with a reason a clinician can read."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
+    try:
+        if isinstance(source, (str, Path)):
+            p = Path(source)
+            if not p.is_file():
+                raise ImageError(f"{label}: file not found")
+            if p.stat().st_size > MAX_FILE_BYTES:
+                raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES // 2**20} MB")
+            data = p.read_bytes()
+        elif isinstance(source, bytes):
+            data = source
+        else:
+            data = source.read()
+        if len(data) == 0:
+            raise ImageError(f"{label}: file is empty")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES // 2**20} MB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            try:
+                img = Image.open(io.BytesIO(data))
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"{label}: {img.width}x{img.height} pixels is too large (decompression-bomb guard)")
+                img.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{label}: image is too large (decompression-bomb guard)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label}: image is corrupt or truncated ({exc})") from None
+    return to_rgb(img, label)
+
+
+def to_rgb(img: Image.Image, label: str = "image") -> LoadedImage:
+    """Normalise mode and orientation, recording what was changed as warnings."""
+    notes: list[str] = []
+    mode, size = img.mode, img.size
+    try:
+        transposed = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the image
+        transposed = img
+    if transposed.size != img.size or transposed is not img and img.getexif().get(0x0112, 1) != 1:
+        notes.append("EXIF orientation applied")
+    img = transposed
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+        notes.append(f"{mode} (16-bit or float) image scaled to 8-bit")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:
+            notes.append("transparent areas were composited on white")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    if img.mode in ("L", "1", "LA"):
+        notes.append("grayscale image: H&E colour information is missing, the result is unreliable")
+    if img.mode == "CMYK":
+        notes.append("CMYK image converted to RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if min(img.size) < MIN_SIDE:
+        raise ImageError(f"{label}: image is too small ({img.width}x{img.height}; need at least {MIN_SIDE} px a side)")
+    return LoadedImage(img, mode, size, notes)
+
+
+def frame_to_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """Resize the whole RGB frame to cfg.input_size (no crop) and return a (3,H,W) uint8 tensor."""
+    t = TF.pil_to_tensor(img.convert("RGB"))
+    interp = InterpolationMode(cfg.interpolation)
+    return TF.resize(t, list(cfg.input_size), interpolation=interp, antialias=cfg.antialias)
+
+
+def normalize_uint8(t: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 (…,3,H,W) -> float normalised with the card's mean/std (works on batches)."""
+    x = t.float() / 255.0
+    lo, hi = cfg.value_range
+    x = x * (hi - lo) + lo
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def frame_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """The exact tensor a model sees for a frame, at training evaluation and at inference alike."""
+    return normalize_uint8(frame_to_uint8(img, cfg), cfg)

@@ -1,0 +1,1 @@
+"""Training package: data indexing, patient-wise splits, recipes, evaluation and model cards."""

@@ -1,0 +1,135 @@
+"""CLI: python -m training {index,fetch-breakhis,split,train,evaluate,leakage-demo,select-defaults}."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("index", help="index a data source and print the summary")
+    a.add_argument("--data", required=True)
+    a.add_argument("--out", help="write the index as CSV")
+    a = sub.add_parser("fetch-breakhis", help="download the official BreaKHis_v1.tar.gz")
+    a.add_argument("--to", required=True)
+    a.add_argument("--url", default=None)
+    a = sub.add_parser("split", help="write a patient-wise split CSV")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default="all")
+    a.add_argument("--scheme", choices=["holdout", "kfold", "lopo"], default="kfold")
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True)
+    a = sub.add_parser("train", help="train, cross-validate and write a model folder")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", required=True, help="40X|100X|200X|400X|all")
+    a.add_argument("--arch", required=True, choices=["efficientnet_lite2", "resnet50", "densenet121"])
+    a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth")
+    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--recipe", choices=["linear", "finetune", "full"], default=None,
+                   help="default: finetune for pretrained init, full for scratch")
+    a.add_argument("--cv", type=int, default=5, help="outer grouped folds; 0 = single train/val/test split")
+    a.add_argument("--head-epochs", type=int, default=60)
+    a.add_argument("--epochs", type=int, default=4, help="fine-tuning / full-training epochs")
+    a.add_argument("--finetune-stages", type=int, default=2)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--patience", type=int, default=3)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--cache-dir", type=Path, default=None)
+    a.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    a.add_argument("--limitation", action="append", default=[])
+    a = sub.add_parser("evaluate", help="metrics on held-out patients")
+    a.add_argument("--model", required=True)
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default=None)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, help="write metrics JSON and predictions CSV with this stem")
+    a = sub.add_parser("leakage-demo", help="image-wise vs patient-wise split, same recipe")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default="100X")
+    a.add_argument("--out", type=Path)
+    a = sub.add_parser("select-defaults", help="choose each magnification's model from validation")
+    a.add_argument("--root", default="magnif_models")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.cmd == "index":
+        from training.data import index_source
+
+        res = index_source(args.data)
+        print(res.summary())
+        if args.out:
+            res.frame.to_csv(args.out, index=False)
+    elif args.cmd == "fetch-breakhis":
+        from training.data import OFFICIAL_URL, fetch_breakhis
+
+        print(fetch_breakhis(args.to, args.url or OFFICIAL_URL))
+    elif args.cmd == "split":
+        from training.data import index_source
+        from training.splits import grouped_kfold, leave_one_patient_out, patient_split, write_split_csv
+        from training.train import select_rows
+
+        df = select_rows(index_source(args.data), args.magnification)
+        if args.scheme == "holdout":
+            df["part"] = patient_split(df, seed=args.seed)
+        elif args.scheme == "kfold":
+            df["part"] = grouped_kfold(df, args.k, args.seed)
+        else:
+            df["part"] = leave_one_patient_out(df)
+        write_split_csv(df, args.out, ["part"])
+        print(df.groupby(["part", "label"])["patient"].nunique().to_string())
+    elif args.cmd == "train":
+        from training.engine import FitConfig
+        from training.train import run_train
+
+        recipe = args.recipe or ("full" if args.init == "scratch" else "finetune")
+        fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
+                       finetune_stages=args.finetune_stages, batch_size=args.batch_size, patience=args.patience,
+                       seed=args.seed)
+        card = run_train(args.data, args.magnification, args.arch, args.init, args.out, fc, cv=args.cv, seed=args.seed,
+                         n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation)
+        o = card.evaluation["overall"]["metrics"]
+        print(f"{card.model_id}: AUC {o['auc']['value']:.3f} (95% CI {o['auc']['ci95'][0]:.3f}-{o['auc']['ci95'][1]:.3f}); "
+              f"baseline AUC {card.baseline.get('overall', {}).get('metrics', {}).get('auc', {}).get('value', float('nan')):.3f}; "
+              f"patients {card.evaluation['overall']['n_patients']}; {card.training_time_s:.0f}s")
+    elif args.cmd == "evaluate":
+        from training.evaluate import evaluate_model
+
+        res, held = evaluate_model(args.model, args.data, args.magnification, args.n_boot)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{args.out}.json").write_text(json.dumps(res, indent=1))
+            held.to_csv(f"{args.out}.csv", index=False)
+        m = res["metrics"]
+        print(json.dumps({k: m[k] for k in m}, indent=1))
+        print(f"patients: {res['n_patients']}  images: {res['n_images']}")
+    elif args.cmd == "leakage-demo":
+        from training.evaluate import leakage_demo
+
+        res = leakage_demo(args.data, args.magnification)
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res, indent=1))
+    elif args.cmd == "select-defaults":
+        from training.evaluate import select_defaults
+
+        for mag, d in select_defaults(args.root).items():
+            print(f"{mag}: {d['model_id']} AUC {d['auc']:.3f} ({d['kind']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Training machinery: compute-precision choice, image cache, augmentation, cached features, fitting."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from models.archs import ARCHITECTURES, HistoClassifier
+from models.card import PreprocessConfig
+from models.metrics import _safe_auc
+from models.preprocess import ImageError, frame_to_uint8, load_image, normalize_uint8
+
+log = logging.getLogger("training")
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: torch.device
+    bf16: bool
+    reason: str
+
+
+def select_compute(force_fp32: bool = False) -> Compute:
+    """GPU if present; else bf16 autocast on CPUs with AVX512-BF16/AMX; else fp32 (logged)."""
+    if torch.cuda.is_available():
+        return Compute(torch.device("cuda"), torch.cuda.is_bf16_supported() and not force_fp32, "CUDA GPU")
+    cap = torch.backends.cpu.get_cpu_capability()
+    has_bf16 = False
+    try:
+        has_bf16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: fall back to the reported capability
+        has_bf16 = cap in ("AVX512_BF16", "AMX")
+    if force_fp32 or not has_bf16:
+        reason = "fp32 requested" if force_fp32 else f"CPU ({cap}) lacks AVX512-BF16/AMX: training in fp32"
+        log.info(reason)
+        return Compute(torch.device("cpu"), False, reason)
+    return Compute(torch.device("cpu"), True, f"CPU ({cap}) with AVX512-BF16/AMX: bf16 autocast + channels_last")
+
+
+def autocast(compute: Compute):
+    return torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16, enabled=compute.bf16)
+
+
+def cache_images(df: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
+    """Decode each frame once through the inference path; returns uint8 (N,3,H,W), kept rows, skipped."""
+    tensors, keep, skipped = [], [], []
+    for i, path in enumerate(tqdm(df["path"].tolist(), desc="decode", leave=False)):
+        try:
+            tensors.append(frame_to_uint8(load_image(path).image, cfg))
+            keep.append(i)
+        except ImageError as exc:
+            skipped.append((path, str(exc)))
+    if not tensors:
+        raise ValueError("no readable images")
+    return torch.stack(tensors), np.array(keep), skipped
+
+
+def augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Histology augmentation on uint8 frames: random crop of the full frame, flips, 90° turn, mild colour jitter.
+
+    The 90° turn is drawn per batch (a turned 350x230 frame is 230x350; a fully convolutional net with
+    global pooling takes either, but a batch needs one shape).
+    """
+    out = []
+    _, _, h, w = batch.shape
+    for img in batch:
+        s = rng.uniform(0.7, 1.0)
+        ch, cw = max(8, int(h * math.sqrt(s))), max(8, int(w * math.sqrt(s)))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        img = TF.resized_crop(img, int(top), int(left), ch, cw, [h, w], antialias=True)
+        if rng.random() < 0.5:
+            img = img.flip(-1)
+        if rng.random() < 0.5:
+            img = img.flip(-2)
+        img = TF.adjust_brightness(img, rng.uniform(0.9, 1.1))
+        img = TF.adjust_contrast(img, rng.uniform(0.9, 1.1))
+        img = TF.adjust_saturation(img, rng.uniform(0.9, 1.1))
+        img = TF.adjust_hue(img, rng.uniform(-0.02, 0.02))
+        out.append(img)
+    return torch.rot90(torch.stack(out), int(rng.integers(0, 4)), dims=(-2, -1))
+
+
+def sample_weights(labels: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Class- and patient-balanced weights: each class weighs half, each patient equally within its class."""
+    labels, patients = np.asarray(labels), np.asarray(patients).astype(str)
+    w = np.zeros(len(labels))
+    for lab in (0, 1):
+        m = labels == lab
+        pats = np.unique(patients[m])
+        for p in pats:
+            mp = m & (patients == p)
+            w[mp] = 1.0 / (mp.sum() * len(pats) * 2)
+    return w * len(labels)  # mean weight ~1
+
+
+@torch.inference_mode()
+def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16) -> np.ndarray:
+    """Pooled backbone features of un-augmented frames (fp32, as at inference)."""
+    model.eval()
+    feats = []
+    for i in tqdm(range(0, len(images), batch), desc="features", leave=False):
+        feats.append(model.features(normalize_uint8(images[i:i + batch], cfg)).float().numpy())
+    return np.concatenate(feats)
+
+
+def cached_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, key_parts: list[str],
+                    cache_dir: Path) -> np.ndarray:
+    """Frozen features cached on disk, keyed by weights, preprocessing and the exact image list."""
+    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "features" / f"{key}.npy"
+    if path.is_file():
+        arr = np.load(path)
+        if len(arr) == len(images):
+            return arr
+    arr = extract_features(model, images, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, arr)
+    return arr
+
+
+@dataclass
+class FitConfig:
+    recipe: str = "finetune"  # 'linear' | 'finetune' (linear head, then last blocks) | 'full' (all layers)
+    head_epochs: int = 60
+    finetune_epochs: int = 4
+    finetune_stages: int = 2
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-4
+    lr_full: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    patience: int = 3
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    state: dict
+    val_logits: np.ndarray
+    val_auc: float
+    log: list[dict] = field(default_factory=list)
+    phase_chosen: str = ""
+
+
+def _val_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(idx), 32):
+            out.append(model(normalize_uint8(images[idx[i:i + 32]], cfg)).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarray | None, y: np.ndarray,
+        patients: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, cfg: PreprocessConfig,
+        fc: FitConfig, compute: Compute, desc: str = "") -> FitResult:
+    """Fit one model; early stopping on validation AUC across phases; the best state wins."""
+    torch.manual_seed(fc.seed)
+    rng = np.random.default_rng(fc.seed)
+    w_all = sample_weights(y, patients)
+    logs: list[dict] = []
+    best: FitResult | None = None
+    best_score: list = [None]
+
+    def consider(phase: str, epoch: int, loss: float) -> bool:
+        nonlocal best
+        vl = _val_logits(model, images, cfg, val_idx)
+        auc = _safe_auc(y[val_idx], vl)
+        yv = torch.from_numpy(y[val_idx]).float()
+        nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(), yv))
+        logs.append({"phase": phase, "epoch": epoch, "train_loss": loss, "val_auc": auc, "val_loss": nll})
+        log.info("%s %s epoch %d loss %.4f val_auc %.4f val_loss %.4f", desc, phase, epoch, loss, auc, nll)
+        # Validation AUC decides; with few validation patients AUC often ties, so the lower loss breaks ties.
+        score = (auc if np.isfinite(auc) else -1.0, -nll)
+        if best is None or score > best_score[0]:
+            best_score[0] = score
+            best = FitResult(copy.deepcopy(model.state_dict()), vl, auc, logs, phase)
+            return True
+        return False
+
+    # Phase 1: linear head on cached frozen features (cheap; the data-poor recipe).
+    if fc.recipe in ("linear", "finetune"):
+        if feats is None:
+            raise ValueError("linear/finetune recipes need frozen features (use --recipe full for --init scratch)")
+        head = model.fc
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        opt = torch.optim.AdamW(head.parameters(), lr=fc.lr_head, weight_decay=fc.weight_decay)
+        X = torch.from_numpy(feats[train_idx]).float()
+        Y = torch.from_numpy(y[train_idx]).float()
+        W = torch.from_numpy(w_all[train_idx]).float()
+        stale = 0
+        for ep in range(fc.head_epochs):
+            perm = torch.from_numpy(rng.permutation(len(train_idx)))
+            tot = 0.0
+            for i in range(0, len(perm), fc.batch_size):
+                b = perm[i:i + fc.batch_size]
+                loss = (nn.functional.binary_cross_entropy_with_logits(head(X[b]).squeeze(1), Y[b], reduction="none") * W[b]).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot += float(loss) * len(b)
+            if (ep + 1) % 5 == 0 or ep == fc.head_epochs - 1:
+                stale = 0 if consider("head", ep + 1, tot / len(perm)) else stale + 1
+                if stale >= fc.patience * 2:
+                    break
+        model.load_state_dict(best.state)
+
+    # Phase 2: train the last stages (finetune) or every layer (full) on augmented frames.
+    epochs = fc.finetune_epochs
+    if fc.recipe in ("finetune", "full") and epochs > 0:
+        stages = ARCHITECTURES[arch].stages(model.backbone)
+        trainable = stages if fc.recipe == "full" else stages[-fc.finetune_stages:]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for s in trainable:
+            for p in s.parameters():
+                p.requires_grad_(True)
+        for p in model.fc.parameters():
+            p.requires_grad_(True)
+        lr = fc.lr_full if fc.recipe == "full" else fc.lr_finetune
+        params = [{"params": [p for s in trainable for p in s.parameters()], "lr": lr},
+                  {"params": list(model.fc.parameters()), "lr": lr if fc.recipe == "full" else fc.lr_head * 0.3}]
+        opt = torch.optim.AdamW(params, weight_decay=fc.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+        if compute.bf16:
+            model = model.to(memory_format=torch.channels_last)
+        stale = 0
+        for ep in range(epochs):
+            model.train()
+            if fc.recipe != "full":  # frozen stages keep their BatchNorm statistics
+                for s in stages[:-fc.finetune_stages]:
+                    s.eval()
+            perm = rng.permutation(train_idx)
+            tot = 0.0
+            t0 = time.time()
+            for i in tqdm(range(0, len(perm), fc.batch_size), desc=f"{desc} ep{ep + 1}", leave=False):
+                b = perm[i:i + fc.batch_size]
+                if len(b) < 2:
+                    continue
+                x = normalize_uint8(augment(images[b], rng), cfg)
+                if compute.bf16:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(compute):
+                    logit = model(x.to(compute.device)).float()
+                loss = (nn.functional.binary_cross_entropy_with_logits(
+                    logit, torch.from_numpy(y[b]).float(), reduction="none") * torch.from_numpy(w_all[b]).float()).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot += float(loss) * len(b)
+            sched.step()
+            logs_len = len(logs)
+            improved = consider(fc.recipe, ep + 1, tot / len(perm))
+            logs[logs_len]["seconds"] = time.time() - t0
+            logs[logs_len]["ms_per_image"] = 1000 * (time.time() - t0) / len(perm)
+            stale = 0 if improved else stale + 1
+            if stale >= fc.patience:
+                break
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model = model.to(memory_format=torch.contiguous_format)
+    assert best is not None
+    best.log = logs
+    return best

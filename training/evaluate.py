@@ -1,0 +1,118 @@
+"""`evaluate` on held-out patients, the leakage demonstration, and validation-driven default selection."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.inference import MAGNIFICATIONS, list_model_folders, load_model_folder
+from models.card import ModelCard
+from models.metrics import curve_points, summarize
+from models.preprocess import ImageError, load_image
+from training.data import index_source
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, magnification: str | None = None,
+                   n_boot: int = 1000, cache_dir: Path | None = None) -> tuple[dict, pd.DataFrame]:
+    """Metrics on patients the model never fitted on (its split's test part, or patients absent from it)."""
+    lm = load_model_folder(model_dir)
+    mag = magnification or lm.card.magnification
+    df = index_source(data, cache_dir).frame
+    if mag != "all":
+        df = df[df["magnification"] == mag]
+    split = pd.read_csv(Path(model_dir) / lm.card.split_file, dtype={"patient": str})
+    fitted = set(split.loc[split["part"].isin(["train", "val"]), "patient"])
+    held = df[~df["patient"].astype(str).isin(fitted)].reset_index(drop=True)
+    if held.empty:
+        raise ValueError(
+            f"{model_dir}: every patient in {data} at {mag} was used to fit this model; there is nothing held out. "
+            "Its card reports cross-validated out-of-fold metrics instead.")
+    probs, rows = [], []
+    for path in held["path"]:
+        try:
+            probs.append(float(lm.predict_images([load_image(path).image])[0]))
+        except ImageError as exc:
+            probs.append(np.nan)
+            rows.append((path, str(exc)))
+    held["p_malignant"] = probs
+    ok = held["p_malignant"].notna().to_numpy()
+    y = (held["label"] == "malignant").astype(int).to_numpy()
+    res = summarize(y[ok], held["p_malignant"].to_numpy()[ok], held["patient"].to_numpy()[ok],
+                    threshold=lm.card.threshold, n_boot=n_boot)
+    res.update(model_id=lm.model_id, magnification=mag, curves=curve_points(y[ok], held["p_malignant"].to_numpy()[ok]),
+               skipped=[{"path": p, "reason": r} for p, r in rows], temperature=lm.card.temperature)
+    return res, held
+
+
+def leakage_demo(data: str, magnification: str, k: int = 5, seed: int = 0, cache_dir: Path | None = None) -> dict:
+    """Same recipe (frozen Lite2 features + logistic regression) on image-wise vs patient-wise folds."""
+    from sklearn.model_selection import StratifiedKFold
+    from models.archs import ARCHITECTURES, build_model
+    from models.card import PreprocessConfig
+    from models.metrics import image_metrics
+    from training.data import default_cache_dir
+    from training.engine import cache_images, cached_features, sample_weights
+    from training.splits import grouped_kfold
+    from training.train import BASELINE_WEIGHTS, baseline_probs, select_rows
+
+    cache_dir = Path(cache_dir or default_cache_dir())
+    df = select_rows(index_source(data, cache_dir), magnification)
+    spec = ARCHITECTURES["efficientnet_lite2"]
+    cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
+    images, keep, _ = cache_images(df, cfg)
+    df = df.iloc[keep].reset_index(drop=True)
+    model, rec = build_model("efficientnet_lite2", str(BASELINE_WEIGHTS))
+    feats = cached_features(model, images, cfg, ["efficientnet_lite2", rec["file_sha256"], str(cfg), *df["path"]], cache_dir)
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    w = sample_weights(y, pats)
+    out = {}
+    folds = {"image_wise_random": np.zeros(len(df), int), "patient_grouped": grouped_kfold(df, k, seed).to_numpy()}
+    for i, (_, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(feats, y)):
+        folds["image_wise_random"][te] = i
+    for name, f in folds.items():
+        p = np.zeros(len(df))
+        for j in np.unique(f):
+            te, tr = np.flatnonzero(f == j), np.flatnonzero(f != j)
+            p[te] = baseline_probs(feats, y, w, tr, te)
+        out[name] = {"auc": image_metrics(y, p)["auc"], "accuracy": image_metrics(y, p)["accuracy"],
+                     "folds": int(len(np.unique(f)))}
+    out["auc_inflation"] = out["image_wise_random"]["auc"] - out["patient_grouped"]["auc"]
+    out["note"] = ("LEAKAGE DEMONSTRATION, not a model result: an image-wise split puts frames of the same patient "
+                   "in train and test, and the AUC it reports is inflated by recognising patients.")
+    out.update(magnification=magnification, n_images=int(len(df)), n_patients=int(df["patient"].nunique()),
+               command=f"python -m training leakage-demo --data {data} --magnification {magnification}")
+    return out
+
+
+def select_defaults(root: str | Path) -> dict:
+    """Per magnification, the model with the best patient-grouped validation AUC there (never by hand)."""
+    root = Path(root)
+    cards = [ModelCard.from_json(f / "card.json") for f in list_model_folders(root)]
+    out = {}
+    for mag in MAGNIFICATIONS:
+        cands = []
+        for c in cards:
+            if c.magnification == mag:
+                s, kind = c.evaluation.get("overall"), "own-magnification model"
+            elif c.magnification == "all" and mag in c.per_magnification:
+                s, kind = c.per_magnification[mag], "pooled model (all magnifications)"
+            else:
+                continue
+            if not s:
+                continue
+            auc = s["metrics"]["auc"]
+            cands.append({"model_id": c.model_id, "kind": kind, "auc": auc["value"], "auc_ci95": auc["ci95"],
+                          "n_patients": s["n_patients"], "pooled": c.magnification == "all"})
+        cands = [x for x in cands if x["auc"] == x["auc"]]  # drop NaN AUCs (one class only)
+        if not cands:
+            continue
+        best = max(cands, key=lambda x: (x["auc"], not x["pooled"]))
+        n = best["n_patients"]
+        weak = n["benign"] + n["malignant"] < 20 or min(n.values()) < 5
+        out[mag] = {**best, "few_patients": weak, "candidates": cands,
+                    "reason": f"highest patient-grouped cross-validated AUC at {mag} among {len(cands)} candidate(s)"}
+    (root / "defaults.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
