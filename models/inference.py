@@ -41,34 +41,42 @@ class LoadedModel:
         return self.card.model_id
 
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Raw logits for a preprocessed (B,3,H,W) batch, fp32 so evaluate and predict agree exactly."""
-        return self.model(batch.float()).double().numpy()
+    def logits(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        """Raw logits for a preprocessed (B,3,H,W) batch, fp32 so evaluate and predict agree exactly.
 
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        tta=True averages the logits of the 8 dihedral views (4 quarter turns x horizontal flip).
+        """
+        x = batch.float()
+        if not tta:
+            return self.model(x).double().numpy()
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+        return np.mean([self.model(v).double().numpy() for v in views], axis=0)
+
+    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """Calibrated p(malignant) for a preprocessed batch."""
-        return apply_temperature(self.logits(batch), self.card.temperature)
+        return apply_temperature(self.logits(batch, tta), self.card.temperature)
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         return frame_to_tensor(img, self.card.preprocess)
 
-    def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
+    def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16, tta: bool = False) -> np.ndarray:
         """Calibrated p(malignant) for RGB PIL frames."""
         out = []
         for i in range(0, len(images), batch_size):
-            out.append(self.probabilities(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
+            out.append(self.probabilities(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]), tta))
         return np.concatenate(out) if out else np.zeros(0)
 
     def label_for(self, p: float) -> str:
         return "malignant" if p >= self.card.threshold else "benign"
 
-    def predict_files(self, paths: Iterable[str], magnification: str, batch_size: int = 16) -> list[dict]:
+    def predict_files(self, paths: Iterable[str], magnification: str, batch_size: int = 16,
+                      tta: bool = False) -> list[dict]:
         """One result row per input, in order; a bad file gets an empty probability and its reason."""
         rows: list[dict] = []
         pending: list[tuple[int, Image.Image]] = []
 
         def flush() -> None:
-            probs = self.predict_images([im for _, im in pending], batch_size)
+            probs = self.predict_images([im for _, im in pending], batch_size, tta)
             for (i, _), p in zip(pending, probs):
                 rows[i]["p_malignant"] = float(p)
                 rows[i]["label"] = self.label_for(float(p))

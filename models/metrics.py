@@ -108,9 +108,17 @@ def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int
     return float(sum(c * abs(a - m) for c, a, m in zip(rc["count"], rc["fraction_malignant"], rc["mean_predicted"]) if c) / n) if n else float("nan")
 
 
-def all_metrics(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5) -> dict[str, float]:
-    """Every scalar metric we report, image and patient level plus calibration."""
+def all_metrics(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5,
+                score: Sequence[float] | None = None) -> dict[str, float]:
+    """Every scalar metric we report, image and patient level plus calibration.
+
+    `score` (e.g. raw out-of-fold logits) ranks images for the AUC when given: pooled cross-validation
+    predictions are calibrated with a different temperature per fold, a monotone rescaling per fold that
+    would otherwise distort the pooled ranking. Threshold and calibration metrics use `p`.
+    """
     out = image_metrics(y, p, threshold)
+    if score is not None:
+        out["auc"] = _safe_auc(np.asarray(y, int), np.asarray(score, float))
     out.update(patient_metrics(y, p, patients, threshold))
     out["ece"] = expected_calibration_error(y, p)
     out["brier"] = float(np.mean((np.asarray(p, float) - np.asarray(y, float)) ** 2))
@@ -123,6 +131,8 @@ def bootstrap_patients(
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs of every metric `fn` returns, resampling patients within each label."""
     y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
+    score = kw.pop("score", None)
+    score = None if score is None else np.asarray(score, float)
     rng = np.random.default_rng(seed)
     groups = {}
     for pat in np.unique(patients):
@@ -138,7 +148,8 @@ def bootstrap_patients(
                 idx.append(groups[g])
                 pats.extend([f"{g}#{b}_{lab}_{j}"] * len(groups[g]))  # a resampled patient is a new patient
         idx = np.concatenate(idx)
-        for k, v in fn(y[idx], p[idx], np.array(pats), **kw).items():
+        extra = {"score": score[idx]} if score is not None else {}
+        for k, v in fn(y[idx], p[idx], np.array(pats), **kw, **extra).items():
             samples.setdefault(k, []).append(v)
     out = {}
     for k, vals in samples.items():
@@ -149,11 +160,12 @@ def bootstrap_patients(
 
 
 def summarize(y: Sequence[int], p: Sequence[float], patients: Sequence, threshold: float = 0.5,
-              n_boot: int = 1000, seed: int = 0) -> dict:
+              n_boot: int = 1000, seed: int = 0, score: Sequence[float] | None = None) -> dict:
     """Metrics with 95% patient-bootstrap CIs, confusion matrix and counts, ready for a card."""
     y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
-    point = all_metrics(y, p, patients, threshold)
-    ci = bootstrap_patients(y, p, patients, all_metrics, n_boot=n_boot, seed=seed, threshold=threshold) if n_boot else {}
+    point = all_metrics(y, p, patients, threshold, score=score)
+    ci = bootstrap_patients(y, p, patients, all_metrics, n_boot=n_boot, seed=seed, threshold=threshold,
+                            score=score) if n_boot else {}
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
     pt = patient_table(y, p, patients, threshold)
@@ -164,16 +176,20 @@ def summarize(y: Sequence[int], p: Sequence[float], patients: Sequence, threshol
         "n_patients": {"benign": sum(r["label"] == 0 for r in pt), "malignant": sum(r["label"] == 1 for r in pt)},
         "threshold": threshold,
         "bootstrap": {"unit": "patient, stratified by label", "n": n_boot, "seed": seed},
+        "auc_from": "raw out-of-fold scores (per-fold calibration is a monotone rescaling)" if score is not None
+                    else "probabilities",
     }
 
 
-def curve_points(y: Sequence[int], p: Sequence[float], max_points: int = 200) -> dict:
-    """ROC, PR and reliability points for plotting (thinned to at most max_points each)."""
+def curve_points(y: Sequence[int], p: Sequence[float], max_points: int = 200,
+                 score: Sequence[float] | None = None) -> dict:
+    """ROC and PR points (ranked by `score` when given) and reliability points, thinned for plotting."""
     y, p = np.asarray(y, int), np.asarray(p, float)
+    r = p if score is None else np.asarray(score, float)
     out: dict = {"reliability": reliability_curve(y, p)}
     if len(np.unique(y)) == 2:
-        fpr, tpr, thr = skm.roc_curve(y, p)
-        prec, rec, _ = skm.precision_recall_curve(y, p)
+        fpr, tpr, thr = skm.roc_curve(y, r)
+        prec, rec, _ = skm.precision_recall_curve(y, r)
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).round().astype(int))
         keep_pr = np.unique(np.linspace(0, len(prec) - 1, min(max_points, len(prec))).round().astype(int))
         out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(),

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--arch", required=True, choices=["efficientnet_lite2", "resnet50", "densenet121"])
     a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth")
     a.add_argument("--out", required=True, type=Path)
-    a.add_argument("--recipe", choices=["linear", "finetune", "full"], default=None,
+    a.add_argument("--recipe", choices=["logreg", "linear", "finetune", "full"], default=None,
                    help="default: finetune for pretrained init, full for scratch")
     a.add_argument("--cv", type=int, default=5, help="outer grouped folds; 0 = single train/val/test split")
     a.add_argument("--head-epochs", type=int, default=60)
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default="100X")
     a.add_argument("--out", type=Path)
+    a = sub.add_parser("rescore", help="recompute a card's figures from its predictions.csv")
+    a.add_argument("models", nargs="+")
+    a.add_argument("--n-boot", type=int, default=1000)
+    a = sub.add_parser("pick-recipe", help="ship the candidate with the higher cross-validated AUC")
+    a.add_argument("--candidates", nargs="+", required=True)
+    a.add_argument("--out", required=True)
     a = sub.add_parser("select-defaults", help="choose each magnification's model from validation")
     a.add_argument("--root", default="magnif_models")
     args = ap.parse_args(argv)
@@ -123,6 +129,20 @@ def _run(args) -> int:
         if args.out:
             args.out.write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps(res, indent=1))
+    elif args.cmd == "rescore":
+        from training.train import rescore
+
+        for mdir in args.models:
+            c = rescore(mdir, args.n_boot)
+            a_ = c.evaluation["overall"]["metrics"]["auc"]
+            print(f"{mdir}: AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f})")
+    elif args.cmd == "pick-recipe":
+        from training.evaluate import pick_better
+
+        sel = pick_better(args.candidates, args.out)
+        for r in sel["candidates"]:
+            print(f"{r['recipe']:10s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
+        print(f"shipped: {sel['chosen']} -> {args.out}")
     elif args.cmd == "select-defaults":
         from training.evaluate import select_defaults
 

@@ -1,7 +1,6 @@
 """Training machinery: compute-precision choice, image cache, augmentation, cached features, fitting."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -129,9 +128,26 @@ def cached_features(model: HistoClassifier, images: torch.Tensor, cfg: Preproces
     return arr
 
 
+def fit_logistic_head(feats: np.ndarray, y: np.ndarray, w: np.ndarray, idx: np.ndarray, C: float = 1.0
+                      ) -> tuple[np.ndarray, float]:
+    """Logistic regression on standardised frozen features, folded into one linear layer (weight, bias).
+
+    scikit-learn does the fitting (lbfgs, L2); folding the scaler into the weights lets the result ship as
+    the model's own `fc` layer, so the baseline recipe is a loadable model like any other.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(feats[idx])
+    lr = LogisticRegression(C=C, max_iter=3000).fit(sc.transform(feats[idx]), y[idx], sample_weight=w[idx])
+    weight = lr.coef_[0] / sc.scale_
+    return weight, float(lr.intercept_[0] - (weight * sc.mean_).sum())
+
+
 @dataclass
 class FitConfig:
-    recipe: str = "finetune"  # 'linear' | 'finetune' (linear head, then last blocks) | 'full' (all layers)
+    recipe: str = "finetune"  # 'logreg' | 'linear' | 'finetune' (linear head, then last blocks) | 'full'
+    logreg_c: float = 1.0
     head_epochs: int = 60
     finetune_epochs: int = 4
     finetune_stages: int = 2
@@ -151,6 +167,8 @@ class FitResult:
     val_auc: float
     log: list[dict] = field(default_factory=list)
     phase_chosen: str = ""
+    best_epoch: int = 0
+    best_head_epoch: int = 0
 
 
 def _val_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray) -> np.ndarray:
@@ -158,7 +176,8 @@ def _val_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessCon
     out = []
     with torch.inference_mode():
         for i in range(0, len(idx), 32):
-            out.append(model(normalize_uint8(images[idx[i:i + 32]], cfg)).float().numpy())
+            x = normalize_uint8(images[idx[i:i + 32]], cfg).to(next(model.parameters()).device)
+            out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -173,9 +192,22 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
     best: FitResult | None = None
     best_score: list = [None]
 
+    has_val = len(val_idx) > 0
+    head_best: list = [None, 0]  # (score, epoch) of the best head-phase evaluation
+
     def consider(phase: str, epoch: int, loss: float) -> bool:
         nonlocal best
-        vl = _val_logits(model, images, cfg, val_idx)
+        if not has_val:  # fixed schedule (refit on all patients): the last state is the result
+            logs.append({"phase": phase, "epoch": epoch, "train_loss": loss})
+            log.info("%s %s epoch %d loss %.4f (no validation: fixed schedule)", desc, phase, epoch, loss)
+            best = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                             np.zeros(0), float("nan"), logs, phase, epoch)
+            return True
+        if phase in ("head", "logreg"):  # the backbone is frozen: the cached features give the same logits, faster
+            with torch.inference_mode():
+                vl = model.fc(torch.from_numpy(feats[val_idx]).float()).squeeze(1).numpy()
+        else:
+            vl = _val_logits(model, images, cfg, val_idx)
         auc = _safe_auc(y[val_idx], vl)
         yv = torch.from_numpy(y[val_idx]).float()
         nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(), yv))
@@ -183,11 +215,34 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         log.info("%s %s epoch %d loss %.4f val_auc %.4f val_loss %.4f", desc, phase, epoch, loss, auc, nll)
         # Validation AUC decides; with few validation patients AUC often ties, so the lower loss breaks ties.
         score = (auc if np.isfinite(auc) else -1.0, -nll)
+        if phase == "head" and (head_best[0] is None or score > head_best[0]):
+            head_best[0], head_best[1] = score, epoch
         if best is None or score > best_score[0]:
             best_score[0] = score
-            best = FitResult(copy.deepcopy(model.state_dict()), vl, auc, logs, phase)
+            best = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
+                             phase, epoch)
             return True
         return False
+
+    if fc.recipe == "logreg":
+        # The frozen-feature logistic regression itself, shipped as a model. Like the baseline it is fitted on
+        # every training patient (train + validation); its temperature comes from the validation patients'
+        # logits of a twin fitted without them, so calibration stays out-of-sample.
+        if feats is None:
+            raise ValueError("the logreg recipe needs frozen features")
+        vl, auc = np.zeros(0), float("nan")
+        if has_val:
+            w_tr, b_tr = fit_logistic_head(feats, y, w_all, train_idx, fc.logreg_c)
+            vl = feats[val_idx] @ w_tr + b_tr
+            auc = _safe_auc(y[val_idx], vl)
+        weight, bias = fit_logistic_head(feats, y, w_all, np.concatenate([train_idx, val_idx]), fc.logreg_c)
+        with torch.no_grad():
+            model.fc.weight.copy_(torch.from_numpy(weight).float().unsqueeze(0))
+            model.fc.bias.fill_(bias)
+        logs.append({"phase": "logreg", "epoch": 1, "val_auc": auc})
+        log.info("%s logreg val_auc (twin without validation patients) %.4f", desc, auc)
+        return FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
+                         "logreg", 1, fc.head_epochs)
 
     # Phase 1: linear head on cached frozen features (cheap; the data-poor recipe).
     if fc.recipe in ("linear", "finetune"):
@@ -210,7 +265,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(b)
+                tot += float(loss.detach()) * len(b)
             if (ep + 1) % 5 == 0 or ep == fc.head_epochs - 1:
                 stale = 0 if consider("head", ep + 1, tot / len(perm)) else stale + 1
                 if stale >= fc.patience * 2:
@@ -234,6 +289,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                   {"params": list(model.fc.parameters()), "lr": lr if fc.recipe == "full" else fc.lr_head * 0.3}]
         opt = torch.optim.AdamW(params, weight_decay=fc.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+        model = model.to(compute.device)
         if compute.bf16:
             model = model.to(memory_format=torch.channels_last)
         stale = 0
@@ -255,11 +311,12 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                 with autocast(compute):
                     logit = model(x.to(compute.device)).float()
                 loss = (nn.functional.binary_cross_entropy_with_logits(
-                    logit, torch.from_numpy(y[b]).float(), reduction="none") * torch.from_numpy(w_all[b]).float()).mean()
+                    logit, torch.from_numpy(y[b]).float().to(compute.device), reduction="none")
+                    * torch.from_numpy(w_all[b]).float().to(compute.device)).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(b)
+                tot += float(loss.detach()) * len(b)
             sched.step()
             logs_len = len(logs)
             improved = consider(fc.recipe, ep + 1, tot / len(perm))
@@ -270,7 +327,8 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                 break
         for p in model.parameters():
             p.requires_grad_(True)
-        model = model.to(memory_format=torch.contiguous_format)
+        model = model.to(memory_format=torch.contiguous_format).cpu()
     assert best is not None
     best.log = logs
+    best.best_head_epoch = head_best[1] if has_val else fc.head_epochs
     return best

@@ -116,3 +116,33 @@ def select_defaults(root: str | Path) -> dict:
                     "reason": f"highest patient-grouped cross-validated AUC at {mag} among {len(cands)} candidate(s)"}
     (root / "defaults.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def pick_better(candidates: list[str | Path], out: str | Path) -> dict:
+    """Ship the candidate (same data, same outer folds) with the higher cross-validated AUC; record why."""
+    import datetime as _dt
+    import shutil
+
+    cards = [(Path(c), ModelCard.from_json(Path(c) / "card.json")) for c in candidates]
+    folds = {json.dumps([f["test_patients"] for f in c.evaluation.get("per_fold", [])]) for _, c in cards}
+    if len(folds) != 1:
+        raise ValueError("candidates were not cross-validated on the same outer folds; they cannot be compared")
+    rows = [{"candidate": str(p), "recipe": c.recipe.get("name"), "auc": c.evaluation["overall"]["metrics"]["auc"]["value"],
+             "auc_ci95": c.evaluation["overall"]["metrics"]["auc"]["ci95"],
+             "patient_auc": c.evaluation["overall"]["metrics"]["patient_auc"]["value"]} for p, c in cards]
+    best_i = max(range(len(rows)), key=lambda i: rows[i]["auc"])
+    src, card = cards[best_i]
+    out = Path(out)
+    if out.resolve() != src.resolve():
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(src, out)
+    card.model_id = f"{out.parent.name}/{out.name}"
+    card.recipe["selection"] = {
+        "rule": "highest pooled out-of-fold AUC among recipes run on the same outer folds (this choice makes the "
+                "shipped model's CV estimate slightly optimistic)", "candidates": rows, "chosen": rows[best_i]["recipe"]}
+    card.changelog.append(f"{_dt.date.today().isoformat()}: shipped the {rows[best_i]['recipe']} recipe "
+                          f"(CV AUC {rows[best_i]['auc']:.3f}) over " +
+                          ", ".join(f"{r['recipe']} ({r['auc']:.3f})" for i, r in enumerate(rows) if i != best_i))
+    card.to_json(out / "card.json")
+    return card.recipe["selection"]

@@ -7,22 +7,20 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from models.archs import ARCHITECTURES, build_model, file_sha256
 from models.card import ModelCard, PreprocessConfig
 from models.metrics import apply_temperature, curve_points, fit_temperature, summarize
 from training.data import IndexResult, default_cache_dir, index_source
-from training.engine import FitConfig, cache_images, cached_features, fit, sample_weights, select_compute
+from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, sample_weights,
+                             select_compute)
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
 log = logging.getLogger("training")
@@ -71,18 +69,51 @@ def inner_split(df: pd.DataFrame, seed: int) -> pd.Series:
 
 def baseline_probs(feats: np.ndarray, y: np.ndarray, w: np.ndarray, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
     """Frozen-feature logistic regression (C=1, standardised features, same class/patient weights)."""
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-    clf.fit(feats[tr], y[tr], logisticregression__sample_weight=w[tr])
-    return clf.predict_proba(feats[te])[:, 1]
+    weight, bias = fit_logistic_head(feats, y, w, tr)
+    return 1.0 / (1.0 + np.exp(-(feats[te] @ weight + bias)))
 
 
-def _per_group(df: pd.DataFrame, p: np.ndarray, mask: np.ndarray, n_boot: int, col: str = "magnification") -> dict:
-    out = {}
-    for g in sorted(df.loc[mask, col].unique()):
-        m = mask & (df[col] == g).to_numpy()
-        y = (df.loc[m, "label"] == "malignant").astype(int).to_numpy()
-        out[g] = summarize(y, p[m], df.loc[m, "patient"].to_numpy(), n_boot=n_boot)
+def scores_from_predictions(pred: pd.DataFrame, pooled: bool, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every reported figure from the saved out-of-fold predictions (so `rescore` reproduces a card).
+
+    Threshold/calibration metrics use calibrated p_malignant; AUC and ROC/PR rank by the raw logit.
+    """
+    pred = pred[pred["p_malignant"].notna()]
+    y, pats = pred["label"].to_numpy(int), pred["patient"].astype(str).to_numpy()
+    has_base = "p_baseline" in pred and pred["p_baseline"].notna().all()
+
+    def summ(rows: np.ndarray, col: str, score: str) -> dict:
+        return summarize(y[rows], pred[col].to_numpy()[rows], pats[rows], n_boot=n_boot, seed=seed,
+                         score=pred[score].to_numpy()[rows])
+
+    every = np.ones(len(pred), bool)
+    mags = sorted(pred["magnification"].unique()) if pooled else []
+    by_mag = {g: (pred["magnification"] == g).to_numpy() for g in mags}
+    out = {"overall": summ(every, "p_malignant", "logit"),
+           "per_magnification": {g: summ(r, "p_malignant", "logit") for g, r in by_mag.items()},
+           "curves": {"overall": curve_points(y, pred["p_malignant"], score=pred["logit"]),
+                      "per_magnification": {g: curve_points(y[r], pred["p_malignant"][r], score=pred["logit"][r])
+                                            for g, r in by_mag.items()}}}
+    if has_base:
+        out["baseline"] = {"overall": summ(every, "p_baseline", "p_baseline"),
+                           "per_magnification": {g: summ(r, "p_baseline", "p_baseline") for g, r in by_mag.items()}}
+        out["curves"]["baseline"] = curve_points(y, pred["p_baseline"])
+    if "source" in pred:
+        src = pred["source"].astype(str).str.split("@").str[0].to_numpy()
+        ok = (pred["p_malignant"].to_numpy() >= 0.5).astype(int) == y
+        out["accuracy_by_source_repository"] = {s_: float(ok[src == s_].mean()) for s_ in sorted(set(src))}
     return out
+
+
+def apply_scores(card: ModelCard, sc: dict, folder: Path) -> None:
+    """Write scores_from_predictions' output into a card and curves.json."""
+    card.evaluation["overall"] = sc["overall"]
+    if "accuracy_by_source_repository" in sc:
+        card.evaluation["accuracy_by_source_repository"] = sc["accuracy_by_source_repository"]
+    card.per_magnification = sc["per_magnification"]
+    if "baseline" in sc:
+        card.baseline.update(sc["baseline"])
+    (folder / "curves.json").write_text(json.dumps(sc["curves"]))
 
 
 def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc: FitConfig, cv: int = 5,
@@ -104,7 +135,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     patients = df["patient"].astype(str).to_numpy()
 
     model0, init_record = build_model(arch, init)
-    needs_feats = fc.recipe in ("linear", "finetune")
+    needs_feats = fc.recipe in ("logreg", "linear", "finetune")
     feats = cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
                             cache_dir) if needs_feats else None
     # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds.
@@ -136,8 +167,6 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     base_p = np.full(len(df), np.nan)
     fold = np.full(len(df), -1)
     per_fold = []
-    from models.inference import LoadedModel  # noqa: F401  (the same forward as inference)
-
     if cv and cv > 1:
         fold = grouped_kfold(df, cv, seed).to_numpy()
         protocol = (f"{fold.max() + 1}-fold stratified patient-grouped cross-validation; out-of-fold predictions of "
@@ -155,9 +184,22 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
             per_fold.append({"fold": k, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
                              "temperature": temp, "val_auc": res.val_auc, "phase_chosen": res.phase_chosen,
+                             "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
                              **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
-        final_model, final_res, final_temp, tr, va = one_fit(np.arange(len(df)), seed, "final")
-        part = np.where(np.isin(np.arange(len(df)), va), "val", "train")
+        # Refit on every patient with the schedule the folds chose (no validation split is wasted on a few
+        # patients), and calibrate with a temperature fitted on the pooled out-of-fold logits.
+        head_ep = int(np.median([f["best_head_epoch"] for f in per_fold])) or fc.head_epochs
+        ft = [f["best_epoch"] if f["phase_chosen"] != "head" else 0 for f in per_fold]
+        ft_ep = int(np.median(ft)) if fc.recipe in ("finetune", "full") else 0
+        final_fc = replace(fc, head_epochs=head_ep, finetune_epochs=ft_ep)
+        final_model, _ = build_model(arch, init)
+        final_res = fit(final_model, arch, images, feats, y, patients, np.arange(len(df)), np.array([], int), cfg,
+                        final_fc, compute, "final")
+        final_model.load_state_dict(final_res.state)
+        final_temp = fit_temperature(oof_logit, y)
+        final_schedule = {"head_epochs": head_ep, "finetune_epochs": ft_ep, "source": "median of the folds' best epochs",
+                          "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
+        part = np.full(len(df), "train")
         test_mask = np.ones(len(df), bool)
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
@@ -167,6 +209,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         final_res = fit(final_model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, "split")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(final_res.val_logits, y[va])
+        final_schedule = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
         z = _logits(final_model, images[te], cfg)
         oof_logit[te], oof_p[te] = z, apply_temperature(z, final_temp)
         if b_feats is not None:
@@ -180,42 +223,26 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in final_model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
 
-    m = test_mask
-    evaluation = {"protocol": protocol, "overall": summarize(y[m], oof_p[m], patients[m], n_boot=n_boot, seed=seed),
-                  "per_fold": per_fold}
-    per_mag = _per_group(df, oof_p, m, n_boot) if magnification == "all" else {}
-    per_source = {}
-    if df["source"].nunique() > 1:
-        src = df["source"].str.split("@").str[0]
-        per_source = {s: float((((oof_p[m & (src == s).to_numpy()]) >= 0.5).astype(int) == y[m & (src == s).to_numpy()]).mean())
-                      for s in sorted(src[m].unique())}
-    evaluation["accuracy_by_source_repository"] = per_source
-    baseline = {}
-    if b_feats is not None:
-        baseline = {"description": "frozen ImageNet EfficientNet-Lite2 features + logistic regression (C=1), same folds",
-                    "overall": summarize(y[m], base_p[m], patients[m], n_boot=n_boot, seed=seed),
-                    "per_magnification": _per_group(df, base_p, m, n_boot) if magnification == "all" else {}}
-    pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
-                  "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p, "p_baseline": base_p}
-                 ).to_csv(out / "predictions.csv", index=False)
-    curves = {"overall": curve_points(y[m], oof_p[m]),
-              "baseline": curve_points(y[m], base_p[m]) if b_feats is not None else {},
-              "per_magnification": {g: curve_points(y[m & (df["magnification"] == g).to_numpy()],
-                                                    oof_p[m & (df["magnification"] == g).to_numpy()])
-                                    for g in sorted(df["magnification"].unique())}}
-    (out / "curves.json").write_text(json.dumps(curves))
+    pred = pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
+                         "source": df["source"], "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p,
+                         "p_baseline": base_p})
+    pred.to_csv(out / "predictions.csv", index=False)
+    evaluation = {"protocol": protocol, "per_fold": per_fold}
+    baseline = ({"description": "frozen ImageNet EfficientNet-Lite2 features + logistic regression (C=1), same folds"}
+                if b_feats is not None else {})
 
     mid = model_id or f"{magnification}/{out.name}"
     card = ModelCard(
         model_id=mid, architecture=arch, magnification=magnification, preprocess=cfg, init=init_record,
         temperature=final_temp, weights_sha256=file_sha256(out / "model.safetensors"),
-        recipe={"name": fc.recipe, "phase_chosen_by_validation": final_res.phase_chosen, "compute": compute.reason},
+        recipe={"name": fc.recipe, "final_model_schedule": final_schedule, "compute": compute.reason,
+                "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
         hyperparameters=asdict(fc) | {"cv_folds": cv, "seed": seed},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
               "skipped": [{"path": p, "reason": r} for p, r in skipped]},
-        evaluation=evaluation, per_magnification=per_mag, baseline=baseline, training_log=final_res.log,
+        evaluation=evaluation, per_magnification={}, baseline=baseline, training_log=final_res.log,
         training_time_s=round(time.time() - t_start, 1), versions=versions(), git_commit=git_commit(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         limitations=(limitations or []) + [
@@ -226,7 +253,20 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         ],
         changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train`"],
     )
+    apply_scores(card, scores_from_predictions(pred, magnification == "all", n_boot, seed), out)
     card.to_json(out / "card.json")
+    return card
+
+
+def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
+    """Recompute a card's figures from its predictions.csv (same code path as training)."""
+    folder = Path(folder)
+    card = ModelCard.from_json(folder / "card.json")
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str})
+    apply_scores(card, scores_from_predictions(pred, card.magnification == "all", n_boot, seed), folder)
+    card.changelog.append(f"{_dt.date.today().isoformat()}: figures recomputed from predictions.csv by "
+                          "`python -m training rescore` (AUC ranks raw out-of-fold logits)")
+    card.to_json(folder / "card.json")
     return card
 
 

@@ -1,0 +1,97 @@
+"""Diagnose: upload frames, pick the magnification, read calibrated probabilities with Grad-CAM."""
+import base64
+import io
+
+import streamlit as st
+
+from models.dashboard import DISCLAIMER, analyse_upload, results_frame, route
+from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay
+from models.inference import MAGNIFICATIONS
+from ui_cache import cached_model
+
+st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
+st.title("Diagnose")
+st.warning(DISCLAIMER)
+
+mag = st.radio("Magnification of the uploaded frames", MAGNIFICATIONS, index=1, horizontal=True, key="magnification")
+r = route(mag)
+if r.model_id is None:
+    st.error(f"No model serves {mag} yet. Train one with:")
+    st.code(r.train_command, language="bash")
+    st.stop()
+try:
+    lm = cached_model(r.model_id)
+except Exception as exc:  # integrity failure or missing files: a message, not a traceback
+    st.error(f"Model {r.model_id} could not be loaded: {exc}")
+    st.stop()
+st.markdown(f"Model for **{mag}**: `{r.model_id}` · decision threshold p ≥ {lm.card.threshold:.2f} → malignant "
+            f"· temperature {lm.card.temperature:.2f}")
+for note in r.notes:
+    st.warning(note)
+
+c1, c2, c3 = st.columns(3)
+method = c1.selectbox("Heatmap method", list(CAM_METHODS), key="cam_method")
+opacity = c2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
+target_name = c3.radio("Explain the class", ["malignant", "benign"], horizontal=True, key="target_class")
+target = 1 if target_name == "malignant" else 0
+
+files = st.file_uploader("Upload H&E frames (PNG, JPEG, TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
+                         accept_multiple_files=True, key="uploads")
+if not files:
+    st.info("Upload one or more frames to get predictions.")
+    st.stop()
+
+results = []
+progress = st.progress(0.0, text="Analysing…") if len(files) > 1 else None
+for i, f in enumerate(files):
+    results.append(analyse_upload(lm, f.name, f.getvalue(), mag))
+    if progress:
+        progress.progress((i + 1) / len(files), text=f"Analysed {i + 1}/{len(files)}")
+if progress:
+    progress.empty()
+
+for res in results:
+    if res.error:
+        st.error(f"{res.error}")
+
+table = results_frame(results, lm.card.threshold)
+ok = [x for x in results if not x.error]
+if len(results) > 1:
+    def thumb(img):
+        if img is None:
+            return None
+        t = img.copy()
+        t.thumbnail((120, 80))
+        b = io.BytesIO()
+        t.save(b, "PNG")
+        return "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
+
+    show = table.assign(thumbnail=[thumb(x.image) for x in results])
+    st.dataframe(show[["thumbnail", "file", "label", "p_malignant", "warnings", "error"]], hide_index=True,
+                 column_config={"thumbnail": st.column_config.ImageColumn("frame"),
+                                "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
+                 width="stretch")
+st.download_button("Download results (CSV)", table.to_csv(index=False), "predictions.csv", "text/csv")
+
+if not ok:
+    st.stop()
+pick = ok[0] if len(ok) == 1 else next(x for x in ok if x.name == st.selectbox("Show the heatmap for", [x.name for x in ok]))
+st.subheader(pick.name)
+if pick.out_of_distribution:
+    st.markdown(f"<span style='color:#999'>p(malignant) = {pick.p_malignant:.3f} → {pick.label} "
+                "(greyed: the image does not look like H&E histology, so this number is unreliable)</span>",
+                unsafe_allow_html=True)
+else:
+    st.metric(f"Prediction: {pick.label}", f"p(malignant) = {pick.p_malignant:.3f}",
+              help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
+for w in pick.warnings:
+    st.warning(w)
+with st.spinner(f"Computing {method}…"):
+    heat = gradcam_heatmap(lm, pick.image, method, target)
+overlay = gradcam_overlay(pick.image, heat, opacity)
+a, b = st.columns(2)
+a.image(pick.image, caption="original", width="stretch")
+b.image(overlay, caption=f"{method} for class '{target_name}' ({r.model_id})", width="stretch")
+buf = io.BytesIO()
+overlay.save(buf, "PNG")
+st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")

@@ -1,0 +1,119 @@
+"""Model metrics: CIs, curves, confusion matrix, calibration, per-patient table, training curves, provenance."""
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from models.dashboard import DISCLAIMER, curves, metrics_table, model_folder, train_command
+from models.inference import MAGNIFICATIONS
+from models.metrics import patient_table
+from ui_cache import cached_cards
+
+st.set_page_config(page_title="Model metrics", page_icon="📈", layout="wide")
+st.title("Model metrics")
+st.caption(DISCLAIMER)
+cards = cached_cards()
+mag = st.selectbox("Magnification", ["all", *MAGNIFICATIONS], key="metrics_mag")
+avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)]
+if not avail:
+    st.error(f"No model covers {mag}. Train one with:")
+    st.code(train_command(mag if mag != "all" else "100X"), language="bash")
+    st.stop()
+mid = st.selectbox("Model", avail, key="metrics_model")
+card = cards[mid]
+at = mag if card.magnification == "all" and mag != "all" else None
+summary = card.per_magnification[at] if at else card.evaluation["overall"]
+n = summary["n_patients"]
+st.markdown(f"**{mid}** · {card.architecture} · init: {card.init.get('description')} · "
+            f"{'at ' + at + ' (pooled model)' if at else 'all its data'} · "
+            f"test patients: **{n['benign']} benign, {n['malignant']} malignant** · "
+            f"images: {summary['n_images']['benign']} benign, {summary['n_images']['malignant']} malignant")
+st.caption(card.evaluation.get("protocol", ""))
+if n["benign"] + n["malignant"] < 20:
+    st.warning("Few patients stand behind these numbers: the confidence intervals are wide.")
+
+mt = metrics_table(card, at).set_index("metric")
+cols = st.columns(4)
+for i, k in enumerate(["auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1",
+                       "patient_accuracy", "patient_score", "patient_auc", "precision", "ece", "brier"]):
+    if k in mt.index:
+        v = mt.loc[k]
+        cols[i % 4].metric(k.replace("_", " "), f"{v.value:.3f}" if v.value == v.value else "n/a",
+                           help=f"95% CI {v.ci_low:.3f}–{v.ci_high:.3f} (patient bootstrap)")
+        cols[i % 4].caption(f"95% CI {v.ci_low:.3f}–{v.ci_high:.3f}")
+
+cv = curves(model_folder(mid))
+cur = cv.get("per_magnification", {}).get(at) if at else cv.get("overall")
+base = card.baseline.get("per_magnification", {}).get(at) if at else card.baseline.get("overall")
+a, b = st.columns(2)
+if cur and "roc" in cur:
+    fig = go.Figure()
+    fig.add_scatter(x=cur["roc"]["fpr"], y=cur["roc"]["tpr"], name=mid)
+    if not at and cv.get("baseline", {}).get("roc"):
+        fig.add_scatter(x=cv["baseline"]["roc"]["fpr"], y=cv["baseline"]["roc"]["tpr"], name="frozen-feature baseline",
+                        line={"dash": "dot"})
+    fig.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dash", "color": "grey"})
+    fig.update_layout(title="ROC (out-of-fold)", xaxis_title="1 - specificity", yaxis_title="sensitivity", height=380)
+    a.plotly_chart(fig, width="stretch")
+    fig = go.Figure(go.Scatter(x=cur["pr"]["recall"], y=cur["pr"]["precision"], name="PR"))
+    fig.update_layout(title="Precision-recall", xaxis_title="recall", yaxis_title="precision", height=380)
+    b.plotly_chart(fig, width="stretch")
+cm = summary["confusion_matrix"]
+fig = go.Figure(go.Heatmap(z=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], x=["pred benign", "pred malignant"],
+                           y=["benign", "malignant"], text=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]],
+                           texttemplate="%{text}", colorscale="Purples", showscale=False))
+fig.update_layout(title="Confusion matrix (images)", height=340)
+a.plotly_chart(fig, width="stretch")
+if cur:
+    rel = cur["reliability"]
+    fig = go.Figure()
+    fig.add_scatter(x=rel["mean_predicted"], y=rel["fraction_malignant"], mode="lines+markers", name="model",
+                    text=[f"n={c}" for c in rel["count"]])
+    fig.add_scatter(x=[0, 1], y=[0, 1], name="perfect calibration", line={"dash": "dash", "color": "grey"})
+    fig.update_layout(title=f"Reliability (after temperature scaling, ECE {mt.loc['ece'].value:.3f})",
+                      xaxis_title="mean predicted p(malignant)", yaxis_title="observed fraction malignant", height=340)
+    b.plotly_chart(fig, width="stretch")
+
+st.subheader("Baseline")
+if base:
+    bm = base["metrics"]["auc"]
+    delta = mt.loc["auc"].value - bm["value"]
+    st.markdown(f"{card.baseline.get('description', '')}: AUC {bm['value']:.3f} (95% CI {bm['ci95'][0]:.3f}–{bm['ci95'][1]:.3f}). "
+                f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same patients.")
+
+st.subheader("Per patient (out-of-fold)")
+pred_path = model_folder(mid) / "predictions.csv"
+if pred_path.is_file():
+    pr = pd.read_csv(pred_path, dtype={"patient": str}).dropna(subset=["p_malignant"])
+    if at:
+        pr = pr[pr["magnification"] == at]
+    st.dataframe(pd.DataFrame(patient_table(pr["label"], pr["p_malignant"], pr["patient"], card.threshold)),
+                 hide_index=True, width="stretch")
+
+st.subheader("Training curves")
+folds = card.evaluation.get("per_fold") or []
+fig = go.Figure()
+for f in folds:
+    flog = pd.DataFrame(f.get("log") or [])
+    if "val_auc" in flog:
+        flog["step"] = range(1, len(flog) + 1)
+        fig.add_scatter(x=flog["step"], y=flog["val_auc"], name=f"fold {f['fold']} val AUC",
+                        text=flog["phase"] + " epoch " + flog["epoch"].astype(str))
+if card.training_log:
+    log = pd.DataFrame(card.training_log)
+    log["step"] = range(1, len(log) + 1)
+    for col in ("train_loss", "val_loss", "val_auc"):
+        if col in log:
+            fig.add_scatter(x=log["step"], y=log[col], name=f"final model {col}", line={"dash": "dot"},
+                            text=log["phase"] + " epoch " + log["epoch"].astype(str))
+fig.update_layout(xaxis_title="evaluation step (head phase every 5 epochs, then each fine-tuning epoch)", height=360)
+st.plotly_chart(fig, width="stretch")
+if folds:
+    st.caption(f"Final model schedule: {card.recipe.get('final_model_schedule', {})}")
+    st.dataframe(pd.DataFrame([{k: v for k, v in f.items() if k != "log"} for f in folds]), hide_index=True,
+                 width="stretch")
+
+st.subheader("Data provenance and split")
+st.json({"data": {k: v for k, v in card.data.items() if k != "skipped"}, "skipped files": len(card.data.get("skipped", [])),
+         "split_file": card.split_file, "recipe": card.recipe, "hyperparameters": card.hyperparameters,
+         "training_time_s": card.training_time_s, "weights_sha256": card.weights_sha256, "git_commit": card.git_commit,
+         "limitations": card.limitations}, expanded=False)

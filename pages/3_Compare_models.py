@@ -1,0 +1,67 @@
+"""Compare models: metrics table and overlaid ROC; all chosen models on one uploaded image."""
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from models.dashboard import DISCLAIMER, analyse_upload, curves, model_folder
+from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay
+from models.inference import MAGNIFICATIONS
+from ui_cache import cached_cards, cached_model
+
+st.set_page_config(page_title="Compare models", page_icon="⚖️", layout="wide")
+st.title("Compare models")
+st.caption(DISCLAIMER)
+cards = cached_cards()
+if not cards:
+    st.error("No trained models in magnif_models/.")
+    st.stop()
+mag = st.selectbox("Compare at magnification", MAGNIFICATIONS, index=1, key="cmp_mag")
+avail = [m for m, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)]
+chosen = st.multiselect("Models", avail, default=avail, key="cmp_models")
+if len(chosen) < 1:
+    st.info("Choose at least one model (two or more to compare).")
+    st.stop()
+
+rows, fig = [], go.Figure()
+for mid in chosen:
+    c = cards[mid]
+    s = c.per_magnification[mag] if c.magnification == "all" else c.evaluation["overall"]
+    row = {"model": mid, "pooled": c.magnification == "all", "init": c.init.get("init", "")}
+    for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "patient_accuracy", "ece"):
+        m = s["metrics"][k]
+        row[k] = f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
+    row["patients (b/m)"] = f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}"
+    rows.append(row)
+    cv = curves(model_folder(mid))
+    cur = cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall")
+    if cur and "roc" in cur:
+        fig.add_scatter(x=cur["roc"]["fpr"], y=cur["roc"]["tpr"], name=mid)
+fig.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dash", "color": "grey"})
+fig.update_layout(title=f"Out-of-fold ROC at {mag}", xaxis_title="1 - specificity", yaxis_title="sensitivity", height=420)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.caption("Values: point estimate (95% patient-bootstrap CI). Different models may rest on different folds.")
+st.plotly_chart(fig, width="stretch")
+
+st.subheader("All chosen models on the same image")
+method = st.selectbox("Heatmap method", list(CAM_METHODS), key="cmp_method")
+up = st.file_uploader("Upload one frame", type=["png", "jpg", "jpeg", "tif", "tiff"], key="cmp_upload")
+if up is not None:
+    data = up.getvalue()
+    results = []
+    for col, mid in zip(st.columns(len(chosen)), chosen):
+        try:
+            lm = cached_model(mid)
+        except Exception as exc:
+            col.error(f"{mid}: cannot load ({exc})")
+            continue
+        r = analyse_upload(lm, up.name, data, mag)
+        if r.error:
+            st.error(r.error)
+            break
+        results.append(r)
+        col.markdown(f"**{mid}**  \n{r.label}: p(malignant) = {r.p_malignant:.3f}")
+        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1)), width="stretch")
+    if len(results) > 1:
+        labels = {r.label for r in results}
+        (st.success if len(labels) == 1 else st.warning)(
+            "The models agree: " + labels.pop() if len(labels) == 1 else "The models disagree on this image.")

@@ -1,0 +1,30 @@
+"""Home: what the tool is and is not, the model inventory, where to start."""
+import streamlit as st
+
+from models.dashboard import DISCLAIMER, inventory
+from models.inference import MAGNIFICATIONS
+
+st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
+st.title("Breast histopathology research dashboard")
+st.warning(DISCLAIMER)
+st.markdown(
+    "Upload BreakHis-style H&E frames (700×460, 40X–400X), choose the magnification, and read a calibrated "
+    "benign/malignant probability from the model that validated best for that magnification, with a Grad-CAM "
+    "heatmap to judge it by. Every figure shown was measured on patients the model never saw "
+    "(patient-grouped cross-validation) and comes from a script in the repository.")
+
+st.subheader("Model inventory")
+inv = inventory()
+if inv.empty or "AUC (95% CI)" not in inv.columns:
+    st.error("No trained models found in magnif_models/. Train one with the command shown in the table.")
+st.dataframe(inv, hide_index=True, width="stretch")
+few = [r["magnification"] for r in inv.to_dict("records") if r.get("evidence") == "few patients"]
+if few:
+    st.info("Trained and tested on few patients: " + ", ".join(few) + ". Their confidence intervals are wide.")
+
+st.subheader("Where to start")
+st.markdown(
+    "- **Diagnose**: upload frames, pick the magnification, read probability, warnings and heatmap.\n"
+    "- **Model metrics**: every shipped model's metrics with 95% CIs, curves, calibration and provenance.\n"
+    "- **Compare models**: metrics side by side, and all models on the same image.")
+st.caption(f"Magnifications: {', '.join(MAGNIFICATIONS)}. Data: BreakHis (Spanhol et al., IEEE TBME 2016).")

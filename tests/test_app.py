@@ -1,0 +1,114 @@
+"""Each page under streamlit.testing's AppTest: widgets, routing per magnification, bad input, metrics."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def tiny_root(tiny_models_root, monkeypatch):
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(tiny_models_root))
+    monkeypatch.chdir(ROOT)
+    return tiny_models_root
+
+
+def _app(page: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / page), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _png(img: Image.Image, fmt="PNG") -> bytes:
+    b = io.BytesIO()
+    img.save(b, fmt)
+    return b.getvalue()
+
+
+def _he_frame(seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.array([180, 90, 160], np.float32) + rng.normal(0, 30, (460, 700, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def _texts(at) -> str:
+    return " ".join(str(x.value) for kind in ("markdown", "warning", "error", "info", "caption", "success", "code")
+                    for x in getattr(at, kind))
+
+
+def test_home_lists_inventory_and_disclaimer():
+    at = _app("streamlit_app.py")
+    assert "not a diagnosis" in _texts(at)
+    inv = at.dataframe[0].value
+    assert list(inv["magnification"]) == ["40X", "100X", "200X", "400X"]
+    assert inv.set_index("magnification").loc["100X", "model"] == "100X/efficientnet_lite2"
+    assert "python -m training train" in inv.set_index("magnification").loc["400X", "model"]
+
+
+def test_diagnose_routes_each_magnification():
+    at = _app("pages/1_Diagnose.py")
+    assert at.radio(key="magnification").value == "100X"
+    assert "100X/efficientnet_lite2" in _texts(at)
+    assert at.selectbox(key="cam_method").options == ["Grad-CAM", "Grad-CAM++", "EigenCAM", "LayerCAM"]
+    assert at.slider(key="opacity").value == 0.45
+    at.radio(key="magnification").set_value("200X").run()
+    assert "all/resnet50" in _texts(at) and "pooled model" in _texts(at)
+    at.radio(key="magnification").set_value("400X").run()
+    assert not at.exception
+    assert "No model serves 400X" in _texts(at) and "python -m training train" in _texts(at)
+
+
+def test_diagnose_bad_files_do_not_stop_the_batch():
+    at = _app("pages/1_Diagnose.py")
+    grey = Image.fromarray(np.random.default_rng(2).integers(0, 255, (460, 700), np.uint8), "L")
+    at.file_uploader(key="uploads").set_value([
+        ("good.png", _png(_he_frame()), "image/png"),
+        ("broken.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"),
+        ("notes.jpg", b"this is text", "image/jpeg"),
+        ("grey.png", _png(grey), "image/png"),
+        ("tiny.png", _png(Image.new("RGB", (10, 10))), "image/png"),
+        ("green.png", _png(Image.new("RGB", (700, 460), (30, 160, 40))), "image/png"),
+        ("bomb.png", _png(Image.new("1", (9000, 9000))), "image/png"),
+        ("deep.tif", _png(Image.fromarray((np.arange(460 * 700).reshape(460, 700) % 65535).astype(np.uint16)), "TIFF"), "image/tiff"),
+        ("cmyk.jpg", _png(_he_frame(5).convert("CMYK"), "JPEG"), "image/jpeg"),
+        ("rgba.png", _png(_he_frame(6).convert("RGBA")), "image/png"),
+        ("palette.png", _png(_he_frame(7).convert("P")), "image/png"),
+    ]).run()
+    assert not at.exception, at.exception
+    text = _texts(at)
+    assert "broken.png" in text and "notes.jpg: not a readable image" in text and "too small" in text
+    table = at.dataframe[0].value
+    assert list(table["file"]) == ["good.png", "broken.png", "notes.jpg", "grey.png", "tiny.png", "green.png",
+                                   "bomb.png", "deep.tif", "cmyk.jpg", "rgba.png", "palette.png"]
+    assert table["p_malignant"].notna().tolist() == [True, False, False, True, False, True, False, True, True, True, True]
+    assert "too large" in table.set_index("file").loc["bomb.png", "error"]
+    assert "16-bit" in table.set_index("file").loc["deep.tif", "warnings"]
+    assert "grayscale" in table.set_index("file").loc["grey.png", "warnings"]
+    assert "H&E" in table.set_index("file").loc["green.png", "warnings"]
+    assert len(at.get("image")) == 2  # original + heatmap for the selected frame
+    assert any(b.label.startswith("Download overlay") for b in at.get("download_button"))
+
+
+def test_metrics_page_renders_every_model_and_magnification(tiny_root):
+    at = _app("pages/2_Model_metrics.py")
+    for mag in ["all", "40X", "100X", "200X"]:
+        at.selectbox(key="metrics_mag").set_value(mag).run()
+        assert not at.exception, (mag, at.exception)
+        for mid in at.selectbox(key="metrics_model").options:
+            at.selectbox(key="metrics_model").set_value(mid).run()
+            assert not at.exception, (mag, mid, at.exception)
+            assert "95% CI" in _texts(at)
+    at.selectbox(key="metrics_mag").set_value("400X").run()
+    assert "No model covers 400X" in _texts(at)
+
+
+def test_compare_page_runs_models_side_by_side():
+    at = _app("pages/3_Compare_models.py")
+    assert set(at.multiselect(key="cmp_models").value) == {"100X/efficientnet_lite2", "all/resnet50"}
+    at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
+    assert not at.exception, at.exception
+    assert "agree" in _texts(at)

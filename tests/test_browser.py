@@ -1,0 +1,99 @@
+"""Real browser: Debian chromium driven by Playwright against the app on 127.0.0.1 (CI runs it with RUN_SLOW=1)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FRAMES, ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    pytest.importorskip("playwright")
+    if not FRAMES.is_dir():
+        pytest.skip("../shared/data is absent")
+    from models.inference import default_model_id
+
+    if default_model_id("200X") is None:
+        pytest.skip("no shipped model serves 200X")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1800})
+        pg.set_default_timeout(180_000)
+        yield pg
+        browser.close()
+
+
+def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(app_url)
+    page.get_by_text("Model inventory").wait_for()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+
+    page.goto(f"{app_url}/Diagnose")
+    page.get_by_text("Magnification of the uploaded frames").wait_for()
+    page.locator("label").filter(has_text="200X").first.click()
+    page.get_by_text("Model for 200X").wait_for()
+    frame = sorted((FRAMES / "200X").glob("*.png"))[0]
+    page.locator("input[type=file]").first.set_input_files(str(frame))
+    page.get_by_text("p(malignant) =").first.wait_for()
+    heat = page.locator("[data-testid='stImage']")
+    heat.nth(1).wait_for()
+    assert heat.count() >= 2
+    page.get_by_text("Grad-CAM for class").first.wait_for()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "diagnose.png"), full_page=True)
+
+    page.goto(f"{app_url}/Model_metrics")
+    page.get_by_text("Training curves").wait_for()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(ARTIFACTS / "model_metrics.png"), full_page=True)
+
+    page.goto(f"{app_url}/Compare_models")
+    page.get_by_text("All chosen models on the same image").wait_for()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(ARTIFACTS / "compare_models.png"), full_page=True)

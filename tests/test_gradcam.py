@@ -1,0 +1,60 @@
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay, target_layer
+from models.inference import load_model_folder
+from tests.conftest import make_model_folder
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model_folder(make_model_folder(tmp_path_factory.mktemp("m") / "all" / "resnet50", "resnet50", "all"))
+
+
+def _frames(n):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (460, 700, 3), np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", list(CAM_METHODS))
+def test_every_method_gives_a_frame_sized_map(lm, method):
+    img = _frames(1)[0]
+    heat = gradcam_heatmap(lm, img, method, 1)
+    assert heat.shape == (460, 700) and heat.min() >= 0 and heat.max() <= 1
+    over = gradcam_overlay(img, heat, 0.5)
+    assert over.size == img.size
+
+
+def test_concurrent_heatmaps_match_sequential(lm):
+    frames = _frames(8)
+    # an untrained net's map for one class can be all zero after the ReLU; explain the class that is not
+    cls = max((0, 1), key=lambda c: gradcam_heatmap(lm, frames[0], "Grad-CAM", c).max())
+    sequential = [gradcam_heatmap(lm, f, "Grad-CAM", cls) for f in frames]
+    assert sequential[0].max() > 0
+    out = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        out[i] = gradcam_heatmap(lm, frames[i], "Grad-CAM", cls)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(sequential, out):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(sequential[0], sequential[1])  # different images really give different maps
+
+
+def test_hooks_are_released(lm):
+    layer = target_layer(lm)
+    small = Image.fromarray(np.random.default_rng(1).integers(0, 255, (115, 175, 3), np.uint8))
+    for i in range(200):
+        gradcam_heatmap(lm, small, list(CAM_METHODS)[i % 4], i % 2)
+        assert len(layer._forward_hooks) == 0 and len(layer._backward_hooks) == 0
+    assert all(len(m._forward_hooks) == 0 for m in lm.model.modules())

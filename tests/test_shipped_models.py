@@ -1,0 +1,69 @@
+"""What magnif_models/ ships: verified weights, complete cards, patient-wise splits, validation-chosen defaults."""
+import json
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from models.card import ModelCard
+from models.inference import MAGNIFICATIONS, list_model_folders, load_model_folder, models_root
+from training.splits import assert_patient_disjoint
+from tests.conftest import ROOT
+
+FOLDERS = list_model_folders(ROOT / "magnif_models")
+METRICS = ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "precision", "f1",
+           "patient_accuracy", "patient_score", "ece"]
+
+
+def test_models_are_shipped_within_budget():
+    assert FOLDERS, "magnif_models/ holds no model"
+    size = sum(p.stat().st_size for p in (ROOT / "magnif_models").rglob("*") if p.is_file())
+    assert size < 120 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f"{f.parent.name}/{f.name}")
+def test_card_is_complete_and_weights_verify(folder):
+    lm = load_model_folder(folder)  # raises on sha256 mismatch
+    c = lm.card
+    assert c.init["description"] and c.init["init"]
+    ov = c.evaluation["overall"]
+    for m in METRICS:
+        lo, hi = ov["metrics"][m]["ci95"]
+        assert 0 <= lo <= hi <= 1, (m, ov["metrics"][m])
+    assert ov["n_patients"]["benign"] >= 2 and ov["n_patients"]["malignant"] >= 2
+    assert c.baseline["overall"]["metrics"]["auc"]["value"] > 0
+    assert c.data["all"]["benign"]["patients"] > 0 and c.training_time_s > 0 and c.git_commit
+    assert "cross-validation" in c.evaluation["protocol"]
+    if c.magnification == "all":
+        assert set(c.per_magnification) == set(MAGNIFICATIONS)
+    split = pd.read_csv(folder / "split.csv", dtype={"patient": str})
+    assert_patient_disjoint(split["patient"], split["part"])
+    assert_patient_disjoint(split["patient"], split["cv_fold"])
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str})
+    assert pred["p_malignant"].notna().all()  # every frame has an out-of-fold prediction
+    assert (folder / "curves.json").is_file()
+
+
+def test_defaults_cover_every_magnification_and_follow_validation():
+    d = json.loads((ROOT / "magnif_models" / "defaults.json").read_text())
+    assert set(d) == set(MAGNIFICATIONS)
+    for mag, entry in d.items():
+        assert entry["auc"] == max(c["auc"] for c in entry["candidates"])
+        card = ModelCard.from_json(ROOT / "magnif_models" / entry["model_id"] / "card.json")
+        assert entry["pooled"] == (card.magnification == "all")
+
+
+def test_metrics_page_renders_every_shipped_model(monkeypatch):
+    monkeypatch.delenv("BREAKHIS_MODELS_DIR", raising=False)
+    monkeypatch.chdir(ROOT)
+    assert models_root() == ROOT / "magnif_models"
+    at = AppTest.from_file(str(ROOT / "pages" / "2_Model_metrics.py"), default_timeout=120)
+    at.run()
+    seen = set()
+    for mag in ["all", *MAGNIFICATIONS]:
+        at.selectbox(key="metrics_mag").set_value(mag).run()
+        for mid in at.selectbox(key="metrics_model").options:
+            at.selectbox(key="metrics_model").set_value(mid).run()
+            assert not at.exception, (mag, mid, at.exception)
+            seen.add(mid)
+    assert seen == {f"{f.parent.name}/{f.name}" for f in FOLDERS}

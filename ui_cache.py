@@ -1,0 +1,28 @@
+"""Process-wide caches for the Streamlit pages: each model is loaded (and sha256-checked) once per process."""
+import streamlit as st
+
+from models.dashboard import load_cards, model_folder
+from models.inference import load_model_folder, models_root
+
+
+def current_root() -> str:
+    return str(models_root())
+
+
+@st.cache_resource(show_spinner="Loading and verifying model…")
+def _cached_model(model_id: str, root: str):
+    return load_model_folder(model_folder(model_id, root))
+
+
+def cached_model(model_id: str):
+    """The shared, verified model for this id (keyed by models root too, so roots never mix)."""
+    return _cached_model(model_id, current_root())
+
+
+@st.cache_data(ttl=60)
+def _cached_cards(root: str):
+    return load_cards(root)
+
+
+def cached_cards():
+    return _cached_cards(current_root())
