@@ -14,4 +14,4 @@ man = pd.read_csv(data / "manifest.csv")
 vals = np.array([(q.blur_variance, q.tissue_fraction, q.he_fraction) for q in
                  (check_quality(Image.open(data / p).convert("RGB")) for p in man["path"])])
 for name, col in zip(["blur_variance", "tissue_fraction", "he_fraction"], vals.T):
-    print(f"{name:16s} p1 {np.percentile(col, 1):8.3f}  p5 {np.percentile(col, 5):8.3f}  median {np.median(col):8.3f}  (n={len(col)})")
+    print(f"{name:16s} min {col.min():8.3f}  p1 {np.percentile(col, 1):8.3f}  p5 {np.percentile(col, 5):8.3f}  median {np.median(col):8.3f}  (n={len(col)})")

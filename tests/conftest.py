@@ -62,7 +62,10 @@ def make_model_folder(out: Path, arch: str, magnification: str, per_mag: list[st
     from models.card import ModelCard, PreprocessConfig
     from models.metrics import curve_points, summarize
 
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # deterministic fixture weights
     model, rec = build_model(arch, "scratch")
     save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()},
               str(out / "model.safetensors"))

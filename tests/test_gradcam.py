@@ -48,7 +48,8 @@ def test_concurrent_heatmaps_match_sequential(lm):
         t.join()
     for a, b in zip(sequential, out):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert not np.allclose(sequential[0], sequential[1])  # different images really give different maps
+    # different images really give different maps (so a mix-up between threads would show)
+    assert any(not np.allclose(sequential[0], s, atol=1e-3) for s in sequential[1:])
 
 
 def test_hooks_are_released(lm):
