@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--emulated-bf16", action="store_true",
+                    help="also time bf16 autocast where the CPU lacks AVX512-BF16/AMX (very slow: emulated)")
     args = ap.parse_args()
     res: dict = {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "compute_choice": select_compute().reason}
@@ -121,11 +123,16 @@ def main() -> None:
         print(f"\ntraining step, ms per image ({res['compute_choice']}):")
         for arch in ARCHITECTURES:
             row = {}
+            native = select_compute().bf16
             for mode, stages in (("all_layers", None), ("last_2_stages", 2)):
                 for bf16 in (False, True):
+                    if bf16 and not (native or args.emulated_bf16):
+                        row[f"{mode}_bf16"] = float("nan")  # unsupported here; the trainer uses fp32
+                        continue
                     row[f"{mode}_{'bf16' if bf16 else 'fp32'}"] = train_ms_per_image(arch, bf16, stages)
             res["train_ms_per_image"][arch] = row
-            print(f"  {arch:18s} " + "  ".join(f"{k} {v:7.1f}" for k, v in row.items()))
+            print(f"  {arch:18s} " + "  ".join(f"{k} {v:7.1f}" for k, v in row.items())
+                  + ("" if native or args.emulated_bf16 else "  (bf16 nan: no AVX512-BF16/AMX on this CPU)"))
         lite = res["train_ms_per_image"]["efficientnet_lite2"]
         best = min(lite["last_2_stages_fp32"], lite["last_2_stages_bf16"]) if select_compute().bf16 else lite["last_2_stages_fp32"]
         fwd_ms = bare  # frozen-feature extraction is one forward per frame

@@ -24,7 +24,7 @@ fi
 if [[ $only == all || $only == resnet ]]; then
   # No ResNet-50 ImageNet weights exist here: from scratch, cheap schedule (3 folds, 5 epochs) to fit a CPU session.
   run --magnification 100X --arch resnet50 --init scratch --out magnif_models/100X/resnet50 --cv 3 --epochs 5 --patience 4
-  run --magnification all --arch resnet50 --init scratch --out magnif_models/all/resnet50 --cv 3 --epochs 3 --patience 4
+  run --magnification all --arch resnet50 --init scratch --out magnif_models/all/resnet50 --cv 3 --epochs 5 --patience 4
 fi
 "$PY" -m training leakage-demo --data "$DATA" --magnification 100X --out magnif_models/leakage_demo_100X.json
 "$PY" -m training select-defaults --root magnif_models
