@@ -26,3 +26,15 @@ def _cached_cards(root: str):
 
 def cached_cards():
     return _cached_cards(current_root())
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str):
+    from models.dashboard import analyse_upload
+
+    return analyse_upload(_cached_model(model_id, root), name, data, magnification)
+
+
+def cached_analysis(model_id: str, name: str, data: bytes, magnification: str):
+    """Prediction + QC for one upload, computed once: moving a slider does not re-run the whole batch."""
+    return _cached_analysis(model_id, current_root(), name, data, magnification)

@@ -4,10 +4,10 @@ import io
 
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, analyse_upload, results_frame, route
+from models.dashboard import DISCLAIMER, results_frame, route
 from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay
 from models.inference import MAGNIFICATIONS
-from ui_cache import cached_model
+from ui_cache import cached_analysis, cached_model
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")
@@ -44,7 +44,7 @@ if not files:
 results = []
 progress = st.progress(0.0, text="Analysing…") if len(files) > 1 else None
 for i, f in enumerate(files):
-    results.append(analyse_upload(lm, f.name, f.getvalue(), mag))
+    results.append(cached_analysis(r.model_id, f.name, f.getvalue(), mag))
     if progress:
         progress.progress((i + 1) / len(files), text=f"Analysed {i + 1}/{len(files)}")
 if progress:

@@ -171,7 +171,8 @@ class FitResult:
     best_head_epoch: int = 0
 
 
-def _val_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray) -> np.ndarray:
+def predict_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray) -> np.ndarray:
+    """Eval-mode logits (fp32) of cached frames idx, through the same normalisation as inference."""
     model.eval()
     out = []
     with torch.inference_mode():
@@ -207,7 +208,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
             with torch.inference_mode():
                 vl = model.fc(torch.from_numpy(feats[val_idx]).float()).squeeze(1).numpy()
         else:
-            vl = _val_logits(model, images, cfg, val_idx)
+            vl = predict_logits(model, images, cfg, val_idx)
         auc = _safe_auc(y[val_idx], vl)
         yv = torch.from_numpy(y[val_idx]).float()
         nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(), yv))

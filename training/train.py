@@ -19,8 +19,8 @@ from models.archs import ARCHITECTURES, build_model, file_sha256
 from models.card import ModelCard, PreprocessConfig
 from models.metrics import apply_temperature, curve_points, fit_temperature, summarize
 from training.data import IndexResult, default_cache_dir, index_source
-from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, sample_weights,
-                             select_compute)
+from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
+                             sample_weights, select_compute)
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
 log = logging.getLogger("training")
@@ -177,7 +177,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             trv = np.flatnonzero(fold != k)
             model, res, temp, tr, va = one_fit(trv, seed + k, f"fold{k}")
             assert not set(patients[te]) & set(patients[trv])
-            z = _logits(model, images[te], cfg)
+            z = predict_logits(model, images, cfg, te)
             oof_logit[te], oof_p[te] = z, apply_temperature(z, temp)
             if b_feats is not None:
                 base_p[te] = baseline_probs(b_feats, y, w, trv, te)
@@ -200,7 +200,6 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         final_schedule = {"head_epochs": head_ep, "finetune_epochs": ft_ep, "source": "median of the folds' best epochs",
                           "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
         part = np.full(len(df), "train")
-        test_mask = np.ones(len(df), bool)
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
@@ -210,11 +209,10 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(final_res.val_logits, y[va])
         final_schedule = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
-        z = _logits(final_model, images[te], cfg)
+        z = predict_logits(final_model, images, cfg, te)
         oof_logit[te], oof_p[te] = z, apply_temperature(z, final_temp)
         if b_feats is not None:
             base_p[te] = baseline_probs(b_feats, y, w, np.concatenate([tr, va]), te)
-        test_mask = part == "test"
     assert_patient_disjoint(pd.Series(patients), pd.Series(part))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -269,14 +267,3 @@ def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
     card.to_json(folder / "card.json")
     return card
 
-
-def _logits(model, images: torch.Tensor, cfg: PreprocessConfig) -> np.ndarray:
-    """Test logits through exactly the inference forward (fp32, eval mode)."""
-    from models.preprocess import normalize_uint8
-
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), 16):
-            out.append(model(normalize_uint8(images[i:i + 16], cfg)).double().numpy())
-    return np.concatenate(out)
