@@ -6,7 +6,7 @@ back silently: a failure raises `InitError` naming the alternatives.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -148,6 +148,16 @@ def _seq_stages(b: nn.Module) -> list[nn.Module]:
     return [*list(feats.children()), children[1]]
 
 
+def _effv2s_backbone() -> nn.Module:
+    from torchvision.models import efficientnet_v2_s
+
+    return efficientnet_v2_s(weights=None).features
+
+
+def _effv2s_prefix(state: dict) -> dict:
+    return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "efficientnet_lite2": ArchSpec(
         "efficientnet_lite2", _lite2_backbone, 1280, "backbone.bn2", LITE_MEAN, LITE_STD, (230, 350),
@@ -162,6 +172,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "densenet121": ArchSpec(
         "densenet121", _densenet121_backbone, 1024, "backbone.1", IMAGENET_MEAN, IMAGENET_STD, (230, 350),
         _seq_stages, _torchvision_imagenet("DenseNet121_Weights", "densenet121", _densenet_prefix),
+        "--init scratch",
+    ),
+    # The published hybrid's CNN branch (buildable; no ImageNet weights for it exist on this machine).
+    "efficientnet_v2_s": ArchSpec(
+        "efficientnet_v2_s", _effv2s_backbone, 1280, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (230, 350),
+        lambda b: list(b.children()), _torchvision_imagenet("EfficientNet_V2_S_Weights", "efficientnet_v2_s", _effv2s_prefix),
         "--init scratch",
     ),
 }
@@ -185,12 +201,9 @@ def _load_weight_file(path: Path) -> dict:
     return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
 
 
-def build_model(arch: str, init: str = "scratch") -> tuple[HistoClassifier, dict]:
-    """Build `arch` with an explicit init; returns the model and a provenance record for the card."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+def _init_backbone(arch: str, backbone: nn.Module, init: str) -> dict:
+    """Apply `init` to a bare backbone of `arch`; returns the provenance record. Never falls back silently."""
     spec = ARCHITECTURES[arch]
-    backbone = spec.make_backbone()
     record: dict = {"init": init}
     if init == "scratch":
         record["description"] = "random initialisation (trained from scratch)"
@@ -208,6 +221,8 @@ def build_model(arch: str, init: str = "scratch") -> tuple[HistoClassifier, dict
             state = _resnet_prefix(state)
         elif arch == "densenet121" and any(k.startswith("features.") for k in state):
             state = _densenet_prefix(state)
+        elif arch == "efficientnet_v2_s" and any(k.startswith("features.") for k in state):
+            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         if arch == "efficientnet_lite2":
             try:
                 backbone.load_state_dict(state, strict=True)
@@ -217,5 +232,102 @@ def build_model(arch: str, init: str = "scratch") -> tuple[HistoClassifier, dict
             load_torchvision_state(backbone, state)
         record.update(description=f"backbone weights from local file {path.name}", file=path.name,
                       file_sha256=file_sha256(path))
+    return record
+
+
+def arch_spec(arch: str, arch_config: dict | None = None) -> ArchSpec:
+    """The spec (preprocessing, stages, CAM layer) of `arch`; a hybrid takes its CNN branch's."""
+    if arch != "hybrid":
+        return ARCHITECTURES[arch]
+    from models.hybrid import DEFAULT_HYBRID
+
+    cnn = {**DEFAULT_HYBRID, **(arch_config or {})}["cnn"]
+    return replace(ARCHITECTURES[cnn], name="hybrid")
+
+
+def build_model(arch: str, init: str = "scratch", arch_config: dict | None = None,
+                vit_init: str | None = None) -> tuple[nn.Module, dict]:
+    """Build `arch` with an explicit init; returns the model and a provenance record for the card.
+
+    For `hybrid`, `init` initialises the CNN branch and `vit_init` (None = from scratch, 'imagenet', or a
+    local torchvision ViT checkpoint) the ViT branch; a `vit_init` makes the ViT branch a plain image ViT.
+    """
+    if arch == "hybrid":
+        return _build_hybrid(init, arch_config, vit_init)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES) + ['hybrid']}")
+    spec = ARCHITECTURES[arch]
+    backbone = spec.make_backbone()
+    record = _init_backbone(arch, backbone, init)
     model = HistoClassifier(backbone.float(), spec.feat_dim)
     return model, record
+
+
+def hybrid_config(arch_config: dict | None = None, vit_init: str | None = None) -> dict:
+    """The full hybrid configuration stored in the card (defaults filled in)."""
+    from models.hybrid import DEFAULT_HYBRID
+
+    cfg = {**DEFAULT_HYBRID, **(arch_config or {})}
+    if vit_init and cfg["vit"] == "hybrid":
+        cfg["vit"] = "vit_b_16"  # a checkpoint is for a plain ViT: the branch reads the image instead of CNN tokens
+    return cfg
+
+
+def _build_hybrid(init: str, arch_config: dict | None, vit_init: str | None) -> tuple[nn.Module, dict]:
+    import math
+
+    from models.hybrid import HybridClassifier, ImageViT, TokenViT
+
+    cfg = hybrid_config(arch_config, vit_init)
+    cnn = cfg["cnn"]
+    if cnn not in ARCHITECTURES:
+        raise ValueError(f"unknown CNN branch {cnn!r}; choose from {sorted(ARCHITECTURES)}")
+    spec = ARCHITECTURES[cnn]
+    backbone = spec.make_backbone()
+    record = {"cnn_branch": _init_backbone(cnn, backbone, init)}
+    record["init"] = init
+    if cfg["vit"] == "hybrid":
+        grid = (math.ceil(spec.input_size[0] / 32), math.ceil(spec.input_size[1] / 32))
+        vit = TokenViT(spec.feat_dim, cfg["vit_dim"], cfg["vit_depth"], cfg["vit_heads"], grid)
+        reads = "cnn"
+        record["vit_branch"] = {"init": "scratch", "description": "hybrid ViT on CNN feature-map tokens, random "
+                                "initialisation (no pretrained ViT is available here)"}
+    else:
+        vit = ImageViT(cfg["vit"])
+        reads = "image"
+        record["vit_branch"] = _init_vit(vit, cfg["vit"], vit_init)
+    record["description"] = (f"CNN branch {cnn}: {record['cnn_branch']['description']}; ViT branch "
+                             f"{cfg['vit']}: {record['vit_branch']['description']}; fusion and head from scratch")
+    model = HybridClassifier(backbone.float(), spec.feat_dim, vit, reads, cfg["fusion_dim"], cfg["head_dim"],
+                             cfg["dropout"], cfg["magnification_embedding"])
+    return model, record
+
+
+def _init_vit(vit: nn.Module, name: str, vit_init: str | None) -> dict:
+    if not vit_init or vit_init == "scratch":
+        return {"init": "scratch", "description": "random initialisation"}
+    if vit_init == "imagenet":
+        import torchvision.models as tvm
+
+        enum = getattr(tvm, {"vit_b_16": "ViT_B_16_Weights", "vit_b_32": "ViT_B_32_Weights"}.get(name, ""), None)
+        try:
+            state = enum.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:
+            raise InitError(f"--vit-init imagenet: torchvision could not provide {name} ImageNet weights "
+                            f"({type(exc).__name__}). Pass a local checkpoint with --vit-init FILE or omit it "
+                            "(hybrid ViT branch from scratch).") from exc
+        desc = "ImageNet-1k weights through torchvision's weights API"
+    else:
+        path = Path(vit_init)
+        if not path.is_file():
+            raise InitError(f"--vit-init {vit_init}: no such file")
+        state = _load_weight_file(path)
+        desc = f"weights from local file {path.name}"
+    state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    missing, unexpected = vit.vit.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InitError(f"--vit-init: checkpoint does not fit {name}: missing={missing[:5]} unexpected={unexpected[:5]}")
+    rec = {"init": vit_init, "description": desc}
+    if vit_init != "imagenet":
+        rec.update(file=Path(vit_init).name, file_sha256=file_sha256(vit_init))
+    return rec

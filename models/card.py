@@ -24,6 +24,9 @@ class PreprocessConfig:
     antialias: bool = True
     value_range: tuple[float, float] = (0.0, 1.0)  # RGB scaled to this range before mean/std
     crop: str = "none (full frame resized; aspect 700:460 kept by the chosen size)"
+    # Stain normalisation applied to the resized uint8 frame (models.stain): None, or the method with the
+    # target statistics fitted on the training frames, e.g. {"method": "reinhard", "target_means": [...], ...}.
+    stain: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -41,6 +44,7 @@ class ModelCard:
     magnification: str  # '40X' | '100X' | '200X' | '400X' | 'all'
     preprocess: PreprocessConfig
     init: dict
+    arch_config: dict = field(default_factory=dict)  # builder options (the hybrid's branches and sizes)
     task: str = "binary classification of H&E breast histopathology frames: benign (0) vs malignant (1)"
     output: str = "one logit; p_malignant = sigmoid(logit / temperature)"
     temperature: float = 1.0

@@ -108,7 +108,7 @@ class FrameResult:
     image: object = None  # PIL RGB image when readable
 
 
-def analyse_upload(lm, name: str, data: bytes, magnification: str) -> FrameResult:
+def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = False) -> FrameResult:
     """Decode, check quality and predict one uploaded file; never raises for a bad image."""
     from models.preprocess import ImageError, load_image
     from models.quality import check_quality
@@ -118,8 +118,9 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str) -> FrameResul
     except ImageError as exc:
         return FrameResult(name, lm.model_id, error=str(exc))
     q = check_quality(li.image, magnification)
-    p = float(lm.predict_images([li.image])[0])
-    return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings),
+    notes: list[str] = []
+    p = float(lm.predict_images([li.image], tta=tta, notes=[notes])[0])
+    return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
                        q.out_of_distribution, li.image)
 
 

@@ -16,7 +16,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-from models.archs import ARCHITECTURES
+from models.archs import arch_spec
 from models.inference import LoadedModel
 
 CAM_METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "EigenCAM": EigenCAM, "LayerCAM": LayerCAM}
@@ -31,17 +31,45 @@ def _lock_for(model: torch.nn.Module) -> threading.Lock:
         return _LOCKS[model]
 
 
-def target_layer(lm: LoadedModel) -> torch.nn.Module:
-    return lm.model.get_submodule(ARCHITECTURES[lm.card.architecture].cam_layer)
+CAM_BRANCHES = {"cnn": "CNN branch", "vit": "ViT branch", "combined": "CNN + ViT (mean of the two maps)"}
 
 
-def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM", target_class: int = 1) -> np.ndarray:
-    """(H, W) map in [0, 1] at the frame's own size, for class 1 (malignant) or 0 (benign)."""
+def cam_branches(lm: LoadedModel) -> list[str]:
+    """Which explanation sources a model offers: a hybrid has a CNN and a ViT branch, others only the CNN."""
+    return list(CAM_BRANCHES) if lm.card.architecture == "hybrid" else ["cnn"]
+
+
+def target_layer(lm: LoadedModel, branch: str = "cnn") -> torch.nn.Module:
+    if branch == "vit":
+        return lm.model.vit.blocks[-1].norm1 if hasattr(lm.model.vit, "blocks") else lm.model.vit.vit.encoder.layers[-1].ln_1
+    return lm.model.get_submodule(arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer)
+
+
+def _vit_reshape(lm: LoadedModel):
+    from models.hybrid import vit_token_reshape
+
+    return vit_token_reshape(lm.model)
+
+
+def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM", target_class: int = 1,
+                    branch: str = "cnn") -> np.ndarray:
+    """(H, W) map in [0, 1] at the frame's own size, for class 1 (malignant) or 0 (benign).
+
+    branch: 'cnn' (last CNN feature map), 'vit' (ViT branch tokens reshaped to their grid; hybrid only) or
+    'combined' (the mean of the two maps, each already scaled to [0, 1]).
+    """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose from {list(CAM_METHODS)}")
+    if branch not in cam_branches(lm):
+        raise ValueError(f"{lm.model_id} offers CAM branches {cam_branches(lm)}, not {branch!r}")
+    if branch == "combined":
+        return (gradcam_heatmap(lm, img, method, target_class, "cnn")
+                + gradcam_heatmap(lm, img, method, target_class, "vit")) / 2
     x = lm.preprocess(img).unsqueeze(0)
+    reshape = _vit_reshape(lm) if branch == "vit" else None
     with _lock_for(lm.model), torch.enable_grad():
-        with CAM_METHODS[method](model=lm.model, target_layers=[target_layer(lm)]) as cam:
+        with CAM_METHODS[method](model=lm.model, target_layers=[target_layer(lm, branch)],
+                                 reshape_transform=reshape) as cam:
             grayscale = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(target_class)])[0]
     heat = Image.fromarray(np.float32(grayscale)).resize(img.size, Image.BILINEAR)
     return np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)

@@ -30,6 +30,16 @@ def models_root() -> Path:
     return Path(os.environ.get("BREAKHIS_MODELS_DIR", Path(__file__).resolve().parent.parent / "magnif_models"))
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 dihedral views of a (B,3,H,W) batch: 4 quarter turns of the frame and of its mirror image."""
+    return [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Mean logit over the 8 dihedral views (test-time augmentation), float64."""
+    return np.mean([model(v).double().cpu().numpy() for v in dihedral_views(x)], axis=0)
+
+
 @dataclass
 class LoadedModel:
     card: ModelCard
@@ -47,23 +57,23 @@ class LoadedModel:
         tta=True averages the logits of the 8 dihedral views (4 quarter turns x horizontal flip).
         """
         x = batch.float()
-        if not tta:
-            return self.model(x).double().numpy()
-        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
-        return np.mean([self.model(v).double().numpy() for v in views], axis=0)
+        return tta_logits(self.model, x) if tta else self.model(x).double().numpy()
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """Calibrated p(malignant) for a preprocessed batch."""
         return apply_temperature(self.logits(batch, tta), self.card.temperature)
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        return frame_to_tensor(img, self.card.preprocess)
+    def preprocess(self, img: Image.Image, notes: list[str] | None = None) -> torch.Tensor:
+        return frame_to_tensor(img, self.card.preprocess, notes)
 
-    def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16, tta: bool = False) -> np.ndarray:
-        """Calibrated p(malignant) for RGB PIL frames."""
+    def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16, tta: bool = False,
+                       notes: Sequence[list[str]] | None = None) -> np.ndarray:
+        """Calibrated p(malignant) for RGB PIL frames; preprocessing notes (stain failures) go to notes[i]."""
+        notes = notes if notes is not None else [[] for _ in images]
         out = []
         for i in range(0, len(images), batch_size):
-            out.append(self.probabilities(torch.stack([self.preprocess(im) for im in images[i:i + batch_size]]), tta))
+            batch = [self.preprocess(im, n) for im, n in zip(images[i:i + batch_size], notes[i:i + batch_size])]
+            out.append(self.probabilities(torch.stack(batch), tta))
         return np.concatenate(out) if out else np.zeros(0)
 
     def label_for(self, p: float) -> str:
@@ -76,10 +86,12 @@ class LoadedModel:
         pending: list[tuple[int, Image.Image]] = []
 
         def flush() -> None:
-            probs = self.predict_images([im for _, im in pending], batch_size, tta)
-            for (i, _), p in zip(pending, probs):
+            notes: list[list[str]] = [[] for _ in pending]
+            probs = self.predict_images([im for _, im in pending], batch_size, tta, notes)
+            for (i, _), p, n in zip(pending, probs, notes):
                 rows[i]["p_malignant"] = float(p)
                 rows[i]["label"] = self.label_for(float(p))
+                rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
             pending.clear()
 
         for path in paths:
@@ -119,7 +131,7 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
             raise ModelIntegrityError(
                 f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…; "
                 "refusing to load modified or corrupt weights")
-    model, _ = build_model(card.architecture, "scratch")  # weights come from our own file just below
+    model, _ = build_model(card.architecture, "scratch", card.arch_config or None)  # weights: our own file below
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -108,11 +108,25 @@ def to_rgb(img: Image.Image, label: str = "image") -> LoadedImage:
     return LoadedImage(img, mode, size, notes)
 
 
-def frame_to_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    """Resize the whole RGB frame to cfg.input_size (no crop) and return a (3,H,W) uint8 tensor."""
+def frame_to_uint8(img: Image.Image, cfg: PreprocessConfig, notes: list[str] | None = None) -> torch.Tensor:
+    """Resize the whole RGB frame to cfg.input_size (no crop), stain-normalise if the card says so; uint8 (3,H,W).
+
+    When normalisation is impossible for a frame: with `notes` given, the frame is used as it is and the
+    reason is appended to notes (shown beside the prediction); without, ImageError (training skips and lists it).
+    """
     t = TF.pil_to_tensor(img.convert("RGB"))
     interp = InterpolationMode(cfg.interpolation)
-    return TF.resize(t, list(cfg.input_size), interpolation=interp, antialias=cfg.antialias)
+    t = TF.resize(t, list(cfg.input_size), interpolation=interp, antialias=cfg.antialias)
+    if cfg.stain:
+        from models.stain import StainError, normalize_stain
+
+        try:
+            t = normalize_stain(t, cfg.stain)
+        except StainError as exc:
+            if notes is None:
+                raise ImageError(str(exc)) from None
+            notes.append(f"{exc}: the frame was used without stain normalisation, unlike the training frames")
+    return t
 
 
 def normalize_uint8(t: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
@@ -125,6 +139,6 @@ def normalize_uint8(t: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-def frame_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+def frame_to_tensor(img: Image.Image, cfg: PreprocessConfig, notes: list[str] | None = None) -> torch.Tensor:
     """The exact tensor a model sees for a frame, at training evaluation and at inference alike."""
-    return normalize_uint8(frame_to_uint8(img, cfg), cfg)
+    return normalize_uint8(frame_to_uint8(img, cfg, notes), cfg)

@@ -29,6 +29,18 @@ class QualityReport:
     out_of_distribution: bool = False
 
 
+def qc_failures(rep: QualityReport) -> list[str]:
+    """Which of the thresholded checks (blur, tissue, H&E colour) a frame fails; [] means it passes QC."""
+    fails = []
+    if rep.blur_variance < BLUR_VAR_MIN:
+        fails.append("blur")
+    if rep.tissue_fraction < TISSUE_FRACTION_MIN:
+        fails.append("tissue")
+    if rep.he_fraction < HE_FRACTION_MIN:
+        fails.append("he_colour")
+    return fails
+
+
 def check_quality(img: Image.Image, magnification: str | None = None) -> QualityReport:
     """Measure blur, tissue and H&E-likeness; return warnings a clinician can act on."""
     small = img.convert("RGB")

@@ -27,8 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("train", help="train, cross-validate and write a model folder")
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", required=True, help="40X|100X|200X|400X|all")
-    a.add_argument("--arch", required=True, choices=["efficientnet_lite2", "resnet50", "densenet121"])
-    a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth")
+    a.add_argument("--arch", required=True, choices=["efficientnet_lite2", "resnet50", "densenet121", "hybrid"])
+    a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth (hybrid: CNN branch)")
+    a.add_argument("--cnn", default="efficientnet_lite2", help="hybrid: CNN branch (efficientnet_lite2 | efficientnet_v2_s)")
+    a.add_argument("--vit", default="hybrid", help="hybrid: ViT branch ('hybrid' = ViT on CNN tokens | vit_b_16)")
+    a.add_argument("--vit-init", default=None, help="hybrid: imagenet | local ViT checkpoint (makes the branch a plain ViT)")
+    a.add_argument("--p1-epochs", type=int, default=30, help="hybrid phase 1 (CNN frozen) max epochs")
+    a.add_argument("--p2-epochs", type=int, default=2, help="hybrid phase 2 (last CNN stages) epochs")
+    a.add_argument("--p3-epochs", type=int, default=1, help="hybrid phase 3 (everything) epochs")
+    a.add_argument("--stain", choices=["none", "reinhard", "macenko"], default="none",
+                   help="stain normalisation (targets fitted on the training frames, stored in the card)")
+    a.add_argument("--tta-eval", action="store_true", help="also score out-of-fold predictions with 8-view TTA")
+    a.add_argument("--no-cross-magnification", action="store_true",
+                   help="skip predicting other magnifications' frames of held-out patients")
     a.add_argument("--out", required=True, type=Path)
     a.add_argument("--recipe", choices=["logreg", "linear", "finetune", "full"], default=None,
                    help="default: finetune for pretrained init, full for scratch")
@@ -48,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default=None)
     a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--tta", action="store_true", help="8-view dihedral test-time augmentation")
     a.add_argument("--out", type=Path, help="write metrics JSON and predictions CSV with this stem")
     a = sub.add_parser("leakage-demo", help="image-wise vs patient-wise split, same recipe")
     a.add_argument("--data", required=True)
@@ -105,8 +117,14 @@ def _run(args) -> int:
         fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
                        finetune_stages=args.finetune_stages, batch_size=args.batch_size, patience=args.patience,
                        seed=args.seed)
+        from training.hybrid import HybridConfig
+
+        hc = HybridConfig(p1_epochs=args.p1_epochs, p2_epochs=args.p2_epochs, p3_epochs=args.p3_epochs,
+                          batch_size=args.batch_size, seed=args.seed)
         card = run_train(args.data, args.magnification, args.arch, args.init, args.out, fc, cv=args.cv, seed=args.seed,
-                         n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation)
+                         n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation,
+                         arch_config={"cnn": args.cnn, "vit": args.vit}, vit_init=args.vit_init, stain=args.stain,
+                         eval_tta=args.tta_eval, hc=hc, cross_magnification=not args.no_cross_magnification)
         o = card.evaluation["overall"]["metrics"]
         print(f"{card.model_id}: AUC {o['auc']['value']:.3f} (95% CI {o['auc']['ci95'][0]:.3f}-{o['auc']['ci95'][1]:.3f}); "
               f"baseline AUC {card.baseline.get('overall', {}).get('metrics', {}).get('auc', {}).get('value', float('nan')):.3f}; "
@@ -114,7 +132,7 @@ def _run(args) -> int:
     elif args.cmd == "evaluate":
         from training.evaluate import evaluate_model
 
-        res, held = evaluate_model(args.model, args.data, args.magnification, args.n_boot)
+        res, held = evaluate_model(args.model, args.data, args.magnification, args.n_boot, tta=args.tta)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             Path(f"{args.out}.json").write_text(json.dumps(res, indent=1))

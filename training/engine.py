@@ -169,17 +169,36 @@ class FitResult:
     phase_chosen: str = ""
     best_epoch: int = 0
     best_head_epoch: int = 0
+    phases: list = field(default_factory=list)  # hybrid: per-phase schedule and best validation AUC
 
 
-def predict_logits(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray) -> np.ndarray:
-    """Eval-mode logits (fp32) of cached frames idx, through the same normalisation as inference."""
+def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
+                   tta: bool = False) -> np.ndarray:
+    """Eval-mode logits (fp32) of cached frames idx, through the same normalisation (and TTA) as inference."""
+    from models.inference import tta_logits
+
     model.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(idx), 32):
             x = normalize_uint8(images[idx[i:i + 32]], cfg).to(next(model.parameters()).device)
-            out.append(model(x).float().cpu().numpy())
+            out.append(tta_logits(model, x) if tta else model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def quality_table(paths: list[str]) -> pd.DataFrame:
+    """The inference-time quality checks for each frame (blur, tissue, H&E), so metrics can be split by QC."""
+    from models.quality import check_quality, qc_failures
+
+    rows = []
+    for p in tqdm(paths, desc="quality", leave=False):
+        try:
+            q = check_quality(load_image(p).image)
+            rows.append({"blur_variance": q.blur_variance, "tissue_fraction": q.tissue_fraction,
+                         "he_fraction": q.he_fraction, "qc_pass": not qc_failures(q)})
+        except ImageError:
+            rows.append({"blur_variance": np.nan, "tissue_fraction": np.nan, "he_fraction": np.nan, "qc_pass": False})
+    return pd.DataFrame(rows)
 
 
 def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarray | None, y: np.ndarray,

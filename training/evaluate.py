@@ -15,7 +15,7 @@ from training.data import index_source
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, magnification: str | None = None,
-                   n_boot: int = 1000, cache_dir: Path | None = None) -> tuple[dict, pd.DataFrame]:
+                   n_boot: int = 1000, cache_dir: Path | None = None, tta: bool = False) -> tuple[dict, pd.DataFrame]:
     """Metrics on patients the model never fitted on (its split's test part, or patients absent from it)."""
     lm = load_model_folder(model_dir)
     mag = magnification or lm.card.magnification
@@ -29,20 +29,31 @@ def evaluate_model(model_dir: str | Path, data: str | Path, magnification: str |
         raise ValueError(
             f"{model_dir}: every patient in {data} at {mag} was used to fit this model; there is nothing held out. "
             "Its card reports cross-validated out-of-fold metrics instead.")
-    probs, rows = [], []
+    from models.quality import check_quality, qc_failures
+
+    probs, rows, qc = [], [], []
     for path in held["path"]:
         try:
-            probs.append(float(lm.predict_images([load_image(path).image])[0]))
+            img = load_image(path).image
+            notes: list[str] = []
+            probs.append(float(lm.predict_images([img], tta=tta, notes=[notes])[0]))
+            qc.append(not qc_failures(check_quality(img)))
         except ImageError as exc:
             probs.append(np.nan)
+            qc.append(False)
             rows.append((path, str(exc)))
     held["p_malignant"] = probs
+    held["qc_pass"] = qc
     ok = held["p_malignant"].notna().to_numpy()
     y = (held["label"] == "malignant").astype(int).to_numpy()
     res = summarize(y[ok], held["p_malignant"].to_numpy()[ok], held["patient"].to_numpy()[ok],
                     threshold=lm.card.threshold, n_boot=n_boot)
     res.update(model_id=lm.model_id, magnification=mag, curves=curve_points(y[ok], held["p_malignant"].to_numpy()[ok]),
-               skipped=[{"path": p, "reason": r} for p, r in rows], temperature=lm.card.temperature)
+               skipped=[{"path": p, "reason": r} for p, r in rows], temperature=lm.card.temperature, tta=tta)
+    okq = ok & held["qc_pass"].to_numpy(bool)
+    res["qc"] = {"n_failing": int((ok & ~okq).sum()),
+                 "qc_passed_only": summarize(y[okq], held["p_malignant"].to_numpy()[okq], held["patient"].to_numpy()[okq],
+                                             threshold=lm.card.threshold, n_boot=n_boot) if okq.any() else None}
     return res, held
 
 

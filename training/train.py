@@ -15,12 +15,13 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from models.archs import ARCHITECTURES, build_model, file_sha256
+from models.archs import ARCHITECTURES, arch_spec, build_model, file_sha256, hybrid_config
 from models.card import ModelCard, PreprocessConfig
 from models.metrics import apply_temperature, curve_points, fit_temperature, summarize
 from training.data import IndexResult, default_cache_dir, index_source
 from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
-                             sample_weights, select_compute)
+                             quality_table, sample_weights, select_compute)
+from training.hybrid import HybridConfig, cached_feature_maps, final_schedule, fit_hybrid
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
 log = logging.getLogger("training")
@@ -98,6 +99,15 @@ def scores_from_predictions(pred: pd.DataFrame, pooled: bool, n_boot: int = 1000
         out["baseline"] = {"overall": summ(every, "p_baseline", "p_baseline"),
                            "per_magnification": {g: summ(r, "p_baseline", "p_baseline") for g, r in by_mag.items()}}
         out["curves"]["baseline"] = curve_points(y, pred["p_baseline"])
+    if "logit_tta" in pred and pred["logit_tta"].notna().all():
+        out["tta"] = {"overall": summ(every, "p_tta", "logit_tta"),
+                      "per_magnification": {g: summ(r, "p_tta", "logit_tta") for g, r in by_mag.items()}}
+    if "qc_pass" in pred:
+        ok_qc = pred["qc_pass"].astype(bool).to_numpy()
+        out["qc"] = {"rule": "frames failing any thresholded check of models.quality (blur, tissue, H&E colour) "
+                             "left out", "n_failing": int((~ok_qc).sum()), "n_images": int(len(ok_qc)),
+                     "all_frames": out["overall"],
+                     "qc_passed_only": summ(ok_qc, "p_malignant", "logit") if ok_qc.any() else None}
     if "source" in pred:
         src = pred["source"].astype(str).str.split("@").str[0].to_numpy()
         ok = (pred["p_malignant"].to_numpy() >= 0.5).astype(int) == y
@@ -111,6 +121,9 @@ def apply_scores(card: ModelCard, sc: dict, folder: Path) -> None:
     if "accuracy_by_source_repository" in sc:
         card.evaluation["accuracy_by_source_repository"] = sc["accuracy_by_source_repository"]
     card.per_magnification = sc["per_magnification"]
+    for key in ("tta", "qc"):
+        if key in sc:
+            card.evaluation[key] = sc[key]
     if "baseline" in sc:
         card.baseline.update(sc["baseline"])
     (folder / "curves.json").write_text(json.dumps(sc["curves"]))
@@ -118,24 +131,39 @@ def apply_scores(card: ModelCard, sc: dict, folder: Path) -> None:
 
 def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc: FitConfig, cv: int = 5,
               seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None, model_id: str | None = None,
-              baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None) -> ModelCard:
+              baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None,
+              arch_config: dict | None = None, vit_init: str | None = None, stain: str = "none", eval_tta: bool = False,
+              hc: HybridConfig | None = None, cross_magnification: bool = True) -> ModelCard:
+    """Cross-validate (or hold out), refit on all patients, and write the model folder with its card."""
     t_start = time.time()
+    hybrid = arch == "hybrid"
+    hc = hc or HybridConfig(seed=seed)
+    arch_config = hybrid_config(arch_config, vit_init) if hybrid else {}
     cache_dir = Path(cache_dir or default_cache_dir())
     compute = select_compute(force_fp32)
     log.info("compute: %s", compute.reason)
     index = index_source(data, cache_dir)
     log.info(index.summary())
     df = select_rows(index, magnification)
-    spec = ARCHITECTURES[arch]
+    spec = arch_spec(arch, arch_config)
     cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
+    if stain and stain != "none":
+        # Targets from every training frame (label-free). In CV the held-out patients' frames also contribute to
+        # these colour statistics (never their labels); the card says so.
+        from models.stain import fit_stain
+
+        cfg.stain = fit_stain(stain, cache_images(df, cfg)[0])
+        cfg.stain["fitted_on"] = ("every training frame (label-free colour statistics; in cross-validation the "
+                                  "held-out frames' colours contribute too)")
     images, keep, bad = cache_images(df, cfg)
     skipped = index.skipped + bad
     df = df.iloc[keep].reset_index(drop=True)
     y = (df["label"] == "malignant").astype(int).to_numpy()
     patients = df["patient"].astype(str).to_numpy()
 
-    model0, init_record = build_model(arch, init)
-    needs_feats = fc.recipe in ("logreg", "linear", "finetune")
+    model0, init_record = build_model(arch, init, arch_config or None, vit_init)
+    needs_feats = fc.recipe in ("logreg", "linear", "finetune") and not hybrid
+    fmaps = cached_feature_maps(model0, images, cfg) if hybrid else None
     feats = cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
                             cache_dir) if needs_feats else None
     # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds.
@@ -156,12 +184,28 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         sub = df.iloc[train_df_idx]
         part = inner_split(sub, seed_).to_numpy()
         tr, va = train_df_idx[part == "train"], train_df_idx[part == "val"]
-        model, _ = build_model(arch, init)
-        res = fit(model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, desc)
+        model, _ = build_model(arch, init, arch_config or None, vit_init)
+        if hybrid:
+            res = fit_hybrid(model, arch_config, images, fmaps, y, patients, tr, va, cfg, replace(hc, seed=seed_), compute, desc)
+        else:
+            res = fit(model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, desc)
         model.load_state_dict(res.state)
         temp = fit_temperature(res.val_logits, y[va])
-        return model, res, temp, tr, va
+        temp_tta = fit_temperature(predict_logits(model, images, cfg, va, tta=True), y[va]) if eval_tta else None
+        return model, res, temp, tr, va, temp_tta
 
+    # Cross-magnification check for a single-magnification model: its fold models also predict the held-out
+    # patients' frames at the other magnifications; patients with no frame at this magnification were never
+    # seen by any model here, and the final model predicts theirs.
+    other = pd.DataFrame()
+    if cross_magnification and magnification != "all":
+        other = index.frame[index.frame["magnification"] != magnification].reset_index(drop=True)
+    o_images, o_keep = (cache_images(other, cfg)[:2] if len(other) else (None, np.zeros(0, int)))
+    other = other.iloc[o_keep].reset_index(drop=True) if len(other) else other
+    o_logit, o_p, o_by = np.full(len(other), np.nan), np.full(len(other), np.nan), np.full(len(other), "", object)
+    o_pat = other["patient"].astype(str).to_numpy() if len(other) else np.zeros(0, str)
+    oof_tta = np.full(len(df), np.nan)
+    oof_p_tta = np.full(len(df), np.nan)
     oof_logit = np.full(len(df), np.nan)
     oof_p = np.full(len(df), np.nan)
     base_p = np.full(len(df), np.nan)
@@ -175,15 +219,23 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         for k in range(fold.max() + 1):
             te = np.flatnonzero(fold == k)
             trv = np.flatnonzero(fold != k)
-            model, res, temp, tr, va = one_fit(trv, seed + k, f"fold{k}")
+            model, res, temp, tr, va, temp_tta = one_fit(trv, seed + k, f"fold{k}")
             assert not set(patients[te]) & set(patients[trv])
             z = predict_logits(model, images, cfg, te)
             oof_logit[te], oof_p[te] = z, apply_temperature(z, temp)
+            if eval_tta:
+                zt = predict_logits(model, images, cfg, te, tta=True)
+                oof_tta[te], oof_p_tta[te] = zt, apply_temperature(zt, temp_tta)
+            o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
+            if len(o_te):
+                zo = predict_logits(model, o_images, cfg, o_te)
+                o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, temp), f"fold {k} model (patient held out)"
             if b_feats is not None:
                 base_p[te] = baseline_probs(b_feats, y, w, trv, te)
             fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
             per_fold.append({"fold": k, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
-                             "temperature": temp, "val_auc": res.val_auc, "phase_chosen": res.phase_chosen,
+                             "temperature": temp, "temperature_tta": temp_tta, "val_auc": res.val_auc,
+                             "phase_chosen": res.phase_chosen, "phases": res.phases,
                              "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
                              **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
         # Refit on every patient with the schedule the folds chose (no validation split is wasted on a few
@@ -192,25 +244,44 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         ft = [f["best_epoch"] if f["phase_chosen"] != "head" else 0 for f in per_fold]
         ft_ep = int(np.median(ft)) if fc.recipe in ("finetune", "full") else 0
         final_fc = replace(fc, head_epochs=head_ep, finetune_epochs=ft_ep)
-        final_model, _ = build_model(arch, init)
-        final_res = fit(final_model, arch, images, feats, y, patients, np.arange(len(df)), np.array([], int), cfg,
-                        final_fc, compute, "final")
+        final_model, _ = build_model(arch, init, arch_config or None, vit_init)
+        if hybrid:
+            final_hc = final_schedule(hc, per_fold)
+            final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, np.arange(len(df)),
+                                   np.array([], int), cfg, final_hc, compute, "final")
+        else:
+            final_res = fit(final_model, arch, images, feats, y, patients, np.arange(len(df)), np.array([], int), cfg,
+                            final_fc, compute, "final")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(oof_logit, y)
-        final_schedule = {"head_epochs": head_ep, "finetune_epochs": ft_ep, "source": "median of the folds' best epochs",
-                          "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
+        schedule = ({"phase_epochs": [final_hc.p1_epochs, final_hc.p2_epochs, final_hc.p3_epochs],
+                     "source": "phase 1: median of the folds' best epochs; a later phase only where most folds' best "
+                               "state came from it"} if hybrid else
+                    {"head_epochs": head_ep, "finetune_epochs": ft_ep, "source": "median of the folds' best epochs"})
+        final_schedule_ = {**schedule, "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
         part = np.full(len(df), "train")
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
         tr, va, te = (np.flatnonzero(part == s) for s in ("train", "val", "test"))
-        final_model, _ = build_model(arch, init)
-        final_res = fit(final_model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, "split")
+        final_model, _ = build_model(arch, init, arch_config or None, vit_init)
+        if hybrid:
+            final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, tr, va, cfg, hc, compute, "split")
+        else:
+            final_res = fit(final_model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, "split")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(final_res.val_logits, y[va])
-        final_schedule = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
+        final_schedule_ = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
         z = predict_logits(final_model, images, cfg, te)
         oof_logit[te], oof_p[te] = z, apply_temperature(z, final_temp)
+        if eval_tta:
+            zt = predict_logits(final_model, images, cfg, te, tta=True)
+            oof_tta[te] = zt
+            oof_p_tta[te] = apply_temperature(zt, fit_temperature(predict_logits(final_model, images, cfg, va, tta=True), y[va]))
+        o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
+        if len(o_te):
+            zo = predict_logits(final_model, o_images, cfg, o_te)
+            o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, final_temp), "model (test patient)"
         if b_feats is not None:
             base_p[te] = baseline_probs(b_feats, y, w, np.concatenate([tr, va]), te)
     assert_patient_disjoint(pd.Series(patients), pd.Series(part))
@@ -221,21 +292,41 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in final_model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
 
+    never_seen = np.flatnonzero(~np.isin(o_pat, list(set(patients))))
+    if len(never_seen):
+        zo = predict_logits(final_model, o_images, cfg, never_seen)
+        o_logit[never_seen], o_p[never_seen] = zo, apply_temperature(zo, final_temp)
+        o_by[never_seen] = "final model (patient has no frame at this magnification: never seen)"
     pred = pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
                          "source": df["source"], "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p,
                          "p_baseline": base_p})
+    if eval_tta:
+        pred["logit_tta"], pred["p_tta"] = oof_tta, oof_p_tta
+    pred = pd.concat([pred, quality_table(df["path"].tolist())], axis=1)
     pred.to_csv(out / "predictions.csv", index=False)
+    cross = None
+    if len(other):
+        xm = pd.DataFrame({"path": other["path"], "patient": o_pat, "label": (other["label"] == "malignant").astype(int),
+                           "magnification": other["magnification"], "logit": o_logit, "p_malignant": o_p, "predicted_by": o_by})
+        xm = xm[xm["logit"].notna()]
+        xm.to_csv(out / "predictions_cross_magnification.csv", index=False)
+        cross = cross_magnification_scores(xm, n_boot, seed)
     evaluation = {"protocol": protocol, "per_fold": per_fold}
+    if cross is not None:
+        evaluation["cross_magnification"] = cross
     baseline = ({"description": "frozen ImageNet EfficientNet-Lite2 features + logistic regression (C=1), same folds"}
                 if b_feats is not None else {})
 
     mid = model_id or f"{magnification}/{out.name}"
     card = ModelCard(
         model_id=mid, architecture=arch, magnification=magnification, preprocess=cfg, init=init_record,
+        arch_config=arch_config,
         temperature=final_temp, weights_sha256=file_sha256(out / "model.safetensors"),
-        recipe={"name": fc.recipe, "final_model_schedule": final_schedule, "compute": compute.reason,
+        recipe={"name": "phased (hybrid)" if hybrid else fc.recipe, "final_model_schedule": final_schedule_,
+                "compute": compute.reason, **({"phases_per_fold": [f["phases"] for f in per_fold]} if hybrid else {}),
                 "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
-        hyperparameters=asdict(fc) | {"cv_folds": cv, "seed": seed},
+        hyperparameters=(asdict(hc) if hybrid else asdict(fc)) | {"cv_folds": cv, "seed": seed, "stain": stain,
+                                                                  "eval_tta": eval_tta},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
@@ -256,12 +347,26 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     return card
 
 
+def cross_magnification_scores(xm: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of a single-magnification model on frames of patients it never saw, at each other magnification."""
+    out = {"protocol": "frames at other magnifications of patients held out by the fold models (or never seen by "
+                       "any model); see predictions_cross_magnification.csv"}
+    for g, d in xm.groupby("magnification"):
+        out[str(g)] = summarize(d["label"].to_numpy(int), d["p_malignant"].to_numpy(), d["patient"].astype(str).to_numpy(),
+                                n_boot=n_boot, seed=seed, score=d["logit"].to_numpy())
+    return out
+
+
 def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
     """Recompute a card's figures from its predictions.csv (same code path as training)."""
     folder = Path(folder)
     card = ModelCard.from_json(folder / "card.json")
     pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str})
     apply_scores(card, scores_from_predictions(pred, card.magnification == "all", n_boot, seed), folder)
+    xm_path = folder / "predictions_cross_magnification.csv"
+    if xm_path.is_file():
+        card.evaluation["cross_magnification"] = cross_magnification_scores(
+            pd.read_csv(xm_path, dtype={"patient": str}), n_boot, seed)
     card.changelog.append(f"{_dt.date.today().isoformat()}: figures recomputed from predictions.csv by "
                           "`python -m training rescore` (AUC ranks raw out-of-fold logits)")
     card.to_json(folder / "card.json")
