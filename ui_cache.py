@@ -29,12 +29,12 @@ def cached_cards():
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
-def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str):
+def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str, tta: bool):
     from models.dashboard import analyse_upload
 
-    return analyse_upload(_cached_model(model_id, root), name, data, magnification)
+    return analyse_upload(_cached_model(model_id, root), name, data, magnification, tta)
 
 
-def cached_analysis(model_id: str, name: str, data: bytes, magnification: str):
+def cached_analysis(model_id: str, name: str, data: bytes, magnification: str, tta: bool = False):
     """Prediction + QC for one upload, computed once: moving a slider does not re-run the whole batch."""
-    return _cached_analysis(model_id, current_root(), name, data, magnification)
+    return _cached_analysis(model_id, current_root(), name, data, magnification, tta)

@@ -40,7 +40,10 @@ def route(magnification: str, root: str | Path | None = None) -> Route:
     if not d:
         return Route(magnification, None, [f"No model is trained for {magnification}."], train_command(magnification))
     notes = []
-    if d.get("pooled"):
+    if d.get("borrowed"):
+        notes.append(f"{magnification} is served by a model trained at another magnification ({d['model_id']}), "
+                     f"because it validated best on held-out patients' {magnification} frames: a borrowed model.")
+    elif d.get("pooled"):
         notes.append(f"{magnification} is served by a pooled model trained on all magnifications "
                      f"({d['model_id']}), because it validated best here or no {magnification}-only model exists.")
     n = d["n_patients"]
@@ -67,11 +70,12 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             rows.append({"magnification": mag, "model": "none: " + r.train_command})
             continue
         c = cards[r.model_id]
-        s = c.per_magnification.get(mag) if c.magnification == "all" else c.evaluation["overall"]
+        s = magnification_scores(c, mag)[0]
         n = s["n_patients"]
         trained = c.data["all"]
         rows.append({
             "magnification": mag, "model": r.model_id, "pooled": c.magnification == "all",
+            "borrowed": c.magnification not in ("all", mag),
             "AUC (95% CI)": _fmt_ci(s["metrics"]["auc"]),
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
@@ -90,6 +94,17 @@ def metrics_table(card: ModelCard, magnification: str | None = None) -> pd.DataF
 def curves(folder: str | Path) -> dict:
     p = Path(folder) / "curves.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def magnification_scores(card, mag: str) -> tuple[dict, dict | None]:
+    """(plain, TTA or None) out-of-fold summaries of a card at one magnification: its own figures, its pooled
+    per-magnification figures, or, for a model trained at another magnification, its cross-magnification check."""
+    tta = card.evaluation.get("tta") or {}
+    if card.magnification == "all":
+        return card.per_magnification[mag], tta.get("per_magnification", {}).get(mag)
+    if card.magnification == mag:
+        return card.evaluation["overall"], tta.get("overall")
+    return card.evaluation["cross_magnification"][mag], None
 
 
 def model_folder(model_id: str, root: str | Path | None = None) -> Path:
@@ -132,3 +147,43 @@ def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:
         "label": r.label if not r.out_of_distribution else f"{r.label} (unreliable: not H&E-like)",
         "threshold": threshold, "error": r.error, "warnings": "; ".join(r.warnings),
     } for r in results])
+
+
+def robustness_rows(card, at: str | None = None) -> pd.DataFrame:
+    """AUC (CI) as evaluated: plain, with 8-view TTA, and on QC-passing frames only (all out-of-fold)."""
+    plain = card.per_magnification[at] if at else card.evaluation["overall"]
+    tta = card.evaluation.get("tta") or {}
+    t = tta.get("per_magnification", {}).get(at) if at else tta.get("overall")
+    qc = card.evaluation.get("qc") or {}
+    stain = (card.preprocess.stain or {}).get("method", "none")
+    rows = [{"evaluation": f"plain (stain normalisation: {stain})", "AUC (95% CI)": _fmt_ci(plain["metrics"]["auc"]),
+             "patients (b/m)": f"{plain['n_patients']['benign']}/{plain['n_patients']['malignant']}"}]
+    rows.append({"evaluation": "8-view test-time augmentation",
+                 "AUC (95% CI)": _fmt_ci(t["metrics"]["auc"]) if t else "not measured (train with --tta-eval)",
+                 "patients (b/m)": f"{t['n_patients']['benign']}/{t['n_patients']['malignant']}" if t else ""})
+    q = qc.get("qc_passed_only") if not at else None
+    rows.append({"evaluation": f"QC-passing frames only ({qc.get('n_failing', '?')} of {qc.get('n_images', '?')} fail)"
+                 if qc else "QC-passing frames only",
+                 "AUC (95% CI)": _fmt_ci(q["metrics"]["auc"]) if q else ("not measured" if not qc or not at else
+                                                                         "see 'all' (QC split is reported overall)"),
+                 "patients (b/m)": f"{q['n_patients']['benign']}/{q['n_patients']['malignant']}" if q else ""})
+    return pd.DataFrame(rows)
+
+
+def phases_table(card) -> pd.DataFrame:
+    """Hybrid phased fine-tuning: each phase's schedule and best validation AUC per fold (what each phase bought)."""
+    rows = []
+    for k, phases in enumerate(card.recipe.get("phases_per_fold") or []):
+        for p in phases:
+            rows.append({"fold": k, **{key: p.get(key) for key in ("phase", "max_epochs", "lr", "lr_cnn", "lr_rest",
+                                                                 "best_epoch", "best_val_auc")}})
+    return pd.DataFrame(rows)
+
+
+def cross_magnification_rows(card) -> pd.DataFrame:
+    """A single-magnification model on held-out patients' frames at the other magnifications."""
+    xm = card.evaluation.get("cross_magnification") or {}
+    return pd.DataFrame([{"magnification": m, "AUC (95% CI)": _fmt_ci(s["metrics"]["auc"]),
+                          "patients (b/m)": f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}",
+                          "images": s["n_images"]["benign"] + s["n_images"]["malignant"]}
+                         for m, s in xm.items() if m != "protocol"])

@@ -11,13 +11,18 @@ import numpy as np
 from PIL import Image
 
 # Thresholds come from the 550 BreakHis training frames (`python benchmarks/quality_thresholds.py`:
-# blur min 12.7 / 1st percentile 27.0; tissue 0.15 / 0.31; H&E fraction 0.10 / 0.22). Blur and tissue
+# min / 1st percentile: blur 39.0 / 68.0; tissue 0.15 / 0.31; H&E fraction 0.10 / 0.22). Blur and tissue
 # are warnings set below the 1st percentile; the H&E test greys out the probability, so it sits below
 # every training frame and fires only on images unlike any of them.
-BLUR_VAR_MIN = 20.0  # variance of the 4-neighbour Laplacian on a 512-px-wide grey frame
+QC_WIDTH = 350  # frames are box-reduced by an integer factor to about this width before measuring
+BLUR_VAR_MIN = 50.0  # variance of the 4-neighbour Laplacian on the reduced grey frame
 TISSUE_FRACTION_MIN = 0.25  # fraction of pixels that are not bright, unsaturated background
 HE_FRACTION_MIN = 0.08  # fraction of tissue pixels whose hue is pink/purple (eosin/haematoxylin)
 USUAL_FRAME = (700, 460)
+# PIL HSV channels are 0-255: value > 0.86 and saturation < 0.12 is background; H&E hue >= 200 deg or <= 30 deg
+# with saturation > 0.06 (the same cut-offs in degrees/fractions, as integers).
+BG_VALUE_MIN, BG_SAT_MAX = 220, 30
+HE_HUE_FROM, HE_HUE_TO, HE_SAT_MIN = 142, 21, 16
 
 
 @dataclass
@@ -43,20 +48,22 @@ def qc_failures(rep: QualityReport) -> list[str]:
 
 def check_quality(img: Image.Image, magnification: str | None = None) -> QualityReport:
     """Measure blur, tissue and H&E-likeness; return warnings a clinician can act on."""
+    # Measured on a ~QC_WIDTH-px-wide copy made by PIL's integer box reduction (cheap: QC must not cost more
+    # than a fraction of the model's forward); HSV masks compare PIL's 0-255 integers directly.
     small = img.convert("RGB")
-    if small.width > 512:
-        small = small.resize((512, max(1, round(img.height * 512 / img.width))), Image.BILINEAR)
+    factor = small.width // QC_WIDTH
+    if factor > 1:
+        small = small.reduce(factor)
     rgb = np.asarray(small, dtype=np.float32)
     grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     lap = (-4 * grey[1:-1, 1:-1] + grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:])
     blur = float(lap.var())
-    hsv = np.asarray(small.convert("HSV"), dtype=np.float32)
-    hue_deg, sat, val = hsv[..., 0] * 360 / 255, hsv[..., 1] / 255, hsv[..., 2] / 255
-    background = (val > 0.86) & (sat < 0.12)
-    tissue = ~background
+    hsv = np.asarray(small.convert("HSV"))
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    tissue = ~((val >= BG_VALUE_MIN) & (sat <= BG_SAT_MAX))  # background: bright and unsaturated
     tissue_frac = float(tissue.mean())
     # H&E hues: purple/magenta/pink, ~200-360 and 0-30 degrees; greens and yellows are not H&E.
-    he = ((hue_deg >= 200) | (hue_deg <= 30)) & tissue & (sat > 0.06)
+    he = ((hue >= HE_HUE_FROM) | (hue <= HE_HUE_TO)) & tissue & (sat >= HE_SAT_MIN)
     he_frac = float(he.sum() / max(tissue.sum(), 1))
     rep = QualityReport(blur, tissue_frac, he_frac)
     if blur < BLUR_VAR_MIN:

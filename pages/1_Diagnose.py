@@ -5,7 +5,7 @@ import io
 import streamlit as st
 
 from models.dashboard import DISCLAIMER, results_frame, route
-from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay
+from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
 from models.inference import MAGNIFICATIONS
 from ui_cache import cached_analysis, cached_model
 
@@ -28,12 +28,21 @@ st.markdown(f"Model for **{mag}**: `{r.model_id}` · decision threshold p ≥ {l
             f"· temperature {lm.card.temperature:.2f}")
 for note in r.notes:
     st.warning(note)
+if lm.card.preprocess.stain:
+    st.caption(f"Frames are {lm.card.preprocess.stain['method'].capitalize()} stain-normalised to the training set's "
+               "statistics before prediction, as during training.")
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Heatmap method", list(CAM_METHODS), key="cam_method")
+branches = cam_branches(lm)
+branch = c1.selectbox("Explain which branch", branches, format_func=CAM_BRANCHES.get, key="cam_branch",
+                      disabled=len(branches) == 1)
 opacity = c2.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
 target_name = c3.radio("Explain the class", ["malignant", "benign"], horizontal=True, key="target_class")
 target = 1 if target_name == "malignant" else 0
+tta = c4.toggle("Test-time augmentation (8 views)", value=False, key="tta",
+                help="Averages the model over the 8 rotations/mirrorings of each frame: about 8x slower. Its measured "
+                     "effect on AUC is on the Model metrics page; the calibration was fitted without it.")
 
 files = st.file_uploader("Upload H&E frames (PNG, JPEG, TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
                          accept_multiple_files=True, key="uploads")
@@ -44,7 +53,7 @@ if not files:
 results = []
 progress = st.progress(0.0, text="Analysing…") if len(files) > 1 else None
 for i, f in enumerate(files):
-    results.append(cached_analysis(r.model_id, f.name, f.getvalue(), mag))
+    results.append(cached_analysis(r.model_id, f.name, f.getvalue(), mag, tta))
     if progress:
         progress.progress((i + 1) / len(files), text=f"Analysed {i + 1}/{len(files)}")
 if progress:
@@ -87,11 +96,11 @@ else:
 for w in pick.warnings:
     st.warning(w)
 with st.spinner(f"Computing {method}…"):
-    heat = gradcam_heatmap(lm, pick.image, method, target)
+    heat = gradcam_heatmap(lm, pick.image, method, target, branch)
 overlay = gradcam_overlay(pick.image, heat, opacity)
 a, b = st.columns(2)
 a.image(pick.image, caption="original", width="stretch")
-b.image(overlay, caption=f"{method} for class '{target_name}' ({r.model_id})", width="stretch")
+b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
 buf = io.BytesIO()
 overlay.save(buf, "PNG")
 st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")

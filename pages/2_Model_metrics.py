@@ -3,7 +3,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, curves, metrics_table, model_folder, train_command
+from models.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
+                              robustness_rows, train_command)
 from models.inference import MAGNIFICATIONS
 from models.metrics import patient_table
 from ui_cache import cached_cards
@@ -14,6 +15,7 @@ st.caption(DISCLAIMER)
 cards = cached_cards()
 mag = st.selectbox("Magnification", ["all", *MAGNIFICATIONS], key="metrics_mag")
 avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)]
+# (a model trained at another magnification is shown at its own; its cross-magnification check is on its page)
 if not avail:
     st.error(f"No model covers {mag}. Train one with:")
     st.code(train_command(mag if mag != "all" else "100X"), language="bash")
@@ -80,6 +82,20 @@ if base:
     st.markdown(f"{card.baseline.get('description', '')}: AUC {bm['value']:.3f} (95% CI {bm['ci95'][0]:.3f}–{bm['ci95'][1]:.3f}). "
                 f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same patients.")
 
+st.subheader("Robustness: test-time augmentation, quality control, stain normalisation")
+st.dataframe(robustness_rows(card, at), hide_index=True, width="stretch")
+st.caption("All on the same out-of-fold predictions. The QC split leaves out frames failing the blur, tissue or "
+           "H&E-colour checks of models.quality (thresholds from the training frames' distribution).")
+xm = cross_magnification_rows(card)
+if len(xm):
+    st.markdown(f"**Cross-magnification check** ({card.magnification} model on held-out patients' frames at the other "
+                "magnifications):")
+    st.dataframe(xm, hide_index=True, width="stretch")
+ph = phases_table(card)
+if len(ph):
+    st.markdown("**Phased fine-tuning** (best validation AUC reached in each phase, per fold):")
+    st.dataframe(ph, hide_index=True, width="stretch")
+
 st.subheader("Per patient (out-of-fold)")
 pred_path = model_folder(mid) / "predictions.csv"
 if pred_path.is_file():
@@ -109,7 +125,7 @@ fig.update_layout(xaxis_title="evaluation step (head phase every 5 epochs, then 
 st.plotly_chart(fig, width="stretch")
 if folds:
     st.caption(f"Final model schedule: {card.recipe.get('final_model_schedule', {})}")
-    st.dataframe(pd.DataFrame([{k: v for k, v in f.items() if k != "log"} for f in folds]), hide_index=True,
+    st.dataframe(pd.DataFrame([{k: v for k, v in f.items() if k not in ("log", "phases")} for f in folds]), hide_index=True,
                  width="stretch")
 
 st.subheader("Data provenance and split")

@@ -3,8 +3,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, analyse_upload, curves, model_folder
-from models.gradcam import CAM_METHODS, gradcam_heatmap, gradcam_overlay
+from models.dashboard import DISCLAIMER, analyse_upload, curves, magnification_scores, model_folder
+from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
 from models.inference import MAGNIFICATIONS
 from ui_cache import cached_cards, cached_model
 
@@ -16,7 +16,8 @@ if not cards:
     st.error("No trained models in magnif_models/.")
     st.stop()
 mag = st.selectbox("Compare at magnification", MAGNIFICATIONS, index=1, key="cmp_mag")
-avail = [m for m, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)]
+avail = [m for m, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)
+         or mag in c.evaluation.get("cross_magnification", {})]
 chosen = st.multiselect("Models", avail, default=avail, key="cmp_models")
 if len(chosen) < 1:
     st.info("Choose at least one model (two or more to compare).")
@@ -25,25 +26,34 @@ if len(chosen) < 1:
 rows, fig = [], go.Figure()
 for mid in chosen:
     c = cards[mid]
-    s = c.per_magnification[mag] if c.magnification == "all" else c.evaluation["overall"]
-    row = {"model": mid, "pooled": c.magnification == "all", "init": c.init.get("init", "")}
+    s, t = magnification_scores(c, mag)
+    kind = ("pooled" if c.magnification == "all" else "own magnification" if c.magnification == mag
+            else f"borrowed ({c.magnification} model)")
+    row = {"model": mid, "architecture": c.architecture, "serves as": kind, "stain": (c.preprocess.stain or {}).get("method", "none")}
     for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "patient_accuracy", "ece"):
         m = s["metrics"][k]
         row[k] = f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
+    row["auc with TTA"] = (f"{t['metrics']['auc']['value']:.3f} ({t['metrics']['auc']['ci95'][0]:.2f}–"
+                           f"{t['metrics']['auc']['ci95'][1]:.2f})" if t else "not measured")
     row["patients (b/m)"] = f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}"
     rows.append(row)
     cv = curves(model_folder(mid))
-    cur = cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall")
+    cur = cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall") if c.magnification == mag else None
     if cur and "roc" in cur:
         fig.add_scatter(x=cur["roc"]["fpr"], y=cur["roc"]["tpr"], name=mid)
 fig.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dash", "color": "grey"})
 fig.update_layout(title=f"Out-of-fold ROC at {mag}", xaxis_title="1 - specificity", yaxis_title="sensitivity", height=420)
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-st.caption("Values: point estimate (95% patient-bootstrap CI). Different models may rest on different folds.")
+st.caption("Values: point estimate (95% patient-bootstrap CI) on patients each model never saw (out-of-fold). "
+           "Different models may rest on different folds. A borrowed model was trained at another magnification and "
+           "is scored here on held-out patients' frames at this one.")
 st.plotly_chart(fig, width="stretch")
 
 st.subheader("All chosen models on the same image")
-method = st.selectbox("Heatmap method", list(CAM_METHODS), key="cmp_method")
+cm1, cm2 = st.columns(2)
+method = cm1.selectbox("Heatmap method", list(CAM_METHODS), key="cmp_method")
+branch_pref = cm2.selectbox("Hybrid models: explain which branch", list(CAM_BRANCHES), format_func=CAM_BRANCHES.get,
+                            key="cmp_branch", help="Models with one branch always show their CNN's map.")
 up = st.file_uploader("Upload one frame", type=["png", "jpg", "jpeg", "tif", "tiff"], key="cmp_upload")
 if up is not None:
     data = up.getvalue()
@@ -60,7 +70,9 @@ if up is not None:
             break
         results.append(r)
         col.markdown(f"**{mid}**  \n{r.label}: p(malignant) = {r.p_malignant:.3f}")
-        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1)), width="stretch")
+        b = branch_pref if branch_pref in cam_branches(lm) else "cnn"
+        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1, b)), width="stretch",
+                  caption=f"{method}, {CAM_BRANCHES[b]}")
     if len(results) > 1:
         labels = {r.label for r in results}
         (st.success if len(labels) == 1 else st.warning)(

@@ -58,7 +58,7 @@ def make_model_folder(out: Path, arch: str, magnification: str, per_mag: list[st
     import numpy as np
     from safetensors.torch import save_file
 
-    from models.archs import ARCHITECTURES, build_model, file_sha256
+    from models.archs import arch_spec, build_model, file_sha256, hybrid_config
     from models.card import ModelCard, PreprocessConfig
     from models.metrics import curve_points, summarize
 
@@ -75,15 +75,22 @@ def make_model_folder(out: Path, arch: str, magnification: str, per_mag: list[st
     mags = np.array((per_mag or [magnification]) * 200)[: len(y)]
     p = np.clip(signal * y + (1 - signal) * rng.random(len(y)), 0, 1)
     s = summarize(y, p, pats, n_boot=50)
-    spec = ARCHITECTURES[arch]
+    spec = arch_spec(arch)
     card = ModelCard(model_id=f"{out.parent.name}/{out.name}", architecture=arch, magnification=magnification,
                      preprocess=PreprocessConfig(spec.input_size, spec.mean, spec.std), init=rec,
+                     arch_config=hybrid_config() if arch == "hybrid" else {},
                      weights_sha256=file_sha256(out / "model.safetensors"),
                      evaluation={"protocol": "synthetic test fixture", "overall": s, "per_fold": []},
                      per_magnification={m: summarize(y[mags == m], p[mags == m], pats[mags == m], n_boot=20) for m in (per_mag or [])},
                      baseline={"description": "fixture baseline", "overall": s},
                      data={"all": {"benign": {"images": 40, "patients": 8}, "malignant": {"images": 80, "patients": 16}}},
                      training_log=[{"phase": "head", "epoch": 5, "train_loss": 0.5, "val_auc": 0.7, "val_loss": 0.6}])
+    if arch == "hybrid":  # what a phased run records: per-phase schedule and validation AUC, TTA figures
+        card.recipe = {"name": "phased (hybrid)", "phases_per_fold": [[
+            {"phase": "1: ViT + fusion + head (CNN frozen)", "max_epochs": 30, "lr": 3e-4, "best_epoch": 12, "best_val_auc": 0.7},
+            {"phase": "2: last CNN stages + ViT + fusion + head", "max_epochs": 2, "lr_cnn": 1e-4, "lr_rest": 1e-4,
+             "best_epoch": 1, "best_val_auc": 0.72}]]}
+        card.evaluation["tta"] = {"overall": s, "per_magnification": dict(card.per_magnification)}
     card.to_json(out / "card.json")
     (out / "curves.json").write_text(json.dumps({"overall": curve_points(y, p), "per_magnification": {
         m: curve_points(y[mags == m], p[mags == m]) for m in (per_mag or [])}}))
@@ -96,11 +103,13 @@ def make_model_folder(out: Path, arch: str, magnification: str, per_mag: list[st
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
-    """A models root with a 100X model and a pooled model covering 40X/100X/200X (nothing for 400X)."""
+    """A models root with a 100X model, a pooled ResNet covering 40X/100X/200X and a weak pooled hybrid covering
+    40X/100X (nothing for 400X)."""
     from training.evaluate import select_defaults
 
     root = tmp_path_factory.mktemp("magnif_models")
     make_model_folder(root / "100X" / "efficientnet_lite2", "efficientnet_lite2", "100X", seed=1, signal=0.6)
     make_model_folder(root / "all" / "resnet50", "resnet50", "all", per_mag=["40X", "100X", "200X"], seed=2)
+    make_model_folder(root / "all" / "hybrid", "hybrid", "all", per_mag=["40X", "100X"], seed=3, signal=0.05)
     select_defaults(root)
     return root

@@ -108,7 +108,33 @@ def test_metrics_page_renders_every_model_and_magnification(tiny_root):
 
 def test_compare_page_runs_models_side_by_side():
     at = _app("pages/3_Compare_models.py")
-    assert set(at.multiselect(key="cmp_models").value) == {"100X/efficientnet_lite2", "all/resnet50"}
+    assert set(at.multiselect(key="cmp_models").value) == {"100X/efficientnet_lite2", "all/resnet50", "all/hybrid"}
+    at.multiselect(key="cmp_models").set_value(["100X/efficientnet_lite2", "all/resnet50"]).run()
     at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
     assert not at.exception, at.exception
     assert "agree" in _texts(at)
+
+
+def test_compare_offers_hybrid_branches_and_tta_column():
+    at = _app("pages/3_Compare_models.py")
+    table = at.dataframe[0].value.set_index("model")
+    assert table.loc["all/hybrid", "architecture"] == "hybrid"
+    assert "not measured" in table.loc["all/resnet50", "auc with TTA"]
+    at.multiselect(key="cmp_models").set_value(["all/hybrid", "100X/efficientnet_lite2"]).run()
+    for branch in ("vit", "combined"):
+        at.selectbox(key="cmp_branch").set_value(branch).run()
+        at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(4)), "image/png")).run()
+        assert not at.exception, (branch, at.exception)
+        captions = " ".join(str(c.value) for c in at.caption)
+        assert "ViT branch" in captions or "CNN + ViT" in captions
+        assert "CNN branch" in captions  # the single-branch model falls back to its CNN map
+
+
+def test_diagnose_tta_toggle_predicts_with_eight_views():
+    at = _app("pages/1_Diagnose.py")
+    assert at.toggle(key="tta").value is False
+    at.file_uploader(key="uploads").set_value([("a.png", _png(_he_frame(8)), "image/png")]).run()
+    plain = at.metric[0].value
+    at.toggle(key="tta").set_value(True).run()
+    assert not at.exception, at.exception
+    assert at.metric[0].value != plain  # the 8-view mean differs from the single view

@@ -154,3 +154,18 @@ def test_hybrid_phased_cv_with_stain_tta_qc_and_cross_magnification(tmp_path):
     assert r.returncode == 0, r.stderr
     row = next(csv.DictReader(io.StringIO(r.stdout)))
     assert 0 <= float(row["p_malignant"]) <= 1
+
+
+def test_final_schedule_follows_the_folds():
+    from training.hybrid import HybridConfig, final_schedule
+
+    def fold(chosen: str, e1: int, e2: int | None, e3: int | None) -> dict:
+        return {"phase_chosen": chosen, "phases": [{"best_epoch": e1}, {"best_epoch": e2}, {"best_epoch": e3}]}
+
+    hc = HybridConfig(p1_epochs=30, p2_epochs=2, p3_epochs=1)
+    # most folds peaked in phase 1: the refit trains phase 1 only, for the median best epoch
+    s = final_schedule(hc, [fold("1: a", 10, 1, 1), fold("1: a", 14, 2, 1), fold("2: b", 20, 2, 1)])
+    assert (s.p1_epochs, s.p2_epochs, s.p3_epochs) == (14, 0, 0)
+    # most folds peaked in phase 3: all three phases run
+    s = final_schedule(hc, [fold("3: c", 10, 2, 1), fold("3: c", 12, 1, 1), fold("2: b", 8, 2, 1)])
+    assert (s.p1_epochs, s.p2_epochs, s.p3_epochs) == (10, 2, 1)

@@ -1,0 +1,93 @@
+"""Stain normalisation (torchstain), QC split helpers and cross-magnification routing."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.card import ModelCard, PreprocessConfig
+from models.preprocess import ImageError, frame_to_uint8
+from models.quality import check_quality, qc_failures
+from models.stain import StainError, _lab_stats, fit_stain, normalize_stain
+from tests.conftest import FRAMES, make_model_folder
+
+CFG = PreprocessConfig((230, 350), (0.5,) * 3, (0.5,) * 3)
+
+
+def _frames(n=4):
+    paths = sorted(FRAMES.glob("*/*.png"))[:n]
+    if not paths:
+        pytest.skip("../shared/data/breakhis_frames is absent")
+    return [frame_to_uint8(Image.open(p).convert("RGB"), CFG) for p in paths]
+
+
+def test_reinhard_maps_a_frame_onto_the_training_statistics():
+    frames = _frames()
+    st = fit_stain("reinhard", frames)
+    assert st["fitted_on_frames"] == 4
+    target = np.array(st["target_means"])
+    odd = (frames[0].float() * torch.tensor([0.8, 1.0, 1.15]).view(3, 1, 1)).clamp(0, 255).to(torch.uint8)
+    out = normalize_stain(odd, st)
+    assert out.dtype == torch.uint8 and out.shape == odd.shape
+    before = np.abs(_lab_stats(odd)[:, 0] - target).sum()
+    after = np.abs(_lab_stats(out)[:, 0] - target).sum()
+    assert after < before / 3  # the colour cast is largely removed
+
+
+def test_macenko_fits_and_refuses_frames_without_stain():
+    frames = _frames()
+    st = fit_stain("macenko", frames)
+    assert np.array(st["he_ref"]).shape == (3, 2) and len(st["max_c_ref"]) == 2
+    out = normalize_stain(frames[1], st)
+    assert out.dtype == torch.uint8 and out.shape == frames[1].shape
+    white = torch.full((3, 230, 350), 250, dtype=torch.uint8)
+    with pytest.raises(StainError):
+        normalize_stain(white, st)
+    # preprocessing: with notes the frame is used as is and the user told; in training it is skipped loudly
+    cfg = PreprocessConfig((230, 350), (0.5,) * 3, (0.5,) * 3, stain=st)
+    notes: list[str] = []
+    t = frame_to_uint8(Image.new("RGB", (700, 460), (250, 250, 250)), cfg, notes)
+    assert t.shape == (3, 230, 350) and "without stain normalisation" in notes[0]
+    with pytest.raises(ImageError, match="macenko"):
+        frame_to_uint8(Image.new("RGB", (700, 460), (250, 250, 250)), cfg)
+    with pytest.raises(ValueError, match="unknown stain"):
+        fit_stain("vahadane", frames)
+
+
+def test_stain_targets_round_trip_through_the_card(tmp_path):
+    st = fit_stain("reinhard", _frames(2))
+    card = ModelCard("all/x", "efficientnet_lite2", "all", PreprocessConfig((230, 350), (0.5,) * 3, (0.5,) * 3, stain=st), {})
+    card.to_json(tmp_path / "card.json")
+    assert ModelCard.from_json(tmp_path / "card.json").preprocess.stain == json.loads(json.dumps(st))
+
+
+def test_qc_failures_name_the_failed_checks():
+    white = Image.new("RGB", (700, 460), (245, 245, 245))
+    assert "tissue" in qc_failures(check_quality(white))
+    green = Image.new("RGB", (700, 460), (30, 160, 40))
+    assert "he_colour" in qc_failures(check_quality(green))
+    frame = Image.open(sorted(FRAMES.glob("*/*.png"))[0]).convert("RGB") if FRAMES.is_dir() else None
+    if frame is not None:
+        assert qc_failures(check_quality(frame)) == []
+
+
+def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(tmp_path):
+    from models.dashboard import inventory, route
+    from models.metrics import summarize
+    from training.evaluate import select_defaults
+
+    make_model_folder(tmp_path / "all" / "lite", "efficientnet_lite2", "all", per_mag=["40X", "100X"], seed=1, signal=0.1)
+    own = make_model_folder(tmp_path / "100X" / "lite", "efficientnet_lite2", "100X", seed=2, signal=0.2)
+    card = ModelCard.from_json(own / "card.json")
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    pats = np.repeat(np.arange(12), 5).astype(str)
+    strong = summarize(y, np.clip(0.8 * y + 0.2 * rng.random(60), 0, 1), pats, n_boot=20)
+    card.evaluation["cross_magnification"] = {"protocol": "test", "40X": strong}
+    card.to_json(own / "card.json")
+    d = select_defaults(tmp_path)
+    assert d["40X"]["model_id"] == "100X/lite" and d["40X"]["borrowed"]
+    assert "borrowed" in " ".join(route("40X", tmp_path).notes)
+    assert "40X" in ModelCard.from_json(own / "card.json").serves
+    assert inventory(tmp_path).set_index("magnification").loc["40X", "borrowed"]
