@@ -29,7 +29,10 @@ for folder in list_model_folders(root):
                  for m in MAGNIFICATIONS if m in c.per_magnification]
     for where, s, b in rows:
         m, n, k = s["metrics"], s["n_patients"], s["n_images"]
-        print(f"| {c.model_id} | {c.init['init'] if c.init['init'] in ('scratch', 'imagenet') else 'ImageNet Lite2 file'} "
+        init = c.init["init"] if c.init["init"] in ("scratch", "imagenet") else "ImageNet Lite2 file"
+        if c.architecture == "hybrid":
+            init = "Lite2 file (CNN) + scratch (ViT)"
+        print(f"| {c.model_id} | {init} "
               f"| {where} | {n['benign']}/{n['malignant']} | {k['benign']}/{k['malignant']} | {ci(m['auc'])} | "
               f"{ci(m['balanced_accuracy'])} | {ci(m['patient_accuracy'])} | {ci(m['patient_score'])} | "
               f"{m['ece']['value']:.3f} | {ci(b['metrics']['auc']) if b else 'n/a'} |")
@@ -38,7 +41,7 @@ if d.is_file():
     print("\n| magnification | served by | AUC there (95% CI) | why |")
     print("|---|---|---|---|")
     for mag, e in json.loads(d.read_text()).items():
-        flag = " (pooled)" if e["pooled"] else ""
+        flag = " (pooled)" if e["pooled"] else " (borrowed)" if e.get("borrowed") else ""
         few = "; few patients" if e["few_patients"] else ""
         print(f"| {mag} | {e['model_id']}{flag} | {e['auc']:.3f} ({e['auc_ci95'][0]:.2f}–{e['auc_ci95'][1]:.2f}) | "
               f"{e['reason']}{few} |")

@@ -68,6 +68,11 @@ def main() -> None:
             row["auc"][m] = {"plain": plain["metrics"]["auc"], "tta": with_tta["metrics"]["auc"] if with_tta else None,
                              "n_patients": plain["n_patients"],
                              "borrowed": c.magnification not in ("all", m)}
+        qc = c.evaluation.get("qc") or {}
+        if qc:
+            row["qc"] = {"n_failing": qc["n_failing"], "n_images": qc["n_images"],
+                         "auc_all": c.evaluation["overall"]["metrics"]["auc"],
+                         "auc_qc_passed": (qc.get("qc_passed_only") or {}).get("metrics", {}).get("auc")}
         if not args.no_latency:
             row["latency_ms"] = {"plain": latency_ms(f, False, args.repeats), "tta": latency_ms(f, True, args.repeats)}
         rows.append(row)
@@ -94,6 +99,14 @@ def main() -> None:
             a = r["auc"].get(m)
             cells.append(f"{ci(a['plain'])} [{a['n_patients']['benign']}/{a['n_patients']['malignant']}]" if a else "–")
         print(f"| {r['model_id']} ({r['stain']}) | {r['trained_at']} | " + " | ".join(cells) + " |")
+    print("\nQuality control (out-of-fold, all magnifications of each model's data):\n")
+    print("| model | stain | frames failing QC | AUC all frames | AUC QC-passing frames |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "qc" in r:
+            q = r["qc"]
+            print(f"| {r['model_id']} | {r['stain']} | {q['n_failing']} of {q['n_images']} | {ci(q['auc_all'])} | "
+                  f"{ci(q['auc_qc_passed'])} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": "python scripts/robustness_table.py " + " ".join(map(str, args.folders)),

@@ -362,6 +362,10 @@ def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
     folder = Path(folder)
     card = ModelCard.from_json(folder / "card.json")
     pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str})
+    if "qc_pass" not in pred and all(Path(p).is_file() for p in pred["path"]):
+        # cards from before QC was recorded: measure the frames now (QC depends on the image only)
+        pred = pd.concat([pred, quality_table(pred["path"].tolist())], axis=1)
+        pred.to_csv(folder / "predictions.csv", index=False)
     apply_scores(card, scores_from_predictions(pred, card.magnification == "all", n_boot, seed), folder)
     xm_path = folder / "predictions_cross_magnification.csv"
     if xm_path.is_file():
