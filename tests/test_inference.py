@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
@@ -76,3 +77,23 @@ def test_tta_is_invariant_to_dihedral_transforms(tiny_folder):
     for t in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM):
         assert lm.predict_images([img.transpose(t)], tta=True)[0] == pytest.approx(p, abs=1e-5)
     assert lm.predict_images([img])[0] != pytest.approx(p, abs=1e-9)
+
+
+def test_feature_averaged_tta_equals_mean_of_view_logits():
+    """Training scores logreg TTA as head(mean of 8 views' features); it must equal the mean view logit."""
+    from models.archs import build_model
+    from models.card import PreprocessConfig
+    from models.inference import tta_logits
+    from models.preprocess import normalize_uint8
+    from training.engine import extract_features
+
+    torch.manual_seed(0)
+    model, _ = build_model("efficientnet_lite2", "scratch")
+    model.eval()
+    cfg = PreprocessConfig((64, 96), (0.5,) * 3, (0.5,) * 3)
+    imgs = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
+    f = extract_features(model, imgs, cfg, tta=True)
+    w, b = model.fc.weight.detach().double().numpy()[0], float(model.fc.bias.detach())
+    with torch.inference_mode():
+        direct = tta_logits(model, normalize_uint8(imgs, cfg))
+    assert f.astype(np.float64) @ w + b == pytest.approx(direct, abs=1e-4)

@@ -104,25 +104,33 @@ def sample_weights(labels: np.ndarray, patients: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16) -> np.ndarray:
-    """Pooled backbone features of un-augmented frames (fp32, as at inference)."""
+def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16,
+                     tta: bool = False) -> np.ndarray:
+    """Pooled backbone features of un-augmented frames (fp32, as at inference); tta=True averages the 8 dihedral
+    views' features, which for a linear head gives exactly the mean logit over the views (TTA) in one pass."""
+    from models.inference import dihedral_views
+
     model.eval()
     feats = []
-    for i in tqdm(range(0, len(images), batch), desc="features", leave=False):
-        feats.append(model.features(normalize_uint8(images[i:i + batch], cfg)).float().numpy())
+    for i in tqdm(range(0, len(images), batch), desc="features" + (" (8 views)" if tta else ""), leave=False):
+        x = normalize_uint8(images[i:i + batch], cfg)
+        if tta:
+            feats.append(torch.stack([model.features(v) for v in dihedral_views(x)]).mean(0).float().numpy())
+        else:
+            feats.append(model.features(x).float().numpy())
     return np.concatenate(feats)
 
 
 def cached_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, key_parts: list[str],
-                    cache_dir: Path) -> np.ndarray:
+                    cache_dir: Path, tta: bool = False) -> np.ndarray:
     """Frozen features cached on disk, keyed by weights, preprocessing and the exact image list."""
-    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\n".join(key_parts + (["tta8"] if tta else [])).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "features" / f"{key}.npy"
     if path.is_file():
         arr = np.load(path)
         if len(arr) == len(images):
             return arr
-    arr = extract_features(model, images, cfg)
+    arr = extract_features(model, images, cfg, tta=tta)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
     return arr
@@ -170,6 +178,7 @@ class FitResult:
     best_epoch: int = 0
     best_head_epoch: int = 0
     phases: list = field(default_factory=list)  # hybrid: per-phase schedule and best validation AUC
+    twin_head: tuple | None = None  # logreg: (weight, bias) of the twin fitted without the validation patients
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
@@ -250,9 +259,10 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         # logits of a twin fitted without them, so calibration stays out-of-sample.
         if feats is None:
             raise ValueError("the logreg recipe needs frozen features")
-        vl, auc = np.zeros(0), float("nan")
+        vl, auc, twin = np.zeros(0), float("nan"), None
         if has_val:
             w_tr, b_tr = fit_logistic_head(feats, y, w_all, train_idx, fc.logreg_c)
+            twin = (w_tr, b_tr)
             vl = feats[val_idx] @ w_tr + b_tr
             auc = _safe_auc(y[val_idx], vl)
         weight, bias = fit_logistic_head(feats, y, w_all, np.concatenate([train_idx, val_idx]), fc.logreg_c)
@@ -262,7 +272,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         logs.append({"phase": "logreg", "epoch": 1, "val_auc": auc})
         log.info("%s logreg val_auc (twin without validation patients) %.4f", desc, auc)
         return FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
-                         "logreg", 1, fc.head_epochs)
+                         "logreg", 1, fc.head_epochs, twin_head=twin)
 
     # Phase 1: linear head on cached frozen features (cheap; the data-poor recipe).
     if fc.recipe in ("linear", "finetune"):

@@ -164,6 +164,19 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     model0, init_record = build_model(arch, init, arch_config or None, vit_init)
     needs_feats = fc.recipe in ("logreg", "linear", "finetune") and not hybrid
     fmaps = cached_feature_maps(model0, images, cfg) if hybrid else None
+    # logreg + TTA: the head is linear on pooled features, so the 8-view mean logit is the head applied to the
+    # 8-view mean feature: one cached pass instead of 8 forwards per fold.
+    feats_tta = (cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
+                                 cache_dir, tta=True) if eval_tta and fc.recipe == "logreg" and not hybrid else None)
+
+    def tta_logits_of(model, res, idx: np.ndarray, twin: bool = False) -> np.ndarray:
+        if feats_tta is None:
+            return predict_logits(model, images, cfg, idx, tta=True)
+        if twin:
+            w_, b_ = res.twin_head
+        else:
+            w_, b_ = model.fc.weight.detach().double().numpy()[0], float(model.fc.bias.detach())
+        return feats_tta[idx].astype(np.float64) @ w_ + b_
     feats = cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
                             cache_dir) if needs_feats else None
     # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds.
@@ -191,7 +204,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             res = fit(model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, desc)
         model.load_state_dict(res.state)
         temp = fit_temperature(res.val_logits, y[va])
-        temp_tta = fit_temperature(predict_logits(model, images, cfg, va, tta=True), y[va]) if eval_tta else None
+        temp_tta = fit_temperature(tta_logits_of(model, res, va, twin=True), y[va]) if eval_tta else None
         return model, res, temp, tr, va, temp_tta
 
     # Cross-magnification check for a single-magnification model: its fold models also predict the held-out
@@ -224,7 +237,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             z = predict_logits(model, images, cfg, te)
             oof_logit[te], oof_p[te] = z, apply_temperature(z, temp)
             if eval_tta:
-                zt = predict_logits(model, images, cfg, te, tta=True)
+                zt = tta_logits_of(model, res, te)
                 oof_tta[te], oof_p_tta[te] = zt, apply_temperature(zt, temp_tta)
             o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
             if len(o_te):
