@@ -71,8 +71,8 @@ if up is not None:
         results.append(r)
         col.markdown(f"**{mid}**  \n{r.label}: p(malignant) = {r.p_malignant:.3f}")
         b = branch_pref if branch_pref in cam_branches(lm) else "cnn"
-        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1, b)), width="stretch",
-                  caption=f"{method}, {CAM_BRANCHES[b]}")
+        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1, b)), width="stretch")
+        col.caption(f"{method}, {CAM_BRANCHES[b]}")
     if len(results) > 1:
         labels = {r.label for r in results}
         (st.success if len(labels) == 1 else st.warning)(
