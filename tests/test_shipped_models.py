@@ -16,9 +16,24 @@ METRICS = ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
 
 
 def test_models_are_shipped_within_budget():
+    """Issue budgets: the foundation models under 120 MB, everything (with the hybrid) under 200 MB."""
     assert FOLDERS, "magnif_models/ holds no model"
-    size = sum(p.stat().st_size for p in (ROOT / "magnif_models").rglob("*") if p.is_file())
-    assert size < 120 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
+    files = [p for p in (ROOT / "magnif_models").rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    assert size < 200 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
+    foundation = sum(p.stat().st_size for p in files if "hybrid" not in p.parts)
+    assert foundation < 120 * 2**20, f"foundation models are {foundation / 2**20:.1f} MB"
+
+
+def test_hybrid_is_shipped_and_routed_where_it_validated_best():
+    d = json.loads((ROOT / "magnif_models" / "defaults.json").read_text())
+    card = ModelCard.from_json(ROOT / "magnif_models" / "all" / "hybrid" / "card.json")
+    assert card.architecture == "hybrid" and card.recipe["phases_per_fold"]
+    assert "auc" in card.evaluation["tta"]["overall"]["metrics"]
+    served = {m for m, e in d.items() if e["model_id"] == "all/hybrid"}
+    assert served == set(card.serves)  # the reason travels in the card
+    for m in served:
+        assert d[m]["auc"] == max(c["auc"] for c in d[m]["candidates"])
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f"{f.parent.name}/{f.name}")
