@@ -27,6 +27,8 @@ for folder in list_model_folders(root):
     if c.magnification == "all":
         rows += [(m, c.per_magnification[m], c.baseline.get("per_magnification", {}).get(m))
                  for m in MAGNIFICATIONS if m in c.per_magnification]
+    xm = c.evaluation.get("cross_magnification") or {}
+    rows += [(f"{m} (borrowed: cross-magnification check)", xm[m], None) for m in MAGNIFICATIONS if m in xm]
     for where, s, b in rows:
         m, n, k = s["metrics"], s["n_patients"], s["n_images"]
         init = c.init["init"] if c.init["init"] in ("scratch", "imagenet") else "ImageNet Lite2 file"
