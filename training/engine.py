@@ -210,6 +210,32 @@ def quality_table(paths: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def train_augmented_epoch(model: nn.Module, images: torch.Tensor, y: np.ndarray, w_all: np.ndarray, perm: np.ndarray,
+                          cfg: PreprocessConfig, compute: Compute, opt: torch.optim.Optimizer, batch_size: int,
+                          rng: np.random.Generator, desc: str = "") -> float:
+    """One epoch of weighted BCE on augmented frames (shared by fine-tuning and the hybrid's phases 2-3);
+    returns the mean training loss."""
+    device = next(model.parameters()).device
+    tot = 0.0
+    for i in tqdm(range(0, len(perm), batch_size), desc=desc, leave=False):
+        b = perm[i:i + batch_size]
+        if len(b) < 2:
+            continue
+        x = normalize_uint8(augment(images[b], rng), cfg)
+        if compute.bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(compute):
+            logit = model(x.to(device)).float()
+        loss = (nn.functional.binary_cross_entropy_with_logits(
+            logit, torch.from_numpy(y[b]).float().to(device), reduction="none")
+            * torch.from_numpy(w_all[b]).float().to(device)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tot += float(loss.detach()) * len(b)
+    return tot / max(len(perm), 1)
+
+
 def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarray | None, y: np.ndarray,
         patients: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, cfg: PreprocessConfig,
         fc: FitConfig, compute: Compute, desc: str = "") -> FitResult:
@@ -329,24 +355,9 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                 for s in stages[:-fc.finetune_stages]:
                     s.eval()
             perm = rng.permutation(train_idx)
-            tot = 0.0
             t0 = time.time()
-            for i in tqdm(range(0, len(perm), fc.batch_size), desc=f"{desc} ep{ep + 1}", leave=False):
-                b = perm[i:i + fc.batch_size]
-                if len(b) < 2:
-                    continue
-                x = normalize_uint8(augment(images[b], rng), cfg)
-                if compute.bf16:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(compute):
-                    logit = model(x.to(compute.device)).float()
-                loss = (nn.functional.binary_cross_entropy_with_logits(
-                    logit, torch.from_numpy(y[b]).float().to(compute.device), reduction="none")
-                    * torch.from_numpy(w_all[b]).float().to(compute.device)).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(b)
+            tot = train_augmented_epoch(model, images, y, w_all, perm, cfg, compute, opt, fc.batch_size, rng,
+                                        f"{desc} ep{ep + 1}") * len(perm)
             sched.step()
             logs_len = len(logs)
             improved = consider(fc.recipe, ep + 1, tot / len(perm))

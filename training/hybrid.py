@@ -21,7 +21,7 @@ from models.archs import arch_spec
 from models.card import PreprocessConfig
 from models.metrics import _safe_auc
 from models.preprocess import normalize_uint8
-from training.engine import Compute, FitResult, augment, autocast, predict_logits, sample_weights
+from training.engine import Compute, FitResult, predict_logits, sample_weights, train_augmented_epoch
 
 log = logging.getLogger("training")
 FLIP_VIEWS = ("identity", "hflip", "vflip", "rot180")  # same (H, W) as the frame, so one batch shape
@@ -171,23 +171,10 @@ def fit_hybrid(model: nn.Module, arch_config: dict | None, images: torch.Tensor,
             for s in frozen:  # frozen stages keep their BatchNorm statistics
                 s.eval()
             perm = rng.permutation(train_idx)
-            tot = 0.0
-            for i in tqdm(range(0, len(perm), hc.batch_size), desc=f"{desc} phase {name[0]} ep{ep + 1}", leave=False):
-                b = perm[i:i + hc.batch_size]
-                if len(b) < 2:
-                    continue
-                x = normalize_uint8(augment(images[b], rng), cfg)
-                if compute.bf16:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(compute):
-                    logit = model(x).float()
-                loss = weighted_bce(logit, b)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(b)
+            loss = train_augmented_epoch(model, images, y, w_all, perm, cfg, compute, opt, hc.batch_size, rng,
+                                         f"{desc} phase {name[0]} ep{ep + 1}")
             sched.step()
-            consider(name, ep + 1, tot / len(perm), time.time() - t0, False)
+            consider(name, ep + 1, loss, time.time() - t0, False)
             logs[-1]["ms_per_image"] = round(1000 * logs[-1]["seconds"] / len(perm), 1)
         model = model.to(memory_format=torch.contiguous_format)
     for p in model.parameters():
