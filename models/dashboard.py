@@ -104,7 +104,8 @@ def magnification_scores(card, mag: str) -> tuple[dict, dict | None]:
         return card.per_magnification[mag], tta.get("per_magnification", {}).get(mag)
     if card.magnification == mag:
         return card.evaluation["overall"], tta.get("overall")
-    return card.evaluation["cross_magnification"][mag], None
+    cross = card.evaluation["cross_magnification"][mag]
+    return cross, cross.get("tta")
 
 
 def model_folder(model_id: str, root: str | Path | None = None) -> Path:

@@ -51,10 +51,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-latency", action="store_true")
     args = ap.parse_args()
-    rows = []
+    rows, seen = [], {}
     for f in args.folders:
         c = ModelCard.from_json(f / "card.json")
-        row = {"folder": str(f), "model_id": c.model_id, "architecture": c.architecture, "recipe": c.recipe.get("name"),
+        if c.weights_sha256 in seen:  # a candidate that was shipped: same weights, same figures; list it once
+            print(f"{f}: same weights as {seen[c.weights_sha256]}, listed once", file=sys.stderr)
+            continue
+        seen[c.weights_sha256] = f
+        shipped = f.resolve().parent.parent.name == "magnif_models"
+        row = {"folder": str(f), "model_id": c.model_id + ("" if shipped else " (candidate)"), "shipped": shipped,
+               "architecture": c.architecture, "recipe": c.recipe.get("name"),
                "trained_at": c.magnification, "stain": (c.preprocess.stain or {}).get("method", "none"), "auc": {}}
         mags = ["all"] if c.magnification == "all" else [c.magnification]
         mags += [m for m in MAGNIFICATIONS if m not in mags and (m in c.per_magnification or
@@ -76,6 +82,8 @@ def main() -> None:
         if not args.no_latency:
             row["latency_ms"] = {"plain": latency_ms(f, False, args.repeats), "tta": latency_ms(f, True, args.repeats)}
         rows.append(row)
+    # Variants of one model next to each other: trained-at magnification, architecture, shipped first, stain.
+    rows.sort(key=lambda r: (r["trained_at"] != "all", r["trained_at"], r["architecture"], not r["shipped"], r["stain"]))
 
     print("| model (recipe) | stain | TTA | " + " | ".join(["all", *MAGNIFICATIONS]) + " | ms / image |")
     print("|---|---|---|" + "---|" * (len(MAGNIFICATIONS) + 2))

@@ -3,8 +3,7 @@
 # leakage demonstration and the validation-driven defaults. About 3 hours on 2 AVX2 CPU cores (fp32).
 #   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|select]
 # Every run splits its out-of-fold figures by QC and (single-magnification models) predicts held-out patients'
-# frames at the other magnifications. --tta-eval (8-view TTA on the same fold models) is on where the CPU
-# session allowed it (pooled Lite2 candidates, hybrid); add it to any line to measure TTA there too.
+# frames at the other magnifications; --tta-eval also scores the same fold models with 8-view TTA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/breakhis}
@@ -21,26 +20,29 @@ if [[ $only == all || $only == lite2 ]]; then
     run --magnification all --arch efficientnet_lite2 --init "$LITE2" --out $C/all/efficientnet_lite2_logreg_stain-$st \
         --cv 5 --recipe logreg --stain $st --tta-eval
   done
-  # (Macenko without --tta-eval: its 8-view features did not fit the CPU session; add the flag to measure it.)
   run --magnification all --arch efficientnet_lite2 --init "$LITE2" --out $C/all/efficientnet_lite2_logreg_stain-macenko \
-      --cv 5 --recipe logreg --stain macenko
+      --cv 5 --recipe logreg --stain macenko --tta-eval
   "$PY" -m training pick-recipe --candidates $C/all/efficientnet_lite2_finetune $C/all/efficientnet_lite2_logreg_stain-* \
         --out magnif_models/all/efficientnet_lite2
-  run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_finetune --cv 5 --epochs 4
+  run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_finetune --cv 5 --epochs 4 --tta-eval
   run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_logreg --cv 5 --recipe logreg
   "$PY" -m training pick-recipe --candidates $C/100X/efficientnet_lite2_finetune $C/100X/efficientnet_lite2_logreg \
         --out magnif_models/100X/efficientnet_lite2
 fi
 if [[ $only == all || $only == resnet ]]; then
   # No ResNet-50 ImageNet weights exist here: from scratch, cheap schedule (3 folds, 5 epochs) to fit a CPU session.
-  run --magnification 100X --arch resnet50 --init scratch --out magnif_models/100X/resnet50 --cv 3 --epochs 5 --patience 4
-  run --magnification all --arch resnet50 --init scratch --out magnif_models/all/resnet50 --cv 3 --epochs 5 --patience 4
+  run --magnification 100X --arch resnet50 --init scratch --out magnif_models/100X/resnet50 --cv 3 --epochs 5 --patience 4 --tta-eval
+  run --magnification all --arch resnet50 --init scratch --out magnif_models/all/resnet50 --cv 3 --epochs 5 --patience 4 --tta-eval
 fi
 if [[ $only == all || $only == hybrid ]]; then
   # Lite2 CNN branch (ImageNet) + hybrid ViT on its tokens (scratch); phases 30/2/1 epochs; 3 folds to fit a CPU session.
-  run --magnification all --arch hybrid --init "$LITE2" --out magnif_models/all/hybrid --cv 3 --tta-eval
+  # Without and with Reinhard normalisation on the same 3 folds; the better pooled CV AUC ships.
+  for st in none reinhard; do
+    run --magnification all --arch hybrid --init "$LITE2" --out $C/all/hybrid_stain-$st --cv 3 --stain $st --tta-eval
+  done
+  "$PY" -m training pick-recipe --candidates $C/all/hybrid_stain-* --out magnif_models/all/hybrid
 fi
 "$PY" -m training leakage-demo --data "$DATA" --magnification 100X --out magnif_models/leakage_demo_100X.json
 "$PY" -m training rescore magnif_models/*/*/   # adds QC figures to cards trained before QC was recorded
 "$PY" -m training select-defaults --root magnif_models
-"$PY" scripts/robustness_table.py --out benchmarks/results/robustness.json magnif_models/*/*/ $C/all/efficientnet_lite2_logreg_stain-*
+"$PY" scripts/robustness_table.py --out benchmarks/results/robustness.json magnif_models/*/*/ $C/all/*_stain-*

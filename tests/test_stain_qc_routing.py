@@ -91,3 +91,28 @@ def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(
     assert "borrowed" in " ".join(route("40X", tmp_path).notes)
     assert "40X" in ModelCard.from_json(own / "card.json").serves
     assert inventory(tmp_path).set_index("magnification").loc["40X", "borrowed"]
+
+
+def test_pick_recipe_ships_the_better_stain_variant_and_refuses_different_folds(tmp_path):
+    from training.evaluate import pick_better
+
+    folds = [{"test_patients": ["a", "b"]}, {"test_patients": ["c", "d"]}]
+    variants = {}
+    for st, signal, seed in (("none", 0.1, 1), ("reinhard", 0.6, 2)):
+        d = make_model_folder(tmp_path / "cand" / f"hybrid_stain-{st}", "hybrid", "all", seed=seed, signal=signal)
+        c = ModelCard.from_json(d / "card.json")
+        c.evaluation["per_fold"] = folds
+        if st != "none":
+            c.preprocess.stain = {"method": st, "target_means": [70.0, 15.0, -9.0], "target_stds": [10.0, 8.0, 6.0]}
+        c.to_json(d / "card.json")
+        variants[st] = d
+    sel = pick_better(list(variants.values()), tmp_path / "all" / "hybrid")
+    shipped = ModelCard.from_json(tmp_path / "all" / "hybrid" / "card.json")
+    assert sel["chosen"] == "phased (hybrid)" and shipped.preprocess.stain["method"] == "reinhard"
+    assert shipped.model_id == "all/hybrid" and "stain reinhard" in shipped.changelog[-1]
+    assert {r["stain"] for r in sel["candidates"]} == {"none", "reinhard"}
+    c = ModelCard.from_json(variants["none"] / "card.json")
+    c.evaluation["per_fold"] = folds[:1]
+    c.to_json(variants["none"] / "card.json")
+    with pytest.raises(ValueError, match="same outer folds"):
+        pick_better(list(variants.values()), tmp_path / "other")

@@ -159,7 +159,7 @@ def _run(args) -> int:
 
         sel = pick_better(args.candidates, args.out)
         for r in sel["candidates"]:
-            print(f"{r['recipe']:10s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
+            print(f"{r['recipe']:10s} stain {r['stain']:8s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
         print(f"shipped: {sel['chosen']} -> {args.out}")
     elif args.cmd == "select-defaults":
         from training.evaluate import select_defaults

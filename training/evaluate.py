@@ -148,7 +148,8 @@ def pick_better(candidates: list[str | Path], out: str | Path) -> dict:
     folds = {json.dumps([f["test_patients"] for f in c.evaluation.get("per_fold", [])]) for _, c in cards}
     if len(folds) != 1:
         raise ValueError("candidates were not cross-validated on the same outer folds; they cannot be compared")
-    rows = [{"candidate": str(p), "recipe": c.recipe.get("name"), "auc": c.evaluation["overall"]["metrics"]["auc"]["value"],
+    rows = [{"candidate": str(p), "recipe": c.recipe.get("name"), "stain": (c.preprocess.stain or {}).get("method", "none"),
+             "auc": c.evaluation["overall"]["metrics"]["auc"]["value"],
              "auc_ci95": c.evaluation["overall"]["metrics"]["auc"]["ci95"],
              "patient_auc": c.evaluation["overall"]["metrics"]["patient_auc"]["value"]} for p, c in cards]
     best_i = max(range(len(rows)), key=lambda i: rows[i]["auc"])
@@ -162,8 +163,9 @@ def pick_better(candidates: list[str | Path], out: str | Path) -> dict:
     card.recipe["selection"] = {
         "rule": "highest pooled out-of-fold AUC among recipes run on the same outer folds (this choice makes the "
                 "shipped model's CV estimate slightly optimistic)", "candidates": rows, "chosen": rows[best_i]["recipe"]}
-    card.changelog.append(f"{_dt.date.today().isoformat()}: shipped the {rows[best_i]['recipe']} recipe "
+    label = lambda r: f"{r['recipe']}, stain {r['stain']}"  # noqa: E731
+    card.changelog.append(f"{_dt.date.today().isoformat()}: shipped the {label(rows[best_i])} recipe "
                           f"(CV AUC {rows[best_i]['auc']:.3f}) over " +
-                          ", ".join(f"{r['recipe']} ({r['auc']:.3f})" for i, r in enumerate(rows) if i != best_i))
+                          ", ".join(f"{label(r)} ({r['auc']:.3f})" for i, r in enumerate(rows) if i != best_i))
     card.to_json(out / "card.json")
     return card.recipe["selection"]

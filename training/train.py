@@ -216,6 +216,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     o_images, o_keep = (cache_images(other, cfg)[:2] if len(other) else (None, np.zeros(0, int)))
     other = other.iloc[o_keep].reset_index(drop=True) if len(other) else other
     o_logit, o_p, o_by = np.full(len(other), np.nan), np.full(len(other), np.nan), np.full(len(other), "", object)
+    o_logit_tta, o_p_tta = np.full(len(other), np.nan), np.full(len(other), np.nan)
     o_pat = other["patient"].astype(str).to_numpy() if len(other) else np.zeros(0, str)
     oof_tta = np.full(len(df), np.nan)
     oof_p_tta = np.full(len(df), np.nan)
@@ -243,6 +244,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             if len(o_te):
                 zo = predict_logits(model, o_images, cfg, o_te)
                 o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, temp), f"fold {k} model (patient held out)"
+                if eval_tta:
+                    zot = predict_logits(model, o_images, cfg, o_te, tta=True)
+                    o_logit_tta[o_te], o_p_tta[o_te] = zot, apply_temperature(zot, temp_tta)
             if b_feats is not None:
                 base_p[te] = baseline_probs(b_feats, y, w, trv, te)
             fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
@@ -267,6 +271,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
                             final_fc, compute, "final")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(oof_logit, y)
+        temp_tta_final = fit_temperature(oof_tta, y) if eval_tta else None
         schedule = ({"phase_epochs": [final_hc.p1_epochs, final_hc.p2_epochs, final_hc.p3_epochs],
                      "source": "phase 1: median of the folds' best epochs; a later phase only where most folds' best "
                                "state came from it"} if hybrid else
@@ -284,17 +289,21 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             final_res = fit(final_model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, "split")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(final_res.val_logits, y[va])
+        temp_tta_final = fit_temperature(predict_logits(final_model, images, cfg, va, tta=True), y[va]) if eval_tta else None
         final_schedule_ = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
         z = predict_logits(final_model, images, cfg, te)
         oof_logit[te], oof_p[te] = z, apply_temperature(z, final_temp)
         if eval_tta:
             zt = predict_logits(final_model, images, cfg, te, tta=True)
             oof_tta[te] = zt
-            oof_p_tta[te] = apply_temperature(zt, fit_temperature(predict_logits(final_model, images, cfg, va, tta=True), y[va]))
+            oof_p_tta[te] = apply_temperature(zt, temp_tta_final)
         o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
         if len(o_te):
             zo = predict_logits(final_model, o_images, cfg, o_te)
             o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, final_temp), "model (test patient)"
+            if eval_tta:
+                zot = predict_logits(final_model, o_images, cfg, o_te, tta=True)
+                o_logit_tta[o_te], o_p_tta[o_te] = zot, apply_temperature(zot, temp_tta_final)
         if b_feats is not None:
             base_p[te] = baseline_probs(b_feats, y, w, np.concatenate([tr, va]), te)
     assert_patient_disjoint(pd.Series(patients), pd.Series(part))
@@ -310,6 +319,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         zo = predict_logits(final_model, o_images, cfg, never_seen)
         o_logit[never_seen], o_p[never_seen] = zo, apply_temperature(zo, final_temp)
         o_by[never_seen] = "final model (patient has no frame at this magnification: never seen)"
+        if eval_tta:
+            zot = predict_logits(final_model, o_images, cfg, never_seen, tta=True)
+            o_logit_tta[never_seen], o_p_tta[never_seen] = zot, apply_temperature(zot, temp_tta_final)
     pred = pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
                          "source": df["source"], "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p,
                          "p_baseline": base_p})
@@ -321,6 +333,8 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     if len(other):
         xm = pd.DataFrame({"path": other["path"], "patient": o_pat, "label": (other["label"] == "malignant").astype(int),
                            "magnification": other["magnification"], "logit": o_logit, "p_malignant": o_p, "predicted_by": o_by})
+        if eval_tta:
+            xm["logit_tta"], xm["p_tta"] = o_logit_tta, o_p_tta
         xm = xm[xm["logit"].notna()]
         xm.to_csv(out / "predictions_cross_magnification.csv", index=False)
         cross = cross_magnification_scores(xm, n_boot, seed)
@@ -367,6 +381,9 @@ def cross_magnification_scores(xm: pd.DataFrame, n_boot: int = 1000, seed: int =
     for g, d in xm.groupby("magnification"):
         out[str(g)] = summarize(d["label"].to_numpy(int), d["p_malignant"].to_numpy(), d["patient"].astype(str).to_numpy(),
                                 n_boot=n_boot, seed=seed, score=d["logit"].to_numpy())
+        if "logit_tta" in d and d["logit_tta"].notna().all():  # the same fold models, 8 dihedral views averaged
+            out[str(g)]["tta"] = summarize(d["label"].to_numpy(int), d["p_tta"].to_numpy(), d["patient"].astype(str).to_numpy(),
+                                           n_boot=n_boot, seed=seed, score=d["logit_tta"].to_numpy())
     return out
 
 
