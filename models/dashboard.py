@@ -185,6 +185,7 @@ def cross_magnification_rows(card) -> pd.DataFrame:
     """A single-magnification model on held-out patients' frames at the other magnifications."""
     xm = card.evaluation.get("cross_magnification") or {}
     return pd.DataFrame([{"magnification": m, "AUC (95% CI)": _fmt_ci(s["metrics"]["auc"]),
+                          "AUC with 8-view TTA": _fmt_ci(s["tta"]["metrics"]["auc"]) if "tta" in s else "not measured",
                           "patients (b/m)": f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}",
                           "images": s["n_images"]["benign"] + s["n_images"]["malignant"]}
                          for m, s in xm.items() if m != "protocol"])

@@ -59,7 +59,7 @@ def main() -> None:
             continue
         seen[c.weights_sha256] = f
         shipped = f.resolve().parent.parent.name == "magnif_models"
-        row = {"folder": str(f), "model_id": c.model_id + ("" if shipped else " (candidate)"), "shipped": shipped,
+        row = {"folder": str(f), "model_id": c.model_id if shipped else f"{f.resolve().parent.name}/{f.resolve().name} (candidate)", "shipped": shipped,
                "architecture": c.architecture, "recipe": c.recipe.get("name"),
                "trained_at": c.magnification, "stain": (c.preprocess.stain or {}).get("method", "none"), "auc": {}}
         mags = ["all"] if c.magnification == "all" else [c.magnification]

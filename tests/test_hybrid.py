@@ -138,6 +138,8 @@ def test_hybrid_phased_cv_with_stain_tta_qc_and_cross_magnification(tmp_path):
     some = next(m for m in card.evaluation["cross_magnification"] if m != "protocol")
     plain, with_tta = magnification_scores(card, some)
     assert with_tta is not None and with_tta["n_images"] == plain["n_images"]
+    from models.dashboard import cross_magnification_rows
+    assert not cross_magnification_rows(card)["AUC with 8-view TTA"].eq("not measured").any()
     assert_patient_disjoint(split["patient"], split["cv_fold"])
     again = rescore(out, n_boot=20)
     assert again.evaluation["tta"]["overall"]["metrics"] == card.evaluation["tta"]["overall"]["metrics"]
