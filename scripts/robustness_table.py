@@ -58,8 +58,10 @@ def main() -> None:
             print(f"{f}: same weights as {seen[c.weights_sha256]}, listed once", file=sys.stderr)
             continue
         seen[c.weights_sha256] = f
-        shipped = f.resolve().parent.parent.name == "magnif_models"
-        row = {"folder": str(f), "model_id": c.model_id if shipped else f"{f.resolve().parent.name}/{f.resolve().name} (candidate)", "shipped": shipped,
+        where = f.resolve()
+        shipped = where.parent.parent.name == "magnif_models"
+        row = {"folder": str(f), "model_id": c.model_id if shipped else f"{where.parent.name}/{where.name} (candidate)",
+               "shipped": shipped,
                "architecture": c.architecture, "recipe": c.recipe.get("name"),
                "trained_at": c.magnification, "stain": (c.preprocess.stain or {}).get("method", "none"), "auc": {}}
         mags = ["all"] if c.magnification == "all" else [c.magnification]

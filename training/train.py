@@ -221,6 +221,14 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     o_logit, o_p, o_by = np.full(len(other), np.nan), np.full(len(other), np.nan), np.full(len(other), "", object)
     o_logit_tta, o_p_tta = np.full(len(other), np.nan), np.full(len(other), np.nan)
     o_pat = other["patient"].astype(str).to_numpy() if len(other) else np.zeros(0, str)
+
+    def score_other(model, idx: np.ndarray, temp: float, temp_tta: float | None, by: str) -> None:
+        """Other magnifications' frames of patients this model never saw: plain and, with --tta-eval, 8 views."""
+        zo = predict_logits(model, o_images, cfg, idx)
+        o_logit[idx], o_p[idx], o_by[idx] = zo, apply_temperature(zo, temp), by
+        if eval_tta:
+            zot = predict_logits(model, o_images, cfg, idx, tta=True)
+            o_logit_tta[idx], o_p_tta[idx] = zot, apply_temperature(zot, temp_tta)
     oof_tta = np.full(len(df), np.nan)
     oof_p_tta = np.full(len(df), np.nan)
     oof_logit = np.full(len(df), np.nan)
@@ -245,11 +253,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
                 oof_tta[te], oof_p_tta[te] = zt, apply_temperature(zt, temp_tta)
             o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
             if len(o_te):
-                zo = predict_logits(model, o_images, cfg, o_te)
-                o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, temp), f"fold {k} model (patient held out)"
-                if eval_tta:
-                    zot = predict_logits(model, o_images, cfg, o_te, tta=True)
-                    o_logit_tta[o_te], o_p_tta[o_te] = zot, apply_temperature(zot, temp_tta)
+                score_other(model, o_te, temp, temp_tta, f"fold {k} model (patient held out)")
             if b_feats is not None:
                 base_p[te] = baseline_probs(b_feats, y, w, trv, te)
             fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
@@ -304,11 +308,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             oof_p_tta[te] = apply_temperature(zt, temp_tta_final)
         o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
         if len(o_te):
-            zo = predict_logits(final_model, o_images, cfg, o_te)
-            o_logit[o_te], o_p[o_te], o_by[o_te] = zo, apply_temperature(zo, final_temp), "model (test patient)"
-            if eval_tta:
-                zot = predict_logits(final_model, o_images, cfg, o_te, tta=True)
-                o_logit_tta[o_te], o_p_tta[o_te] = zot, apply_temperature(zot, temp_tta_final)
+            score_other(final_model, o_te, final_temp, temp_tta_final, "model (test patient)")
         if b_feats is not None:
             base_p[te] = baseline_probs(b_feats, y, w, np.concatenate([tr, va]), te)
     assert_patient_disjoint(pd.Series(patients), pd.Series(part))
@@ -321,12 +321,8 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
 
     never_seen = np.flatnonzero(~np.isin(o_pat, list(set(patients))))
     if len(never_seen):
-        zo = predict_logits(final_model, o_images, cfg, never_seen)
-        o_logit[never_seen], o_p[never_seen] = zo, apply_temperature(zo, final_temp)
-        o_by[never_seen] = "final model (patient has no frame at this magnification: never seen)"
-        if eval_tta:
-            zot = predict_logits(final_model, o_images, cfg, never_seen, tta=True)
-            o_logit_tta[never_seen], o_p_tta[never_seen] = zot, apply_temperature(zot, temp_tta_final)
+        score_other(final_model, never_seen, final_temp, temp_tta_final,
+                    "final model (patient has no frame at this magnification: never seen)")
     pred = pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
                          "source": df["source"], "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p,
                          "p_baseline": base_p})
