@@ -20,16 +20,17 @@ if [[ $only == all || $only == lite2 ]]; then
     run --magnification all --arch efficientnet_lite2 --init "$LITE2" --out $C/all/efficientnet_lite2_logreg_stain-$st \
         --cv 5 --recipe logreg --stain $st --tta-eval
   done
-  # (Macenko ran without --tta-eval: its 8-view features did not fit a CPU session; add the flag to measure it.)
   run --magnification all --arch efficientnet_lite2 --init "$LITE2" --out $C/all/efficientnet_lite2_logreg_stain-macenko \
-      --cv 5 --recipe logreg --stain macenko
+      --cv 5 --recipe logreg --stain macenko --tta-eval
   "$PY" -m training pick-recipe --candidates $C/all/efficientnet_lite2_finetune $C/all/efficientnet_lite2_logreg_stain-* \
         --out magnif_models/all/efficientnet_lite2
-  # 100X: fine-tuning vs frozen-feature LR on the same 5 folds. (A Reinhard fine-tuning variant, same line with
-  # `--stain reinhard` and its own --out, was not run: ~30 min on 2 cores that the last session did not have.)
-  run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_finetune --cv 5 --epochs 4 --tta-eval
+  # 100X: fine-tuning without and with Reinhard normalisation vs frozen-feature LR, all on the same 5 folds.
+  for st in none reinhard; do
+    run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_finetune_stain-$st \
+        --cv 5 --epochs 4 --stain $st --tta-eval
+  done
   run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --out $C/100X/efficientnet_lite2_logreg --cv 5 --recipe logreg
-  "$PY" -m training pick-recipe --candidates $C/100X/efficientnet_lite2_finetune $C/100X/efficientnet_lite2_logreg \
+  "$PY" -m training pick-recipe --candidates $C/100X/efficientnet_lite2_finetune_stain-* $C/100X/efficientnet_lite2_logreg \
         --out magnif_models/100X/efficientnet_lite2
 fi
 if [[ $only == all || $only == resnet ]]; then

@@ -111,6 +111,16 @@ def test_pick_recipe_ships_the_better_stain_variant_and_refuses_different_folds(
     assert sel["chosen"] == "phased (hybrid)" and shipped.preprocess.stain["method"] == "reinhard"
     assert shipped.model_id == "all/hybrid" and "stain reinhard" in shipped.changelog[-1]
     assert {r["stain"] for r in sel["candidates"]} == {"none", "reinhard"}
+    # Shipping again after a retrain keeps the folder's history and says what was replaced.
+    first_history = list(shipped.changelog)
+    c = ModelCard.from_json(variants["reinhard"] / "card.json")
+    c.weights_sha256 = "f" * 64
+    c.changelog = ["retrained"]
+    c.to_json(variants["reinhard"] / "card.json")
+    pick_better(list(variants.values()), tmp_path / "all" / "hybrid")
+    again = ModelCard.from_json(tmp_path / "all" / "hybrid" / "card.json").changelog
+    assert again[:len(first_history)] == first_history and "replaced the previous weights" in again[len(first_history)]
+    assert again[-2] == "retrained" and "stain reinhard" in again[-1]
     c = ModelCard.from_json(variants["none"] / "card.json")
     c.evaluation["per_fold"] = folds[:1]
     c.to_json(variants["none"] / "card.json")

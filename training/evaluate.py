@@ -155,6 +155,14 @@ def pick_better(candidates: list[str | Path], out: str | Path) -> dict:
     best_i = max(range(len(rows)), key=lambda i: rows[i]["auc"])
     src, card = cards[best_i]
     out = Path(out)
+    # A shipped folder's history must survive a retrain: its changelog is carried over, with what was replaced.
+    previous = ModelCard.from_json(out / "card.json") if (out / "card.json").exists() else None
+    if previous is not None and previous.weights_sha256 != card.weights_sha256:
+        prev_auc = previous.evaluation.get("overall", {}).get("metrics", {}).get("auc", {})
+        card.changelog = previous.changelog + [
+            f"{_dt.date.today().isoformat()}: replaced the previous weights (sha256 {previous.weights_sha256[:12]}, "
+            f"CV AUC {prev_auc.get('value', float('nan')):.3f}, trained at commit {previous.git_commit or 'unknown'}) "
+            "by a new run:"] + card.changelog
     if out.resolve() != src.resolve():
         if out.exists():
             shutil.rmtree(out)
