@@ -193,14 +193,17 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             b_feats = cached_features(bmodel, bimages, bcfg, ["efficientnet_lite2", brec["file_sha256"], str(bcfg), *df["path"]], cache_dir)
     w = sample_weights(y, patients)
 
+    def fresh_model(seed_: int):
+        # Seed before building: a scratch (or scratch-ViT) initialisation is drawn from the global torch RNG, which
+        # earlier folds and evaluation options consume; unseeded, the same command gave different fold models.
+        torch.manual_seed(seed_)
+        return build_model(arch, init, arch_config or None, vit_init)[0]
+
     def one_fit(train_df_idx: np.ndarray, seed_: int, desc: str):
         sub = df.iloc[train_df_idx]
         part = inner_split(sub, seed_).to_numpy()
         tr, va = train_df_idx[part == "train"], train_df_idx[part == "val"]
-        # Seed before building: a scratch (or scratch-ViT) initialisation is drawn from the global torch RNG, which
-        # earlier folds and evaluation options consume; unseeded, the same command gave different fold models.
-        torch.manual_seed(seed_)
-        model, _ = build_model(arch, init, arch_config or None, vit_init)
+        model = fresh_model(seed_)
         if hybrid:
             res = fit_hybrid(model, arch_config, images, fmaps, y, patients, tr, va, cfg, replace(hc, seed=seed_), compute, desc)
         else:
@@ -268,8 +271,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         ft = [f["best_epoch"] if f["phase_chosen"] != "head" else 0 for f in per_fold]
         ft_ep = int(np.median(ft)) if fc.recipe in ("finetune", "full") else 0
         final_fc = replace(fc, head_epochs=head_ep, finetune_epochs=ft_ep)
-        torch.manual_seed(seed)
-        final_model, _ = build_model(arch, init, arch_config or None, vit_init)
+        final_model = fresh_model(seed)
         if hybrid:
             final_hc = final_schedule(hc, per_fold)
             final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, np.arange(len(df)),
@@ -290,8 +292,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
         tr, va, te = (np.flatnonzero(part == s) for s in ("train", "val", "test"))
-        torch.manual_seed(seed)
-        final_model, _ = build_model(arch, init, arch_config or None, vit_init)
+        final_model = fresh_model(seed)
         if hybrid:
             final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, tr, va, cfg, hc, compute, "split")
         else:
