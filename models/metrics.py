@@ -32,8 +32,26 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         p = np.clip(sigmoid(z / np.exp(log_t)), 1e-7, 1 - 1e-7)
         return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = minimize_scalar(nll, bounds=tuple(np.log(TEMPERATURE_BOUNDS)), method="bounded")
     return float(np.exp(res.x))
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+TEMPERATURE_FALLBACK = 1.0  # the documented default when a fit is undefined or lands on a bound: logits as they are
+
+
+def fit_temperature_guarded(logits: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """Temperature with a guard: a fit on (within 1% of) a search bound says the validation set could not pin it
+    down (e.g. one fold's few validation patients are all ranked wrongly), so the fold falls back to
+    TEMPERATURE_FALLBACK and the returned note says so; otherwise the note is "fitted"."""
+    z, yy = np.asarray(logits, float), np.asarray(y, float)
+    if len(np.unique(yy)) < 2 or len(z) < 2:
+        return TEMPERATURE_FALLBACK, "undefined (one class in validation): fallback 1.0"
+    t = fit_temperature(z, yy)
+    lo, hi = TEMPERATURE_BOUNDS
+    if t <= lo * 1.01 or t >= hi * 0.99:
+        return TEMPERATURE_FALLBACK, f"fit landed on its bound ({t:.3g}): fallback 1.0"
+    return t, "fitted"
 
 
 def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--head-epochs", type=int, default=60)
     a.add_argument("--epochs", type=int, default=4, help="fine-tuning / full-training epochs")
     a.add_argument("--finetune-stages", type=int, default=2)
+    a.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the trained stages (default: 1e-3 full / 1e-4 finetune)")
+    a.add_argument("--colour-aug", choices=["mild", "hed"], default="mild",
+                   help="colour augmentation in fine-tuning: mild jitter, or HED stain + strong HSV jitter (Tellez 2019)")
+    a.add_argument("--balanced-sampling", action="store_true",
+                   help="draw training frames by class/patient weight (unweighted loss) instead of weighting the loss")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--patience", type=int, default=3)
     a.add_argument("--seed", type=int, default=0)
@@ -116,7 +122,8 @@ def _run(args) -> int:
         recipe = args.recipe or ("full" if args.init == "scratch" else "finetune")
         fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
                        finetune_stages=args.finetune_stages, batch_size=args.batch_size, patience=args.patience,
-                       seed=args.seed)
+                       seed=args.seed, colour_augmentation=args.colour_aug, balanced_sampling=args.balanced_sampling,
+                       **({"lr_full": args.lr, "lr_finetune": args.lr} if args.lr else {}))
         from training.hybrid import HybridConfig
 
         hc = HybridConfig(p1_epochs=args.p1_epochs, p2_epochs=args.p2_epochs, p3_epochs=args.p3_epochs,

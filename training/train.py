@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from models.archs import ARCHITECTURES, arch_spec, build_model, file_sha256, hybrid_config
 from models.card import ModelCard, PreprocessConfig
-from models.metrics import apply_temperature, curve_points, fit_temperature, summarize
+from models.metrics import apply_temperature, curve_points, fit_temperature, fit_temperature_guarded, summarize
 from training.data import IndexResult, default_cache_dir, index_source
 from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
                              quality_table, sample_weights, select_compute)
@@ -209,8 +209,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         else:
             res = fit(model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, desc)
         model.load_state_dict(res.state)
-        temp = fit_temperature(res.val_logits, y[va])
-        temp_tta = fit_temperature(tta_logits_of(model, res, va, twin=True), y[va]) if eval_tta else None
+        temp, temp_note = fit_temperature_guarded(res.val_logits, y[va])
+        temp_tta = fit_temperature_guarded(tta_logits_of(model, res, va, twin=True), y[va])[0] if eval_tta else None
+        res.temperature_note = temp_note
         return model, res, temp, tr, va, temp_tta
 
     # Cross-magnification check for a single-magnification model: its fold models also predict the held-out
@@ -261,7 +262,8 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
                 base_p[te] = baseline_probs(b_feats, y, w, trv, te)
             fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
             per_fold.append({"fold": k, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
-                             "temperature": temp, "temperature_tta": temp_tta, "val_auc": res.val_auc,
+                             "temperature": temp, "temperature_fit": res.temperature_note,
+                             "temperature_tta": temp_tta, "val_auc": res.val_auc,
                              "phase_chosen": res.phase_chosen, "phases": res.phases,
                              "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
                              **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
@@ -280,8 +282,8 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             final_res = fit(final_model, arch, images, feats, y, patients, np.arange(len(df)), np.array([], int), cfg,
                             final_fc, compute, "final")
         final_model.load_state_dict(final_res.state)
-        final_temp = fit_temperature(oof_logit, y)
-        temp_tta_final = fit_temperature(oof_tta, y) if eval_tta else None
+        final_temp = fit_temperature_guarded(oof_logit, y)[0]
+        temp_tta_final = fit_temperature_guarded(oof_tta, y)[0] if eval_tta else None
         schedule = ({"phase_epochs": [final_hc.p1_epochs, final_hc.p2_epochs, final_hc.p3_epochs],
                      "source": "phase 1: median of the folds' best epochs; a later phase only where most folds' best "
                                "state came from it"} if hybrid else
