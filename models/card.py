@@ -68,7 +68,7 @@ class ModelCard:
         "Research aid for computational-pathology researchers and pathologists exploring BreakHis-style "
         "frames. Not a diagnosis; not validated for clinical use."
     )
-    serves: dict = field(default_factory=dict)  # magnification -> why the registry routes it here (select-defaults)
+    serves: dict = field(default_factory=dict)  # deprecated, kept empty: routing and its reasons live in defaults.json
     limitations: list = field(default_factory=list)
     changelog: list = field(default_factory=list)
     card_version: int = CARD_VERSION

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.archs import file_sha256
 from models.card import ModelCard
 from models.inference import MAGNIFICATIONS, list_model_folders, models_root, read_defaults
 
@@ -46,6 +47,13 @@ def route(magnification: str, root: str | Path | None = None) -> Route:
     elif d.get("pooled"):
         notes.append(f"{magnification} is served by a pooled model trained on all magnifications "
                      f"({d['model_id']}), because it validated best here or no {magnification}-only model exists.")
+    if d.get("reason"):
+        notes.append(f"Serves because: {d['reason']}.")
+    sha = d.get("card_sha256")
+    card_file = Path(root or models_root()) / d["model_id"] / "card.json"
+    if sha and card_file.is_file() and file_sha256(card_file) != sha:
+        notes.append(f"The card of {d['model_id']} changed after routing was decided; re-run "
+                     "`python -m training select-defaults` so the routing rests on its current figures.")
     n = d["n_patients"]
     if d.get("few_patients") or n["benign"] + n["malignant"] < FEW_PATIENTS:
         notes.append(f"Its {magnification} figures rest on few patients ({n['benign']} benign, {n['malignant']} "
@@ -80,6 +88,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
             "evidence": "few patients" if n["benign"] + n["malignant"] < FEW_PATIENTS else "moderate",
+            "serves because": read_defaults(root)[mag].get("reason", ""),
         })
     return pd.DataFrame(rows)
 
@@ -88,6 +97,22 @@ def metrics_table(card: ModelCard, magnification: str | None = None) -> pd.DataF
     """Metric, value, 95% CI for a card (optionally at one magnification of a pooled model)."""
     s = card.per_magnification[magnification] if magnification and card.magnification == "all" else card.evaluation["overall"]
     rows = [{"metric": k, "value": v["value"], "ci_low": v["ci95"][0], "ci_high": v["ci95"][1]} for k, v in s["metrics"].items()]
+    return pd.DataFrame(rows)
+
+
+def routing_evidence(magnification: str, root: str | Path | None = None) -> pd.DataFrame:
+    """The routing rule's comparisons at one magnification: each challenger's paired AUC advantage over the
+    pretrained incumbent with its 95% CI, and whether it displaced the incumbent."""
+    d = read_defaults(root).get(magnification) or {}
+    rows = []
+    for r in d.get("comparisons", []):
+        diff, ci = r.get("difference"), r.get("ci95")
+        rows.append({"challenger": r["challenger"], "vs incumbent": d.get("incumbent"),
+                     "AUC advantage (95% CI)": f"{diff:+.3f} ({ci[0]:+.3f} to {ci[1]:+.3f})" if diff is not None else
+                     r.get("note", "not comparable"),
+                     "same folds": r.get("same_folds"), "patients (b/m)": (f"{r['n_patients']['benign']}/"
+                                                                          f"{r['n_patients']['malignant']}" if r.get("n_patients") else ""),
+                     "displaces": r.get("displaces", False)})
     return pd.DataFrame(rows)
 
 

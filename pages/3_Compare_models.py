@@ -3,7 +3,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, analyse_upload, curves, magnification_scores, model_folder
+from models.dashboard import DISCLAIMER, analyse_upload, curves, magnification_scores, model_folder, route, routing_evidence
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
 from models.inference import MAGNIFICATIONS
 from ui_cache import cached_cards, cached_model
@@ -23,13 +23,23 @@ if len(chosen) < 1:
     st.info("Choose at least one model (two or more to compare).")
     st.stop()
 
+served = route(mag)
+if served.model_id:
+    st.info(f"Routed at {mag}: **{served.model_id}**. " + " ".join(n for n in served.notes if n.startswith("Serves because")))
+    ev = routing_evidence(mag)
+    if not ev.empty:
+        st.caption("Routing evidence: each challenger's AUC advantage over the pretrained incumbent on the same "
+                   "out-of-fold frames, with a paired patient-bootstrap 95% CI; it displaces the incumbent only when "
+                   "the whole CI is above zero.")
+        st.dataframe(ev, hide_index=True, width="stretch")
+
 rows, fig = [], go.Figure()
 for mid in chosen:
     c = cards[mid]
     s, t = magnification_scores(c, mag)
     kind = ("pooled" if c.magnification == "all" else "own magnification" if c.magnification == mag
             else f"borrowed ({c.magnification} model)")
-    row = {"model": mid, "architecture": c.architecture, "serves as": kind, "stain": (c.preprocess.stain or {}).get("method", "none")}
+    row = {"model": mid, "routed": "yes" if mid == served.model_id else "", "architecture": c.architecture, "serves as": kind, "stain": (c.preprocess.stain or {}).get("method", "none")}
     for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "patient_accuracy", "ece"):
         m = s["metrics"][k]
         row[k] = f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
@@ -38,7 +48,8 @@ for mid in chosen:
     row["patients (b/m)"] = f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}"
     rows.append(row)
     cv = curves(model_folder(mid))
-    cur = cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall") if c.magnification == mag else None
+    cur = (cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall") if c.magnification == mag
+           else cv.get("cross_magnification", {}).get(mag))
     if cur and "roc" in cur:
         fig.add_scatter(x=cur["roc"]["fpr"], y=cur["roc"]["tpr"], name=mid)
 fig.add_scatter(x=[0, 1], y=[0, 1], name="chance", line={"dash": "dash", "color": "grey"})

@@ -169,10 +169,14 @@ def _run(args) -> int:
             print(f"{r['recipe']:10s} stain {r['stain']:8s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
         print(f"shipped: {sel['chosen']} -> {args.out}")
     elif args.cmd == "select-defaults":
-        from training.evaluate import select_defaults
+        from training.routing import select_defaults
 
         for mag, d in select_defaults(args.root).items():
-            print(f"{mag}: {d['model_id']} AUC {d['auc']:.3f} ({d['kind']})")
+            print(f"{mag}: {d['model_id']} AUC {d['auc']:.3f} ({d['kind']}): {d['reason']}")
+            for r in d["comparisons"]:
+                if r["difference"] is not None:
+                    print(f"    {r['challenger']:28s} vs {d['incumbent']}: {r['difference']:+.3f} "
+                          f"(95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}){' same folds' if r['same_folds'] else ''}")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.inference import MAGNIFICATIONS, list_model_folders, load_model_folder
+from models.inference import load_model_folder
 from models.card import ModelCard
 from models.metrics import curve_points, summarize
 from models.preprocess import ImageError, load_image
@@ -95,47 +95,6 @@ def leakage_demo(data: str, magnification: str, k: int = 5, seed: int = 0, cache
                    "in train and test, and the AUC it reports is inflated by recognising patients.")
     out.update(magnification=magnification, n_images=int(len(df)), n_patients=int(df["patient"].nunique()),
                command=f"python -m training leakage-demo --data {data} --magnification {magnification}")
-    return out
-
-
-def select_defaults(root: str | Path) -> dict:
-    """Per magnification, the model with the best patient-grouped validation AUC there (never by hand)."""
-    root = Path(root)
-    folders = list_model_folders(root)
-    cards = [ModelCard.from_json(f / "card.json") for f in folders]
-    out = {}
-    for mag in MAGNIFICATIONS:
-        cands = []
-        for c in cards:
-            if c.magnification == mag:
-                s, kind = c.evaluation.get("overall"), "own-magnification model"
-            elif c.magnification == "all" and mag in c.per_magnification:
-                s, kind = c.per_magnification[mag], "pooled model (all magnifications)"
-            elif mag in c.evaluation.get("cross_magnification", {}):
-                s, kind = c.evaluation["cross_magnification"][mag], f"borrowed {c.magnification} model (cross-magnification check)"
-            else:
-                continue
-            if not s:
-                continue
-            auc = s["metrics"]["auc"]
-            cands.append({"model_id": c.model_id, "kind": kind, "auc": auc["value"], "auc_ci95": auc["ci95"],
-                          "n_patients": s["n_patients"], "pooled": c.magnification == "all",
-                          "borrowed": c.magnification not in ("all", mag)})
-        cands = [x for x in cands if x["auc"] == x["auc"]]  # drop NaN AUCs (one class only)
-        if not cands:
-            continue
-        # ties prefer an own-magnification model, then a pooled one, over a borrowed one
-        best = max(cands, key=lambda x: (x["auc"], not x["pooled"] and not x["borrowed"], not x["borrowed"]))
-        n = best["n_patients"]
-        weak = n["benign"] + n["malignant"] < 20 or min(n.values()) < 5
-        out[mag] = {**best, "few_patients": weak, "candidates": cands,
-                    "reason": f"highest patient-grouped cross-validated AUC at {mag} among {len(cands)} candidate(s)"}
-    (root / "defaults.json").write_text(json.dumps(out, indent=1) + "\n")
-    for f, c in zip(folders, cards):  # the reason travels with the model too
-        c.serves = {m: f"{d['reason']}: {d['auc']:.3f} (95% CI {d['auc_ci95'][0]:.3f}-{d['auc_ci95'][1]:.3f}), "
-                       f"{d['n_patients']['benign']} benign / {d['n_patients']['malignant']} malignant patients"
-                    for m, d in out.items() if d["model_id"] == c.model_id}
-        c.to_json(f / "card.json")
     return out
 
 

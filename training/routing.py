@@ -1,0 +1,167 @@
+"""Routing that noise cannot fool: which model serves each magnification (writes magnif_models/defaults.json).
+
+Rule (issue 18, fixed before any of the compared numbers were seen):
+1. The *incumbent* at a magnification is an ImageNet-pretrained model trained on that magnification's frames
+   (its own or a pooled model, never a borrowed one), in this order of preference: the reference recipe
+   (end-to-end fine-tuning with HED/HSV colour augmentation), then the simplest pretrained model (frozen
+   features + logistic regression / linear head), then any other single-network pretrained model. Pooled
+   before own-magnification within a tier (more patients behind it). Not the best-validating one: picking the
+   best of N on the folds we report is optimistic.
+2. Every other candidate is a *challenger*. Its AUC advantage over the incumbent is measured on the same
+   frames (out-of-fold or held-out patients only) by a paired patient bootstrap. It displaces the incumbent
+   only when the lower end of the 95% CI of that advantage is above zero; with several such, the one with
+   the highest lower bound.
+3. With no pretrained candidate at all (e.g. a user who trained only from scratch), the highest AUC serves
+   and the entry says that the choice is not noise-proof.
+
+Cards are never rewritten here: the evidence lives in defaults.json, which also records each routed card's
+sha256 so the app can tell when a card changed after routing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.archs import file_sha256
+from models.card import ModelCard
+from models.inference import DEFAULTS_FILE, MAGNIFICATIONS, list_model_folders
+from models.metrics import paired_auc_difference
+
+FEW_PATIENTS = 20
+RULE = ("an ImageNet-pretrained incumbent (reference recipe: end-to-end fine-tuning with colour augmentation; "
+        "else frozen features + logistic regression) serves unless a challenger's AUC advantage on the same "
+        "out-of-fold frames has a paired patient-bootstrap 95% CI entirely above zero")
+
+
+def is_pretrained(card: ModelCard) -> bool:
+    """Single-network model whose backbone started from ImageNet weights (the hybrid's ViT starts from scratch)."""
+    init = str(card.init.get("init", "scratch"))
+    return card.architecture != "hybrid" and init != "scratch"
+
+
+def incumbent_tier(card: ModelCard) -> int | None:
+    """0 reference recipe, 1 frozen-feature recipe, 2 other pretrained; None: not eligible as incumbent."""
+    if not is_pretrained(card):
+        return None
+    recipe = card.recipe.get("name", "")
+    if recipe == "full" and card.hyperparameters.get("colour_augmentation") == "hed":
+        return 0
+    if recipe in ("logreg", "linear"):
+        return 1
+    return 2
+
+
+def frame_scores(folder: Path, card: ModelCard, mag: str) -> pd.DataFrame | None:
+    """Out-of-fold (or held-out) frame scores of one model at `mag`: frame, patient, label, score, fold."""
+    own = card.magnification in (mag, "all")
+    path = folder / ("predictions.csv" if own else "predictions_cross_magnification.csv")
+    if not path.is_file():
+        return None
+    p = pd.read_csv(path, dtype={"patient": str})
+    p = p[p["magnification"] == mag] if "magnification" in p else p
+    col = "logit" if "logit" in p else "p_malignant"  # raw logits: per-fold temperatures would distort the ranking
+    p = p[p[col].notna()]
+    if p.empty:
+        return None
+    return pd.DataFrame({"frame": p["path"].astype(str).map(lambda s: Path(s).name), "patient": p["patient"],
+                         "label": p["label"].astype(int), "score": p[col].astype(float),
+                         "fold": p["cv_fold"] if "cv_fold" in p else -1})
+
+
+def _same_folds(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two models' out-of-fold predictions came from the same patient partition (fold labels may differ)."""
+    def parts(d: pd.DataFrame) -> set:
+        g = d.groupby("fold")["patient"].apply(lambda s: frozenset(s))
+        return set(g) if (d["fold"] >= 0).all() else {None}
+    return None not in parts(a) and parts(a) == parts(b)
+
+
+def compare(challenger: pd.DataFrame, incumbent: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """Paired AUC difference on the frames both models scored out-of-fold."""
+    m = challenger.merge(incumbent, on=["frame", "patient", "label"], suffixes=("_c", "_i"))
+    if m["label"].nunique() < 2:
+        return None
+    res = paired_auc_difference(m["label"].to_numpy(), m["score_c"].to_numpy(), m["score_i"].to_numpy(),
+                                m["patient"].to_numpy(), n_boot=n_boot, seed=seed)
+    res["same_folds"] = _same_folds(challenger[challenger["frame"].isin(m["frame"])],
+                                    incumbent[incumbent["frame"].isin(m["frame"])])
+    return res
+
+
+def _summary(card: ModelCard, mag: str) -> tuple[dict | None, str]:
+    if card.magnification == mag:
+        return card.evaluation.get("overall"), "own-magnification model"
+    if card.magnification == "all":
+        return card.per_magnification.get(mag), "pooled model (all magnifications)"
+    return (card.evaluation.get("cross_magnification", {}).get(mag),
+            f"borrowed {card.magnification} model (cross-magnification check)")
+
+
+def choose(cands: list[dict], n_boot: int = 2000) -> dict:
+    """Apply the rule to one magnification's candidates (each with card, scores and summary fields)."""
+    eligible = [c for c in cands if c["tier"] is not None and not c["borrowed"]]
+    if not eligible:
+        best = max(cands, key=lambda x: (x["auc"], not x["pooled"] and not x["borrowed"], not x["borrowed"]))
+        return {"chosen": best, "incumbent": None, "comparisons": [],
+                "reason": f"no ImageNet-pretrained candidate: highest cross-validated AUC among {len(cands)} "
+                          "(not protected against noise)"}
+    inc = min(eligible, key=lambda c: (c["tier"], not c["pooled"], c["model_id"]))
+    comps = []
+    for c in cands:
+        if c is inc:
+            continue
+        r = compare(c["scores"], inc["scores"], n_boot) if c["scores"] is not None and inc["scores"] is not None else None
+        row = {"challenger": c["model_id"], "kind": c["kind"]}
+        if r is None:
+            row.update(difference=None, ci95=None, displaces=False, note="no shared out-of-fold frames with both labels")
+        else:
+            row.update(difference=r["difference"], ci95=r["ci95"], n_patients=r["n_patients"], n_images=r["n_images"],
+                       same_folds=r["same_folds"], displaces=bool(r["ci95"][0] > 0))
+        comps.append(row)
+    winners = [r for r in comps if r["displaces"]]
+    if winners:
+        w = max(winners, key=lambda r: r["ci95"][0])
+        chosen = next(c for c in cands if c["model_id"] == w["challenger"])
+        reason = (f"displaced the pretrained incumbent {inc['model_id']}: AUC advantage {w['difference']:+.3f} "
+                  f"(paired patient-bootstrap 95% CI {w['ci95'][0]:+.3f} to {w['ci95'][1]:+.3f}, above zero)")
+    else:
+        chosen = inc
+        best = max((r for r in comps if r["difference"] is not None), key=lambda r: r["difference"], default=None)
+        reason = (f"pretrained incumbent; no challenger's AUC advantage is distinguishable from noise"
+                  + (f" (largest: {best['challenger']} {best['difference']:+.3f}, 95% CI {best['ci95'][0]:+.3f} to "
+                     f"{best['ci95'][1]:+.3f})" if best else ""))
+    return {"chosen": chosen, "incumbent": inc["model_id"], "comparisons": comps, "reason": reason}
+
+
+def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) -> dict:
+    """Choose (and unless write=False, write defaults.json) by the rule above, with each magnification's evidence."""
+    root = Path(root)
+    folders = list_model_folders(root)
+    cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
+    out = {}
+    for mag in MAGNIFICATIONS:
+        cands = []
+        for f, c in cards:
+            s, kind = _summary(c, mag)
+            if not s or s["metrics"]["auc"]["value"] != s["metrics"]["auc"]["value"]:  # absent, or NaN (one class)
+                continue
+            cands.append({"model_id": c.model_id, "kind": kind, "auc": s["metrics"]["auc"]["value"],
+                          "auc_ci95": s["metrics"]["auc"]["ci95"], "n_patients": s["n_patients"],
+                          "pooled": c.magnification == "all", "borrowed": c.magnification not in ("all", mag),
+                          "pretrained": is_pretrained(c), "tier": incumbent_tier(c) if c.magnification in ("all", mag) else None,
+                          "scores": frame_scores(f, c, mag), "card_sha256": file_sha256(f / "card.json")})
+        if not cands:
+            continue
+        d = choose(cands, n_boot)
+        best = d["chosen"]
+        n = best["n_patients"]
+        public = lambda c: {k: v for k, v in c.items() if k not in ("scores", "tier")}  # noqa: E731
+        out[mag] = {**public(best), "few_patients": n["benign"] + n["malignant"] < FEW_PATIENTS or min(n.values()) < 5,
+                    "rule": RULE, "incumbent": d["incumbent"], "comparisons": d["comparisons"],
+                    "candidates": [public(c) for c in cands], "reason": d["reason"]}
+    if write:
+        (root / DEFAULTS_FILE).write_text(json.dumps(out, indent=1) + "\n")
+    return out
