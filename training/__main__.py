@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("pick-recipe", help="ship the candidate with the higher cross-validated AUC")
     a.add_argument("--candidates", nargs="+", required=True)
     a.add_argument("--out", required=True)
+    a = sub.add_parser("frozen-cv", help="repeated grouped CV of frozen-feature recipes (whole frame, tiles, MIL, both)")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default="all")
+    a.add_argument("--weights", default=None, help="Lite2 ImageNet weights file (default: BREAKHIS_LITE2_WEIGHTS or ../shared/weights)")
+    a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--recipes", nargs="+", default=None)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("select-defaults", help="choose each magnification's model from validation")
     a.add_argument("--root", default="magnif_models")
     args = ap.parse_args(argv)
@@ -168,6 +177,24 @@ def _run(args) -> int:
         for r in sel["candidates"]:
             print(f"{r['recipe']:10s} stain {r['stain']:8s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
         print(f"shipped: {sel['chosen']} -> {args.out}")
+    elif args.cmd == "frozen-cv":
+        from training.data import default_cache_dir
+        from training.frozen_cv import RECIPES, frozen_features, repeated_cv
+        from training.train import BASELINE_WEIGHTS, select_rows
+
+        weights = args.weights or str(BASELINE_WEIGHTS)
+        from training.data import index_source
+
+        df = select_rows(index_source(args.data), args.magnification)
+        whole, tiles = frozen_features(df["path"].tolist(), weights, default_cache_dir())
+        res = repeated_cv(df, whole, tiles, args.recipes or RECIPES, tuple(args.split_seeds), args.k, args.n_boot)
+        res["command"] = "python -m training " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        for r, v in res["recipes"].items():
+            a_ = v["summary"]["auc"]
+            print(f"{r:28s} per-fold AUC {v['per_fold_auc_mean']:.3f}±{v['per_fold_auc_sd']:.3f}  pooled {a_['value']:.3f} "
+                  f"({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f})  patient AUC {v['summary']['patient_auc']['value']:.3f}")
     elif args.cmd == "select-defaults":
         from training.routing import select_defaults
 

@@ -1,0 +1,185 @@
+"""Repeated patient-grouped CV of frozen-feature recipes: whole frame, native tiles, attention-MIL, both scales,
+fold ensembles. Features are cached by content (weights sha256 + preprocessing + each frame's bytes), so the
+repeated CV runs in minutes on 2 CPU cores.
+
+    python -m training frozen-cv --data ../shared/data/breakhis --out benchmarks/results/frozen_cv.json
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.archs import arch_spec, build_model
+from models.card import PreprocessConfig
+from models.metrics import paired_auc_difference, summarize
+from models.preprocess import frame_to_uint8, load_image, normalize_uint8
+from models.tiles import tile_frame
+from training.engine import fit_logistic_head, sample_weights
+from training.splits import assert_patient_disjoint, grouped_kfold
+
+log = logging.getLogger("training")
+RECIPES = ("whole_lr", "tiles_mean_lr", "tiles_mil", "multiscale_concat_lr", "multiscale_mean_lr",
+           "whole_lr_fold_ensemble", "tiles_mean_lr_fold_ensemble")
+
+
+def content_key(paths: list[str], *parts: str) -> str:
+    """Cache key from what determines the features: the frames' bytes and the extractor's description."""
+    h = hashlib.sha256("\n".join(parts).encode())
+    for p in paths:
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def frozen_features(paths: list[str], weights: str, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(whole-frame features (N, D), native-tile features (N, 6, D)) of the ImageNet Lite2 backbone."""
+    model, rec = build_model("efficientnet_lite2", weights)
+    model.eval()
+    spec = arch_spec("efficientnet_lite2")
+    cfg = PreprocessConfig(spec.input_size, spec.mean, spec.std)
+    key = content_key(paths, rec.get("file_sha256", weights), str(cfg), "whole+tiles2x3")
+    path = Path(cache_dir) / "features" / f"frozen_{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return z["whole"], z["tiles"]
+    whole, tiles = [], []
+    for p in tqdm(paths, desc="frozen features", leave=False):
+        img = load_image(p).image
+        whole.append(model.features(normalize_uint8(frame_to_uint8(img, cfg), cfg)[None]).numpy()[0])
+        t = tile_frame(img)
+        tiles.append(model.features(normalize_uint8(t.pixels, cfg)).numpy())
+    whole, tiles = np.stack(whole), np.stack(tiles)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, whole=whole, tiles=tiles)
+    return whole, tiles
+
+
+class GatedAttentionMIL(nn.Module):
+    """Ilse et al. (2018) gated attention pooling over a frame's tile embeddings, then one logit."""
+
+    def __init__(self, dim: int, hidden: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.v, self.u, self.w = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, 1)
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T) softmax weights over tiles."""
+        return torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1), dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.attention(h)
+        return self.fc(self.drop((a.unsqueeze(-1) * h).sum(1))).squeeze(-1)
+
+
+def fit_mil(tiles: np.ndarray, y: np.ndarray, w: np.ndarray, idx: np.ndarray, seed: int = 0, epochs: int = 60,
+            lr: float = 1e-3, weight_decay: float = 1e-2) -> tuple[GatedAttentionMIL, np.ndarray, np.ndarray]:
+    """Train the MIL head on standardised tile embeddings; returns (model, mean, std) for scoring."""
+    torch.manual_seed(seed)
+    mu, sd = tiles[idx].reshape(-1, tiles.shape[-1]).mean(0), tiles[idx].reshape(-1, tiles.shape[-1]).std(0) + 1e-6
+    X = torch.from_numpy((tiles[idx] - mu) / sd).float()
+    Y, W = torch.from_numpy(y[idx]).float(), torch.from_numpy(w[idx]).float()
+    m = GatedAttentionMIL(tiles.shape[-1])
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        m.train()
+        for b in torch.randperm(len(idx), generator=g).split(32):
+            loss = (nn.functional.binary_cross_entropy_with_logits(m(X[b]), Y[b], reduction="none") * W[b]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return m.eval(), mu, sd
+
+
+def mil_logits(m: GatedAttentionMIL, mu: np.ndarray, sd: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return m(torch.from_numpy((tiles - mu) / sd).float()).double().numpy()
+
+
+def _lr(feats: np.ndarray, y, w, tr, te) -> np.ndarray:
+    weight, bias = fit_logistic_head(feats, y, w, tr)
+    return feats[te] @ weight + bias
+
+
+def _fold_ensemble(feats: np.ndarray, y, w, pats, df: pd.DataFrame, tr, te, seed: int, k: int = 5) -> np.ndarray:
+    """Mean logit of the k inner-fold heads (what shipping the fold models together would predict)."""
+    inner = grouped_kfold(df.iloc[tr], k, seed).to_numpy()
+    return np.mean([_lr(feats, y, w, tr[inner != j], te) for j in np.unique(inner)], axis=0)
+
+
+def recipe_logits(name: str, whole, tiles, y, w, pats, df, tr, te, seed: int) -> np.ndarray:
+    """Out-of-fold logits of one recipe for test rows te, fitted on training rows tr only."""
+    tmean = tiles.mean(1)
+    if name == "whole_lr":
+        return _lr(whole, y, w, tr, te)
+    if name == "tiles_mean_lr":
+        return _lr(tmean, y, w, tr, te)
+    if name == "multiscale_concat_lr":
+        return _lr(np.concatenate([whole, tmean], 1), y, w, tr, te)
+    if name == "multiscale_mean_lr":  # ensemble of the two scales' heads
+        return 0.5 * (_lr(whole, y, w, tr, te) + _lr(tmean, y, w, tr, te))
+    if name == "tiles_mil":
+        m, mu, sd = fit_mil(tiles, y, w, tr, seed)
+        return mil_logits(m, mu, sd, tiles[te])
+    if name == "whole_lr_fold_ensemble":
+        return _fold_ensemble(whole, y, w, pats, df, tr, te, seed)
+    if name == "tiles_mean_lr_fold_ensemble":
+        return _fold_ensemble(tmean, y, w, pats, df, tr, te, seed)
+    raise ValueError(f"unknown recipe {name!r}; choose from {RECIPES}")
+
+
+def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=RECIPES, split_seeds=(0, 1, 2),
+                k: int = 5, n_boot: int = 1000) -> dict:
+    """Rule 1: each recipe over split seeds x k patient-grouped folds, the same folds for every recipe.
+
+    Per recipe: per-fold AUC mean and SD, pooled out-of-fold AUC per split seed, and, on the out-of-fold logits
+    averaged over the split seeds, frame- and patient-level AUC/accuracy with patient-bootstrap CIs, per
+    magnification AUCs, and the paired AUC difference to the whole-frame logistic regression.
+    """
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    w = sample_weights(y, pats)
+    oof = {r: np.zeros((len(split_seeds), len(df))) for r in recipes}
+    fold_aucs: dict[str, list] = {r: [] for r in recipes}
+    from models.metrics import _safe_auc
+
+    for si, seed in enumerate(split_seeds):
+        fold = grouped_kfold(df, k, seed).to_numpy()
+        assert_patient_disjoint(pd.Series(pats), pd.Series(fold))
+        for j in range(k):
+            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
+            assert not set(pats[te]) & set(pats[tr])
+            for r in recipes:
+                z = recipe_logits(r, whole, tiles, y, w, pats, df, tr, te, seed)
+                oof[r][si, te] = z
+                fold_aucs[r].append(_safe_auc(y[te], z))
+        log.info("split seed %d done", seed)
+    mags = df["magnification"].to_numpy()
+    out = {"protocol": f"{len(split_seeds)} split seeds x {k} stratified patient-grouped folds, identical for every "
+                       "recipe; frozen ImageNet Lite2 features; summaries on the out-of-fold logits averaged over seeds",
+           "split_seeds": list(split_seeds), "folds": k, "n_images": int(len(df)),
+           "n_patients": {"benign": int(df.loc[y == 0, "patient"].nunique()),
+                          "malignant": int(df.loc[y == 1, "patient"].nunique())}, "recipes": {}}
+    for r in recipes:
+        z = oof[r].mean(0)
+        s = summarize(y, 1 / (1 + np.exp(-z)), pats, n_boot=n_boot, score=z)
+        fa = np.array(fold_aucs[r], float)
+        out["recipes"][r] = {
+            "per_fold_auc_mean": float(np.nanmean(fa)), "per_fold_auc_sd": float(np.nanstd(fa, ddof=1)),
+            "per_fold_auc_min": float(np.nanmin(fa)), "per_fold_auc_max": float(np.nanmax(fa)),
+            "pooled_auc_by_seed": [_safe_auc(y, oof[r][i]) for i in range(len(split_seeds))],
+            "summary": {m: s["metrics"][m] for m in ("auc", "patient_auc", "patient_accuracy", "balanced_accuracy")},
+            "n_patients": s["n_patients"],
+            "per_magnification_auc": {g: _safe_auc(y[mags == g], z[mags == g]) for g in sorted(set(mags))},
+            "vs_whole_lr": (paired_auc_difference(y, z, oof["whole_lr"].mean(0), pats, n_boot=n_boot)
+                            if r != "whole_lr" and "whole_lr" in oof else None),
+        }
+    return out
