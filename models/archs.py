@@ -235,8 +235,16 @@ def _init_backbone(arch: str, backbone: nn.Module, init: str) -> dict:
     return record
 
 
+DEFAULT_TILES = {"backbone": "efficientnet_lite2", "pooling": "attention"}
+
+
 def arch_spec(arch: str, arch_config: dict | None = None) -> ArchSpec:
-    """The spec (preprocessing, stages, CAM layer) of `arch`; a hybrid takes its CNN branch's."""
+    """The spec (preprocessing, stages, CAM layer) of `arch`; a hybrid takes its CNN branch's, a tile model its
+    backbone's (input size = one native tile)."""
+    if arch == "tiles":
+        from models.tiles import TILE_SIZE
+
+        return replace(ARCHITECTURES[{**DEFAULT_TILES, **(arch_config or {})}["backbone"]], name="tiles", input_size=TILE_SIZE)
     if arch != "hybrid":
         return ARCHITECTURES[arch]
     from models.hybrid import DEFAULT_HYBRID
@@ -254,8 +262,16 @@ def build_model(arch: str, init: str = "scratch", arch_config: dict | None = Non
     """
     if arch == "hybrid":
         return _build_hybrid(init, arch_config, vit_init)
+    if arch == "tiles":  # a frame as a bag of native tiles through one backbone (models.tiles)
+        from models.tiles import TiledClassifier
+
+        cfg = {**DEFAULT_TILES, **(arch_config or {})}
+        spec = ARCHITECTURES[cfg["backbone"]]
+        backbone = spec.make_backbone()
+        record = _init_backbone(cfg["backbone"], backbone, init)
+        return TiledClassifier(backbone.float(), spec.feat_dim, cfg["pooling"]), record
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES) + ['hybrid']}")
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES) + ['hybrid', 'tiles']}")
     spec = ARCHITECTURES[arch]
     backbone = spec.make_backbone()
     record = _init_backbone(arch, backbone, init)

@@ -27,6 +27,9 @@ class PreprocessConfig:
     # Stain normalisation applied to the resized uint8 frame (models.stain): None, or the method with the
     # target statistics fitted on the training frames, e.g. {"method": "reinhard", "target_means": [...], ...}.
     stain: dict | None = None
+    # Native-resolution tiling (models.tiles) instead of resizing the frame: None, or
+    # {"grid": [2, 3], "tile_size": [230, 233], "reference_size": [700, 460]}; input_size is then the tile size.
+    tiles: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":

@@ -65,6 +65,8 @@ def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM",
     if branch == "combined":
         return (gradcam_heatmap(lm, img, method, target_class, "cnn")
                 + gradcam_heatmap(lm, img, method, target_class, "vit")) / 2
+    if lm.card.architecture == "tiles":
+        return _tiled_heatmap(lm, img, method, target_class)
     x = lm.preprocess(img).unsqueeze(0)
     reshape = _vit_reshape(lm) if branch == "vit" else None
     with _lock_for(lm.model), torch.enable_grad():
@@ -79,3 +81,71 @@ def gradcam_overlay(img: Image.Image, heatmap: np.ndarray, opacity: float = 0.45
     """The frame with the heatmap blended on top (opacity = weight of the heatmap)."""
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - float(opacity)))
+
+
+class _OneTile(torch.nn.Module):
+    """The frame's logit as a function of tile i alone, the other tiles' embeddings held fixed: Grad-CAM of this
+    is Grad-CAM of the frame's (attention-pooled) logit with respect to tile i's feature map."""
+
+    def __init__(self, model: torch.nn.Module, h_all: torch.Tensor, i: int):
+        super().__init__()
+        self.model, self.h_all, self.i = model, h_all, i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        f = ((m.pool(m.backbone(x)).flatten(1) - m.feat_mean) / m.feat_std).unsqueeze(1)
+        h = torch.cat([self.h_all[:, :self.i], f, self.h_all[:, self.i + 1:]], dim=1)
+        return m.bag_logit(h)
+
+
+def tile_attention(lm: LoadedModel, img: Image.Image) -> tuple[list[tuple[int, int, int, int]], np.ndarray, tuple[int, int]]:
+    """(tile boxes in the tiled frame, each tile's attention weight, the tiled frame's (W, H)) for a tile model."""
+    from models.tiles import tile_frame
+
+    t = tile_frame(img)
+    x = lm.preprocess(img).unsqueeze(0)
+    with _lock_for(lm.model), torch.inference_mode():
+        a = lm.model.attention(x)[0].double().numpy()
+    return t.boxes, a, t.frame.size
+
+
+def _tiled_heatmap(lm: LoadedModel, img: Image.Image, method: str, target_class: int) -> np.ndarray:
+    """Per-tile CAM stitched into one full-frame map; each tile's map (scaled to [0, 1] by the CAM library) is
+    weighted by its attention relative to the most-attended tile, so the stitched map also says which tiles
+    the prediction rests on."""
+    from models.tiles import tile_frame
+
+    t = tile_frame(img)
+    x = lm.preprocess(img).unsqueeze(0)
+    layer = lm.model.get_submodule(arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer)
+    with _lock_for(lm.model):
+        with torch.inference_mode():
+            h_all = lm.model.tile_features(x).clone()
+            att = lm.model.attention(x)[0].double().numpy()
+        rel = att / att.max()
+        W, H = t.frame.size
+        heat = np.zeros((H, W), np.float32)
+        with torch.enable_grad():
+            for i, (top, left, bh, bw) in enumerate(t.boxes):
+                with CAM_METHODS[method](model=_OneTile(lm.model, h_all, i), target_layers=[layer]) as cam:
+                    g = cam(input_tensor=x[:, i], targets=[BinaryClassifierOutputTarget(target_class)])[0]
+                tile_map = np.asarray(Image.fromarray(np.float32(g)).resize((bw, bh), Image.BILINEAR)) * rel[i]
+                region = heat[top:top + bh, left:left + bw]
+                np.maximum(region, tile_map[:region.shape[0], :region.shape[1]], out=region)
+    out = Image.fromarray(heat).resize(img.size, Image.BILINEAR)
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def tile_attention_overlay(img: Image.Image, boxes: list[tuple[int, int, int, int]], weights: np.ndarray,
+                           tiled_size: tuple[int, int]) -> Image.Image:
+    """The frame with each tile outlined and labelled with its attention weight (thicker = more attended)."""
+    from PIL import ImageDraw
+
+    frame = img.convert("RGB").resize(tiled_size, Image.BILINEAR) if img.size != tiled_size else img.convert("RGB").copy()
+    draw = ImageDraw.Draw(frame)
+    rel = weights / weights.max()
+    for (top, left, bh, bw), a, r in zip(boxes, weights, rel):
+        draw.rectangle([left + 2, top + 2, left + bw - 3, top + bh - 3], outline=(255, 215, 0), width=max(1, int(1 + 6 * r)))
+        draw.rectangle([left + 6, top + 6, left + 74, top + 26], fill=(0, 0, 0))
+        draw.text((left + 10, top + 9), f"{a:.2f}", fill=(255, 255, 255))
+    return frame.resize(img.size, Image.BILINEAR) if img.size != tiled_size else frame

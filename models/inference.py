@@ -70,6 +70,8 @@ class LoadedModel:
                        notes: Sequence[list[str]] | None = None) -> np.ndarray:
         """Calibrated p(malignant) for RGB PIL frames; preprocessing notes (stain failures) go to notes[i]."""
         notes = notes if notes is not None else [[] for _ in images]
+        if self.card.preprocess.tiles:
+            batch_size = 1  # frames of unusual size give other tile counts: one bag at a time
         out = []
         for i in range(0, len(images), batch_size):
             batch = [self.preprocess(im, n) for im, n in zip(images[i:i + batch_size], notes[i:i + batch_size])]

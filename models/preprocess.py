@@ -140,5 +140,13 @@ def normalize_uint8(t: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 
 
 def frame_to_tensor(img: Image.Image, cfg: PreprocessConfig, notes: list[str] | None = None) -> torch.Tensor:
-    """The exact tensor a model sees for a frame, at training evaluation and at inference alike."""
+    """The exact tensor a model sees for a frame, at training evaluation and at inference alike:
+    (3, H, W), or (T, 3, h, w) native-resolution tiles when the card says so."""
+    if cfg.tiles:
+        from models.tiles import tile_frame
+
+        t = tile_frame(img)
+        if notes is not None:
+            notes.extend(t.notes)
+        return normalize_uint8(t.pixels, cfg)
     return normalize_uint8(frame_to_uint8(img, cfg, notes), cfg)

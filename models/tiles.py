@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 REFERENCE_SIZE = (700, 460)  # (W, H) of a native BreakHis frame
@@ -51,3 +52,56 @@ def tile_frame(img: Image.Image) -> Tiles:
             pixels.append(tile)
             boxes.append((top, left, bh, bw))
     return Tiles(torch.stack(pixels), boxes, img, notes)
+
+
+class GatedAttentionMIL(nn.Module):
+    """Ilse et al. (2018) gated attention pooling over a frame's tile embeddings, then one logit."""
+
+    def __init__(self, dim: int, hidden: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.v, self.u, self.w = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, 1)
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T) softmax weights over tiles."""
+        return torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1), dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.attention(h)
+        return self.fc(self.drop((a.unsqueeze(-1) * h).sum(1))).squeeze(-1)
+
+
+class TiledClassifier(nn.Module):
+    """A frame as a bag of native-resolution tiles: backbone per tile -> standardised pooled features ->
+    attention-MIL (or mean) pooling -> one malignancy logit. Input (B, T, 3, h, w)."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, pooling: str = "attention", hidden: int = 128,
+                 dropout: float = 0.25):
+        super().__init__()
+        if pooling not in ("attention", "mean"):
+            raise ValueError(f"tile pooling must be 'attention' or 'mean', not {pooling!r}")
+        self.backbone, self.pooling = backbone, pooling
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.register_buffer("feat_mean", torch.zeros(feat_dim))
+        self.register_buffer("feat_std", torch.ones(feat_dim))
+        self.head = GatedAttentionMIL(feat_dim, hidden, dropout) if pooling == "attention" else nn.Linear(feat_dim, 1)
+
+    def tile_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, h, w) -> standardised tile embeddings (B, T, D)."""
+        b, t = x.shape[:2]
+        f = self.pool(self.backbone(x.flatten(0, 1))).flatten(1)
+        return ((f - self.feat_mean) / self.feat_std).view(b, t, -1)
+
+    def bag_logit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h) if self.pooling == "attention" else self.head(h.mean(1)).squeeze(-1)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) weight of each tile in the frame's prediction (uniform for mean pooling)."""
+        h = self.tile_features(x)
+        if self.pooling == "mean":
+            return torch.full(h.shape[:2], 1.0 / h.shape[1])
+        return self.head.attention(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bag_logit(self.tile_features(x))

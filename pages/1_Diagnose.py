@@ -5,7 +5,8 @@ import io
 import streamlit as st
 
 from models.dashboard import DISCLAIMER, results_frame, route
-from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
+from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay, tile_attention,
+                            tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from ui_cache import cached_analysis, cached_model
 
@@ -84,7 +85,10 @@ st.download_button("Download results (CSV)", table.to_csv(index=False), "predict
 
 if not ok:
     st.stop()
-pick = ok[0] if len(ok) == 1 else next(x for x in ok if x.name == st.selectbox("Show the heatmap for", [x.name for x in ok]))
+if len(ok) == 1:
+    pick = ok[0]
+else:  # chosen by position, with a key: names may repeat and the widget must be created once per run
+    pick = ok[st.selectbox("Show the heatmap for", range(len(ok)), format_func=lambda i: ok[i].name, key="heatmap_pick")]
 st.subheader(pick.name)
 if pick.out_of_distribution:
     st.markdown(f"<span style='color:#999'>p(malignant) = {pick.p_malignant:.3f} → {pick.label} "
@@ -99,8 +103,16 @@ with st.spinner(f"Computing {method}…"):
     heat = gradcam_heatmap(lm, pick.image, method, target, branch)
 overlay = gradcam_overlay(pick.image, heat, opacity)
 a, b = st.columns(2)
-a.image(pick.image, caption="original", width="stretch")
-b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
+if lm.card.architecture == "tiles":  # a tile model: where its attention went, and the per-tile maps stitched together
+    boxes, weights, tiled_size = tile_attention(lm, pick.image)
+    a.image(tile_attention_overlay(pick.image, boxes, weights, tiled_size), width="stretch",
+            caption="tile attention: each native-resolution tile's weight in the prediction (weights sum to 1)")
+    b.image(overlay, width="stretch",
+            caption=f"{method} for class '{target_name}', computed per tile and stitched into one map; each tile's map "
+                    f"is scaled by its attention relative to the most-attended tile ({r.model_id})")
+else:
+    a.image(pick.image, caption="original", width="stretch")
+    b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
 buf = io.BytesIO()
 overlay.save(buf, "PNG")
 st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")

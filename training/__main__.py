@@ -86,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--recipes", nargs="+", default=None)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("train-tiles", help="ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default="all")
+    a.add_argument("--weights", default=None, help="Lite2 ImageNet weights file (default: ../shared/weights)")
+    a.add_argument("--pooling", choices=["attention", "mean"], default="attention")
+    a.add_argument("--cv", type=int, default=5)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("select-defaults", help="choose each magnification's model from validation")
     a.add_argument("--root", default="magnif_models")
     args = ap.parse_args(argv)
@@ -195,6 +204,15 @@ def _run(args) -> int:
             a_ = v["summary"]["auc"]
             print(f"{r:28s} per-fold AUC {v['per_fold_auc_mean']:.3f}±{v['per_fold_auc_sd']:.3f}  pooled {a_['value']:.3f} "
                   f"({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f})  patient AUC {v['summary']['patient_auc']['value']:.3f}")
+    elif args.cmd == "train-tiles":
+        from training.frozen_cv import train_tile_model
+        from training.train import BASELINE_WEIGHTS
+
+        card = train_tile_model(args.data, args.out, args.weights or str(BASELINE_WEIGHTS), args.magnification,
+                                args.pooling, args.cv, args.seed, args.n_boot)
+        a_ = card.evaluation["overall"]["metrics"]["auc"]
+        print(f"{card.model_id}: AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f}); "
+              f"patients {card.evaluation['overall']['n_patients']}; {card.training_time_s:.0f}s")
     elif args.cmd == "select-defaults":
         from training.routing import select_defaults
 

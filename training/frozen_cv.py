@@ -20,7 +20,7 @@ from models.archs import arch_spec, build_model
 from models.card import PreprocessConfig
 from models.metrics import paired_auc_difference, summarize
 from models.preprocess import frame_to_uint8, load_image, normalize_uint8
-from models.tiles import tile_frame
+from models.tiles import GatedAttentionMIL, tile_frame
 from training.engine import fit_logistic_head, sample_weights
 from training.splits import assert_patient_disjoint, grouped_kfold
 
@@ -59,24 +59,6 @@ def frozen_features(paths: list[str], weights: str, cache_dir: Path) -> tuple[np
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, whole=whole, tiles=tiles)
     return whole, tiles
-
-
-class GatedAttentionMIL(nn.Module):
-    """Ilse et al. (2018) gated attention pooling over a frame's tile embeddings, then one logit."""
-
-    def __init__(self, dim: int, hidden: int = 128, dropout: float = 0.25):
-        super().__init__()
-        self.v, self.u, self.w = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, 1)
-
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T) softmax weights over tiles."""
-        return torch.softmax(self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1), dim=1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.attention(h)
-        return self.fc(self.drop((a.unsqueeze(-1) * h).sum(1))).squeeze(-1)
 
 
 def fit_mil(tiles: np.ndarray, y: np.ndarray, w: np.ndarray, idx: np.ndarray, seed: int = 0, epochs: int = 60,
@@ -183,3 +165,123 @@ def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=
                             if r != "whole_lr" and "whole_lr" in oof else None),
         }
     return out
+
+
+def train_tile_model(data: str, out: Path, weights: str, magnification: str = "all", pooling: str = "attention",
+                     k: int = 5, seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None) -> "ModelCard":
+    """Ship a tile model (frozen ImageNet Lite2 per native tile + attention-MIL or mean-pool head).
+
+    Evaluation: k-fold patient-grouped CV (the same folds as `train --cv k --seed seed`); inside each fold the
+    head is fitted on inner-training patients and its temperature on inner-validation patients (guarded), then
+    refitted on the whole fold; out-of-fold logits are the test set. The shipped head is fitted on every patient
+    with the temperature from the pooled out-of-fold logits.
+    """
+    import datetime as _dt
+    import time
+
+    from safetensors.torch import save_file
+
+    from models.archs import ARCHITECTURES, file_sha256
+    from models.card import ModelCard
+    from models.metrics import apply_temperature, fit_temperature_guarded
+    from models.tiles import GRID, REFERENCE_SIZE, TILE_SIZE
+    from training.data import default_cache_dir, index_source
+    from training.engine import quality_table
+    from training.splits import write_split_csv
+    from training.train import apply_scores, counts, git_commit, inner_split, scores_from_predictions, select_rows, versions
+
+    t0 = time.time()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    index = index_source(data, cache_dir)
+    df = select_rows(index, magnification)
+    whole, tiles = frozen_features(df["path"].tolist(), weights, cache_dir)
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    w = sample_weights(y, pats)
+
+    def fit_head(idx: np.ndarray, s: int):
+        if pooling == "attention":
+            return fit_mil(tiles, y, w, idx, s)
+        weight, bias = fit_logistic_head(tiles.mean(1), y, w, idx)
+        return (weight, bias), None, None
+
+    def head_logits(head, mu, sd, idx: np.ndarray) -> np.ndarray:
+        if pooling == "attention":
+            return mil_logits(head, mu, sd, tiles[idx])
+        return tiles[idx].mean(1) @ head[0] + head[1]
+
+    fold = grouped_kfold(df, k, seed).to_numpy()
+    oof, oof_p, base = np.zeros(len(df)), np.zeros(len(df)), np.zeros(len(df))
+    per_fold = []
+    for j in range(k):
+        te, trv = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
+        assert not set(pats[te]) & set(pats[trv])
+        part = inner_split(df.iloc[trv], seed + j).to_numpy()
+        tr, va = trv[part == "train"], trv[part == "val"]
+        inner = fit_head(tr, seed + j)
+        temp, note = fit_temperature_guarded(head_logits(*inner, va), y[va])
+        head = fit_head(trv, seed + j)
+        oof[te] = head_logits(*head, te)
+        oof_p[te] = apply_temperature(oof[te], temp)
+        base[te] = 1 / (1 + np.exp(-_lr(whole, y, w, trv, te)))
+        fm = summarize(y[te], oof_p[te], pats[te], n_boot=0)["metrics"]
+        per_fold.append({"fold": j, "test_patients": sorted(set(pats[te])), "val_patients": sorted(set(pats[va])),
+                         "temperature": temp, "temperature_fit": note,
+                         **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
+    final = fit_head(np.arange(len(df)), seed)
+    final_temp = fit_temperature_guarded(oof, y)[0]
+
+    model, rec = build_model("tiles", weights, {"backbone": "efficientnet_lite2", "pooling": pooling})
+    with torch.no_grad():
+        if pooling == "attention":
+            m, mu, sd = final
+            model.head.load_state_dict(m.state_dict())
+            model.feat_mean.copy_(torch.from_numpy(mu).float())
+            model.feat_std.copy_(torch.from_numpy(sd).float())
+        else:
+            model.head.weight.copy_(torch.from_numpy(final[0][0]).float().unsqueeze(0))
+            model.head.bias.fill_(float(final[0][1]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({kk: (v.half() if v.is_floating_point() else v).contiguous() for kk, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    write_split_csv(df.assign(part="train", cv_fold=fold), out / "split.csv", ["part", "cv_fold"])
+    pred = pd.DataFrame({"path": df["path"], "patient": pats, "label": y, "magnification": df["magnification"],
+                         "source": df["source"], "cv_fold": fold, "part": "train", "logit": oof, "p_malignant": oof_p,
+                         "p_baseline": base})
+    pred = pd.concat([pred, quality_table(df["path"].tolist())], axis=1)
+    pred.to_csv(out / "predictions.csv", index=False)
+    spec = ARCHITECTURES["efficientnet_lite2"]
+    cfg = PreprocessConfig(TILE_SIZE, spec.mean, spec.std,
+                           crop=f"none: the frame is cut into a {GRID[0]}x{GRID[1]} grid of native-resolution tiles",
+                           tiles={"grid": list(GRID), "tile_size": list(TILE_SIZE), "reference_size": list(REFERENCE_SIZE)})
+    n = counts(df)
+    card = ModelCard(
+        model_id=f"{out.parent.name}/{out.name}", architecture="tiles", magnification=magnification, preprocess=cfg,
+        init={**rec, "description": rec["description"] + " (frozen: only the tile-pooling head is trained)"},
+        arch_config={"backbone": "efficientnet_lite2", "pooling": pooling}, temperature=final_temp,
+        weights_sha256=file_sha256(out / "model.safetensors"),
+        recipe={"name": "tiles_mil" if pooling == "attention" else "tiles_mean_lr",
+                "description": ("frozen ImageNet Lite2 embedding of each native 230x233 tile; "
+                                + ("gated attention-MIL head (Ilse et al. 2018), 60 epochs AdamW" if pooling == "attention"
+                                   else "mean of the tile embeddings + logistic regression")),
+                "final_model_schedule": {"source": "fixed schedule on every patient",
+                                         "temperature_source": "fitted on the pooled out-of-fold logits (guarded)"}},
+        hyperparameters={"pooling": pooling, "cv_folds": k, "seed": seed, "eval_tta": False},
+        data={"source": str(data), "magnification": magnification, "all": n,
+              "final_model": {"train": n, "val": counts(df.iloc[:0])}, "skipped": [{"path": p, "reason": r} for p, r in index.skipped]},
+        evaluation={"protocol": f"{k}-fold stratified patient-grouped cross-validation; out-of-fold predictions of patients "
+                                "never seen by their fold's head are the test set; per-fold temperature from inner "
+                                "validation patients", "per_fold": per_fold},
+        baseline={"description": "frozen ImageNet EfficientNet-Lite2 whole-frame features + logistic regression (C=1), same folds"},
+        training_time_s=round(time.time() - t0, 1), versions=versions(), git_commit=git_commit(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        limitations=[f"Trained and evaluated on {df['patient'].nunique()} patients ({n['benign']['patients']} benign, "
+                     f"{n['malignant']['patients']} malignant): confidence intervals are wide.",
+                     "Tiles are tied to BreakHis's pixel scale: images from another scanner or lab come at another "
+                     "scale, where this model may not transfer (whole-frame fine-tuned models held up better there).",
+                     "Frame-level model: it sees one 700x460 field of view, not a whole slide."],
+        changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train-tiles`"])
+    apply_scores(card, scores_from_predictions(pred, magnification == "all", n_boot, seed), out)
+    card.to_json(out / "card.json")
+    return card

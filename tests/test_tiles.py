@@ -1,0 +1,78 @@
+"""Native-resolution tiles: the grid, the tile model's predict path, its attention and the stitched heatmap."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.tiles import REFERENCE_SIZE, TILE_SIZE, tile_frame
+from tests.conftest import FRAMES, make_model_folder
+
+
+def test_breakhis_frames_become_a_2x3_grid_at_native_scale():
+    t = tile_frame(Image.new("RGB", REFERENCE_SIZE, (200, 100, 150)))
+    assert t.pixels.shape == (6, 3, *TILE_SIZE) and t.pixels.dtype == torch.uint8 and not t.notes
+    covered = np.zeros(REFERENCE_SIZE[::-1], bool)
+    for top, left, h, w in t.boxes:
+        covered[top:top + h, left:left + w] = True
+    assert covered.mean() > 0.99  # the grid covers the frame (at most a 1-px seam)
+    # the downscaled BreakHis copies (500x328) go back to the 700x460 grid, silently
+    small = tile_frame(Image.new("RGB", (500, 328)))
+    assert small.frame.size == REFERENCE_SIZE and small.pixels.shape[0] == 6 and not small.notes
+    # any other size: tiled at its own pixels, with a warning that the scale is unknown
+    odd = tile_frame(Image.new("RGB", (1000, 800)))
+    assert odd.pixels.shape[0] == 12 and "scale is unknown" in odd.notes[0]
+
+
+def test_tile_detail_is_native_not_resized():
+    """A tile holds the frame's own pixels: a 1-px checkerboard survives tiling (it would blur if shrunk)."""
+    arr = ((np.indices(REFERENCE_SIZE[::-1]).sum(0) % 2) * 255).astype(np.uint8)
+    t = tile_frame(Image.fromarray(np.stack([arr] * 3, -1)))
+    assert set(np.unique(t.pixels[0].numpy())) == {0, 255}
+
+
+@pytest.fixture(scope="module")
+def tile_model(tmp_path_factory):
+    from models.archs import file_sha256
+    from models.card import ModelCard
+    from models.inference import load_model_folder
+    from safetensors.torch import save_file
+
+    d = make_model_folder(tmp_path_factory.mktemp("m") / "all" / "tiles_mil", "tiles", "all", seed=3)
+    c = ModelCard.from_json(d / "card.json")
+    c.arch_config = {"backbone": "efficientnet_lite2", "pooling": "attention"}
+    c.preprocess.tiles = {"grid": [2, 3], "tile_size": list(TILE_SIZE), "reference_size": list(REFERENCE_SIZE)}
+    c.to_json(d / "card.json")
+    return load_model_folder(d)
+
+
+def _frame():
+    paths = sorted(FRAMES.glob("*/*.png"))
+    if paths:
+        return Image.open(paths[0]).convert("RGB")
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (460, 700, 3), dtype=np.uint8))
+
+
+def test_tile_model_predicts_frames_of_any_size_and_reports_the_scale(tile_model):
+    frame = _frame()
+    notes = [[], []]
+    p = tile_model.predict_images([frame, frame.resize((1000, 800))], notes=notes)
+    assert p.shape == (2,) and np.all((p > 0) & (p < 1))
+    assert not notes[0] and "scale is unknown" in notes[1][0]
+    # the same frame as a 500x328 downscaled copy is tiled on the same grid: a close, not arbitrary, answer
+    assert abs(tile_model.predict_images([frame.resize((500, 328))])[0] - p[0]) < 0.2
+
+
+def test_tile_attention_sums_to_one_and_the_stitched_heatmap_covers_the_frame(tile_model):
+    from models.gradcam import gradcam_heatmap, tile_attention, tile_attention_overlay
+
+    frame = _frame()
+    boxes, weights, size = tile_attention(tile_model, frame)
+    assert len(boxes) == len(weights) == 6 and weights.sum() == pytest.approx(1.0, abs=1e-5)
+    heat = gradcam_heatmap(tile_model, frame, "Grad-CAM", 1)
+    assert heat.shape == (frame.height, frame.width) and 0 <= heat.min() and heat.max() <= 1
+    # the most attended tile carries the map's maximum region (maps are scaled by relative attention)
+    top, left, h, w = boxes[int(np.argmax(weights))]
+    assert heat[top:top + h, left:left + w].max() == pytest.approx(heat.max(), abs=1e-3)
+    over = tile_attention_overlay(frame, boxes, weights, size)
+    assert over.size == frame.size
