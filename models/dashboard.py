@@ -116,6 +116,27 @@ def routing_evidence(magnification: str, root: str | Path | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
+def source_and_worst(pred: pd.DataFrame, threshold: float = 0.5, n_worst: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Out-of-fold accuracy/AUC per source repository and magnification, and the frames the model gets most wrong
+    (largest |label - p|): where a model wins by recognising a source, or fails on a kind of frame, shows here."""
+    from models.metrics import _safe_auc
+
+    pr = pred.dropna(subset=["p_malignant"]).copy()
+    pr["repository"] = pr["source"].astype(str).str.split("@").str[0] if "source" in pr else "unknown"
+    pr["correct"] = (pr["p_malignant"] >= threshold).astype(int) == pr["label"]
+    score = "logit" if "logit" in pr else "p_malignant"
+    rows = []
+    for (repo, mag), d in pr.groupby(["repository", "magnification"]):
+        rows.append({"source repository": repo, "magnification": mag, "frames": len(d),
+                     "patients": d["patient"].nunique(), "accuracy": round(float(d["correct"].mean()), 3),
+                     "AUC": round(_safe_auc(d["label"].to_numpy(), d[score].to_numpy()), 3)})
+    pr["error"] = (pr["label"] - pr["p_malignant"]).abs()
+    worst = pr.sort_values("error", ascending=False).head(n_worst)
+    worst = worst.assign(frame=worst["path"].astype(str).map(lambda x: Path(x).name),
+                         truth=worst["label"].map({0: "benign", 1: "malignant"}))
+    return pd.DataFrame(rows), worst[["frame", "patient", "magnification", "truth", "p_malignant", "repository"]]
+
+
 def curves(folder: str | Path) -> dict:
     p = Path(folder) / "curves.json"
     return json.loads(p.read_text()) if p.is_file() else {}

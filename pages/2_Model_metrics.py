@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
-                              robustness_rows, train_command)
+                              robustness_rows, source_and_worst, train_command)
 from models.inference import MAGNIFICATIONS
 from models.metrics import patient_table
 from ui_cache import cached_cards
@@ -104,6 +104,12 @@ if pred_path.is_file():
         pr = pr[pr["magnification"] == at]
     st.dataframe(pd.DataFrame(patient_table(pr["label"], pr["p_malignant"], pr["patient"], card.threshold)),
                  hide_index=True, width="stretch")
+
+    by_source, worst = source_and_worst(pr, card.threshold)
+    st.markdown("**By source repository and magnification** (out-of-fold; AUC is n/a where a group has one class):")
+    st.dataframe(by_source, hide_index=True, width="stretch")
+    st.markdown("**Frames this model gets most wrong** (out-of-fold, largest |truth − p(malignant)|):")
+    st.dataframe(worst, hide_index=True, width="stretch")
 
 st.subheader("Training curves")
 folds = card.evaluation.get("per_fold") or []

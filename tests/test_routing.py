@@ -104,3 +104,14 @@ def test_temperature_guard_falls_back_when_the_fit_lands_on_a_bound(bound_logits
     assert t == TEMPERATURE_FALLBACK and "bound" in note
     t, note = fit_temperature_guarded(np.array([3.0, -3.0, 1.0, -2.0, 0.5]), np.array([1, 0, 0, 0, 1]))
     assert note == "fitted" and 0.05 < t < 20
+
+
+def test_source_table_and_worst_frames_come_from_the_out_of_fold_predictions():
+    from models.dashboard import source_and_worst
+
+    pred = pd.DataFrame({"path": [f"/d/f{i}.jpg" for i in range(6)], "patient": list("aabbcc"), "label": [0, 0, 1, 1, 1, 1],
+                         "magnification": "100X", "source": ["r1@x:p"] * 3 + ["r2@y:q"] * 3,
+                         "p_malignant": [0.1, 0.9, 0.8, 0.2, 0.7, 0.6]})
+    by_source, worst = source_and_worst(pred, n_worst=2)
+    assert set(by_source["source repository"]) == {"r1", "r2"} and by_source["frames"].sum() == 6
+    assert list(worst["frame"]) == ["f1.jpg", "f3.jpg"]  # p 0.9 for a benign frame, 0.2 for a malignant one

@@ -400,6 +400,8 @@ def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
         # cards from before QC was recorded: measure the frames now (QC depends on the image only)
         pred = pd.concat([pred, quality_table(pred["path"].tolist())], axis=1)
         pred.to_csv(folder / "predictions.csv", index=False)
+    guard_temperatures(card, pred)
+    pred.to_csv(folder / "predictions.csv", index=False)
     apply_scores(card, scores_from_predictions(pred, card.magnification == "all", n_boot, seed), folder)
     xm_path = folder / "predictions_cross_magnification.csv"
     if xm_path.is_file():
@@ -410,3 +412,26 @@ def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
     card.to_json(folder / "card.json")
     return card
 
+
+
+def guard_temperatures(card: ModelCard, pred: pd.DataFrame) -> None:
+    """Apply the temperature guard to a card trained before it existed: a fold whose recorded temperature sits on
+    a search bound falls back to the default, and its out-of-fold probabilities are recomputed from the saved
+    logits (AUC, which ranks raw logits, is unchanged; calibration and threshold metrics may move)."""
+    from models.metrics import TEMPERATURE_BOUNDS, TEMPERATURE_FALLBACK
+
+    lo, hi = TEMPERATURE_BOUNDS
+    on_bound = lambda t: t is not None and (t <= lo * 1.01 or t >= hi * 0.99)  # noqa: E731
+    for f in card.evaluation.get("per_fold", []):
+        if "temperature_fit" in f or "temperature" not in f:
+            continue
+        t = f["temperature"]
+        if on_bound(t):
+            rows = pred["cv_fold"] == f["fold"]
+            pred.loc[rows, "p_malignant"] = apply_temperature(pred.loc[rows, "logit"].to_numpy(), TEMPERATURE_FALLBACK)
+            f["temperature"], f["temperature_fit"] = TEMPERATURE_FALLBACK, f"fit landed on its bound ({t:.3g}): fallback 1.0"
+        else:
+            f["temperature_fit"] = "fitted"
+    if on_bound(card.temperature):
+        card.changelog.append(f"shipped temperature {card.temperature:.3g} sat on a bound: fallback 1.0")
+        card.temperature = TEMPERATURE_FALLBACK

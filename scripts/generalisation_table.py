@@ -1,0 +1,87 @@
+"""README tables for issue 18 from files the repo's commands wrote (nothing typed by hand).
+
+    python scripts/generalisation_table.py [--frozen benchmarks/results/frozen_cv.json] [MODEL_DIR ...]
+
+1. Repeated CV of the frozen-feature recipes (`python -m training frozen-cv`): per-fold AUC mean +- SD over
+   seeds x folds, pooled AUC per split seed, and on the seed-averaged out-of-fold logits the frame AUC,
+   patient AUC and patient accuracy with patient-bootstrap CIs, and the paired difference to whole-frame LR.
+2. Every model folder given (default: magnif_models/*/*): its own CV run (one split seed), the same columns.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.card import ModelCard  # noqa: E402
+from models.inference import list_model_folders  # noqa: E402
+
+
+def ci(m: dict) -> str:
+    return f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
+
+
+def frozen_table(res: dict) -> str:
+    n = res["n_patients"]
+    lines = [f"Protocol: {res['protocol']}; {res['n_images']} frames, {n['benign']} benign / {n['malignant']} "
+             f"malignant patients. Command: `{res.get('command', 'python -m training frozen-cv')}`", "",
+             "| recipe | per-fold AUC mean ± SD (min–max) | pooled AUC by split seed | frame AUC (95% CI) | patient AUC (95% CI) "
+             "| patient accuracy (95% CI) | Δ AUC vs whole-frame LR (paired 95% CI) |", "|---|---|---|---|---|---|---|"]
+    for r, v in res["recipes"].items():
+        s = v["summary"]
+        d = v["vs_whole_lr"]
+        lines.append(f"| {r} | {v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f} ({v['per_fold_auc_min']:.2f}–"
+                     f"{v['per_fold_auc_max']:.2f}) | {', '.join(f'{a:.3f}' for a in v['pooled_auc_by_seed'])} | "
+                     f"{ci(s['auc'])} | {ci(s['patient_auc'])} | {ci(s['patient_accuracy'])} | "
+                     + (f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d else "—") + " |")
+    return "\n".join(lines)
+
+
+def model_table(folders: list[Path]) -> str:
+    lines = ["| model | init | recipe | CV | per-fold AUC mean ± SD | frame AUC (95% CI) | patient AUC (95% CI) | "
+             "patient accuracy (95% CI) | patients (b/m) | folds with temperature fallback | training time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in folders:
+        c = ModelCard.from_json(f / "card.json")
+        o = c.evaluation["overall"]
+        folds = c.evaluation.get("per_fold", [])
+        fa = np.array([x["auc"] for x in folds], float)
+        init = "scratch" if str(c.init.get("init")) == "scratch" else "ImageNet"
+        if c.architecture == "hybrid":
+            init = "ImageNet CNN + scratch ViT"
+        recipe = c.recipe.get("name", "")
+        hp = c.hyperparameters
+        if hp.get("colour_augmentation") == "hed":
+            recipe += " + HED/HSV colour aug"
+        if hp.get("balanced_sampling"):
+            recipe += " + balanced sampling"
+        fallback = sum(1 for x in folds if "fallback" in str(x.get("temperature_fit", "")))
+        lines.append(
+            f"| {c.model_id} | {init} | {recipe} | {len(folds)}-fold, 1 split seed | "
+            + (f"{np.nanmean(fa):.3f} ± {np.nanstd(fa, ddof=1):.3f}" if len(fa) > 1 else "—")
+            + f" | {ci(o['metrics']['auc'])} | {ci(o['metrics']['patient_auc'])} | {ci(o['metrics']['patient_accuracy'])} | "
+            f"{o['n_patients']['benign']}/{o['n_patients']['malignant']} | "
+            + (f"{fallback}/{len(folds)}" if any("temperature_fit" in x for x in folds) else "not recorded")
+            + f" | {c.training_time_s / 60:.0f} min |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("--frozen", type=Path, default=Path("benchmarks/results/frozen_cv.json"))
+    a = ap.parse_args()
+    if a.frozen.is_file():
+        print("### Frozen-feature recipes, repeated CV\n")
+        print(frozen_table(json.loads(a.frozen.read_text())))
+        print()
+    print("### Shipped models and candidates, their own CV run\n")
+    print(model_table(a.models or list_model_folders(Path("magnif_models"))))
+
+
+if __name__ == "__main__":
+    main()
