@@ -26,12 +26,6 @@ if len(chosen) < 1:
 served = route(mag)
 if served.model_id:
     st.info(f"Routed at {mag}: **{served.model_id}**. " + " ".join(n for n in served.notes if n.startswith("Serves because")))
-    ev = routing_evidence(mag)
-    if not ev.empty:
-        st.caption("Routing evidence: each challenger's AUC advantage over the pretrained incumbent on the same "
-                   "out-of-fold frames, with a paired patient-bootstrap 95% CI; it displaces the incumbent only when "
-                   "the whole CI is above zero.")
-        st.dataframe(ev, hide_index=True, width="stretch")
 
 rows, fig = [], go.Figure()
 for mid in chosen:
@@ -59,6 +53,12 @@ st.caption("Values: point estimate (95% patient-bootstrap CI) on patients each m
            "Different models may rest on different folds. A borrowed model was trained at another magnification and "
            "is scored here on held-out patients' frames at this one.")
 st.plotly_chart(fig, width="stretch")
+ev = routing_evidence(mag)
+if not ev.empty:
+    st.markdown(f"**Why {served.model_id} serves {mag}** (the routing rule's evidence)")
+    st.dataframe(ev, hide_index=True, width="stretch")
+    st.caption("Each challenger's AUC advantage over the pretrained incumbent on the same out-of-fold frames, with a "
+               "paired patient-bootstrap 95% CI; a challenger displaces the incumbent only when the whole CI is above zero.")
 
 st.subheader("All chosen models on the same image")
 cm1, cm2 = st.columns(2)

@@ -138,3 +138,14 @@ def test_diagnose_tta_toggle_predicts_with_eight_views():
     at.toggle(key="tta").set_value(True).run()
     assert not at.exception, at.exception
     assert at.metric[0].value != plain  # the 8-view mean differs from the single view
+
+
+def test_diagnose_batch_heatmap_for_a_later_frame():
+    """Choosing frame 2 of a batch shows its heatmap (this crashed with a duplicate widget id)."""
+    at = _app("pages/1_Diagnose.py")
+    at.file_uploader(key="uploads").set_value([("a.png", _png(_he_frame(8)), "image/png"),
+                                               ("b.png", _png(_he_frame(9)), "image/png")]).run()
+    assert not at.exception, at.exception
+    at.selectbox(key="heatmap_pick").set_value(1).run()
+    assert not at.exception, at.exception
+    assert any(str(h.value) == "b.png" for h in at.subheader)
