@@ -76,6 +76,15 @@ class ModelCard:
     changelog: list = field(default_factory=list)
     card_version: int = CARD_VERSION
 
+    def summary_at(self, magnification: str) -> dict | None:
+        """Out-of-fold summary at one magnification: its own figures, a pooled model's per-magnification figures,
+        or another magnification's model's cross-magnification check; None where it has none."""
+        if self.magnification == magnification:
+            return self.evaluation.get("overall")
+        if self.magnification == "all":
+            return self.per_magnification.get(magnification)
+        return self.evaluation.get("cross_magnification", {}).get(magnification)
+
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1, default=_jsonable) + "\n")
 

@@ -71,6 +71,7 @@ def _fmt_ci(m: dict) -> str:
 def inventory(root: str | Path | None = None) -> pd.DataFrame:
     """One row per magnification: serving model, its AUC (CI) there, patients behind it."""
     cards = load_cards(root)
+    defaults = read_defaults(root)
     rows = []
     for mag in MAGNIFICATIONS:
         r = route(mag, root)
@@ -88,7 +89,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
             "evidence": "few patients" if n["benign"] + n["malignant"] < FEW_PATIENTS else "moderate",
-            "serves because": read_defaults(root)[mag].get("reason", ""),
+            "serves because": defaults[mag].get("reason", ""),
         })
     return pd.DataFrame(rows)
 
@@ -146,12 +147,14 @@ def magnification_scores(card, mag: str) -> tuple[dict, dict | None]:
     """(plain, TTA or None) out-of-fold summaries of a card at one magnification: its own figures, its pooled
     per-magnification figures, or, for a model trained at another magnification, its cross-magnification check."""
     tta = card.evaluation.get("tta") or {}
+    plain = card.summary_at(mag)
+    if plain is None:
+        raise KeyError(f"{card.model_id} has no out-of-fold figures at {mag}")
     if card.magnification == "all":
-        return card.per_magnification[mag], tta.get("per_magnification", {}).get(mag)
+        return plain, tta.get("per_magnification", {}).get(mag)
     if card.magnification == mag:
-        return card.evaluation["overall"], tta.get("overall")
-    cross = card.evaluation["cross_magnification"][mag]
-    return cross, cross.get("tta")
+        return plain, tta.get("overall")
+    return plain, plain.get("tta")
 
 
 def model_folder(model_id: str, root: str | Path | None = None) -> Path:

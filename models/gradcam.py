@@ -98,12 +98,18 @@ class _OneTile(torch.nn.Module):
         return m.bag_logit(h)
 
 
-def tile_attention(lm: LoadedModel, img: Image.Image) -> tuple[list[tuple[int, int, int, int]], np.ndarray, tuple[int, int]]:
-    """(tile boxes in the tiled frame, each tile's attention weight, the tiled frame's (W, H)) for a tile model."""
+def _tiled_input(lm: LoadedModel, img: Image.Image):
+    """The frame's tiles (boxes, tiled frame) and the model's input built from the same tiling (tiled once)."""
+    from models.preprocess import normalize_uint8
     from models.tiles import tile_frame
 
     t = tile_frame(img)
-    x = lm.preprocess(img).unsqueeze(0)
+    return t, normalize_uint8(t.pixels, lm.card.preprocess).unsqueeze(0)
+
+
+def tile_attention(lm: LoadedModel, img: Image.Image) -> tuple[list[tuple[int, int, int, int]], np.ndarray, tuple[int, int]]:
+    """(tile boxes in the tiled frame, each tile's attention weight, the tiled frame's (W, H)) for a tile model."""
+    t, x = _tiled_input(lm, img)
     with _lock_for(lm.model), torch.inference_mode():
         a = lm.model.attention(x)[0].double().numpy()
     return t.boxes, a, t.frame.size
@@ -113,10 +119,7 @@ def _tiled_heatmap(lm: LoadedModel, img: Image.Image, method: str, target_class:
     """Per-tile CAM stitched into one full-frame map; each tile's map (scaled to [0, 1] by the CAM library) is
     weighted by its attention relative to the most-attended tile, so the stitched map also says which tiles
     the prediction rests on."""
-    from models.tiles import tile_frame
-
-    t = tile_frame(img)
-    x = lm.preprocess(img).unsqueeze(0)
+    t, x = _tiled_input(lm, img)
     layer = lm.model.get_submodule(arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer)
     with _lock_for(lm.model):
         with torch.inference_mode():

@@ -20,6 +20,10 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return sigmoid(np.asarray(logits, dtype=np.float64) / float(temperature))
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+TEMPERATURE_FALLBACK = 1.0  # the documented default when a fit is undefined or lands on a bound: logits as they are
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature minimising the NLL on validation patients (Guo et al. 2017); 1.0 if undefined."""
     from scipy.optimize import minimize_scalar
@@ -36,8 +40,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-TEMPERATURE_BOUNDS = (0.05, 20.0)
-TEMPERATURE_FALLBACK = 1.0  # the documented default when a fit is undefined or lands on a bound: logits as they are
+def temperature_on_bound(t: float | None) -> bool:
+    """Whether a fitted temperature sits on (within 1% of) a search bound: the data could not pin it down."""
+    lo, hi = TEMPERATURE_BOUNDS
+    return t is not None and (t <= lo * 1.01 or t >= hi * 0.99)
 
 
 def fit_temperature_guarded(logits: np.ndarray, y: np.ndarray) -> tuple[float, str]:
@@ -48,8 +54,7 @@ def fit_temperature_guarded(logits: np.ndarray, y: np.ndarray) -> tuple[float, s
     if len(np.unique(yy)) < 2 or len(z) < 2:
         return TEMPERATURE_FALLBACK, "undefined (one class in validation): fallback 1.0"
     t = fit_temperature(z, yy)
-    lo, hi = TEMPERATURE_BOUNDS
-    if t <= lo * 1.01 or t >= hi * 0.99:
+    if temperature_on_bound(t):
         return TEMPERATURE_FALLBACK, f"fit landed on its bound ({t:.3g}): fallback 1.0"
     return t, "fitted"
 
@@ -143,6 +148,25 @@ def all_metrics(y: Sequence[int], p: Sequence[float], patients: Sequence, thresh
     return out
 
 
+def patient_resamples(y: np.ndarray, patients: np.ndarray, n_boot: int, seed: int = 0):
+    """Yield (frame indices, patient ids) of n_boot bootstrap samples drawn by patient within each label.
+
+    A patient drawn twice becomes two patients (new ids), so patient-level metrics count it twice.
+    """
+    rng = np.random.default_rng(seed)
+    groups = {pat: np.flatnonzero(patients == pat) for pat in np.unique(patients)}
+    by_label = {lab: [g for g in groups if int(round(y[groups[g]].mean())) == lab] for lab in (0, 1)}
+    for b in range(n_boot):
+        idx, pats = [], []
+        for lab, pats_l in by_label.items():
+            if not pats_l:
+                continue
+            for j, g in enumerate(rng.choice(pats_l, size=len(pats_l), replace=True)):
+                idx.append(groups[g])
+                pats.extend([f"{g}#{b}_{lab}_{j}"] * len(groups[g]))
+        yield np.concatenate(idx), np.array(pats)
+
+
 def bootstrap_patients(
     y: Sequence[int], p: Sequence[float], patients: Sequence, fn: Callable[..., dict[str, float]],
     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, **kw,
@@ -151,23 +175,10 @@ def bootstrap_patients(
     y, p, patients = np.asarray(y, int), np.asarray(p, float), np.asarray(patients).astype(str)
     score = kw.pop("score", None)
     score = None if score is None else np.asarray(score, float)
-    rng = np.random.default_rng(seed)
-    groups = {}
-    for pat in np.unique(patients):
-        groups[pat] = np.flatnonzero(patients == pat)
-    by_label = {lab: [g for g in groups if int(round(y[groups[g]].mean())) == lab] for lab in (0, 1)}
     samples: dict[str, list[float]] = {}
-    for b in range(n_boot):
-        idx, pats = [], []
-        for lab, pats_l in by_label.items():
-            if not pats_l:
-                continue
-            for j, g in enumerate(rng.choice(pats_l, size=len(pats_l), replace=True)):
-                idx.append(groups[g])
-                pats.extend([f"{g}#{b}_{lab}_{j}"] * len(groups[g]))  # a resampled patient is a new patient
-        idx = np.concatenate(idx)
+    for idx, pats in patient_resamples(y, patients, n_boot, seed):
         extra = {"score": score[idx]} if score is not None else {}
-        for k, v in fn(y[idx], p[idx], np.array(pats), **kw, **extra).items():
+        for k, v in fn(y[idx], p[idx], pats, **kw, **extra).items():
             samples.setdefault(k, []).append(v)
     out = {}
     for k, vals in samples.items():
@@ -239,18 +250,13 @@ def paired_auc_difference(y: Sequence[int], score_challenger: Sequence[float], s
     a, b = np.asarray(score_challenger, float), np.asarray(score_incumbent, float)
     patients = np.asarray(patients).astype(str)
     point = _safe_auc(y, a) - _safe_auc(y, b)
-    groups = {pat: np.flatnonzero(patients == pat) for pat in np.unique(patients)}
-    by_label = {lab: [g for g in groups if int(round(y[groups[g]].mean())) == lab] for lab in (0, 1)}
-    rng = np.random.default_rng(seed)
     diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([groups[g] for lab in (0, 1) if by_label[lab]
-                              for g in rng.choice(by_label[lab], size=len(by_label[lab]), replace=True)])
+    for idx, _ in patient_resamples(y, patients, n_boot, seed):
         d = _rank_auc(y[idx], a[idx]) - _rank_auc(y[idx], b[idx])
         if np.isfinite(d):
             diffs.append(d)
     lo, hi = ((float(np.quantile(diffs, alpha / 2)), float(np.quantile(diffs, 1 - alpha / 2))) if diffs
               else (float("nan"), float("nan")))
     return {"difference": float(point), "ci95": [lo, hi], "n_boot": n_boot, "seed": seed,
-            "n_images": int(len(y)), "n_patients": {"benign": len(by_label[0]), "malignant": len(by_label[1])},
+            "n_images": int(len(y)), "n_patients": {"benign": len(set(patients[y == 0])), "malignant": len(set(patients[y == 1]))},
             "auc_challenger": _safe_auc(y, a), "auc_incumbent": _safe_auc(y, b)}

@@ -188,7 +188,8 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
     from training.data import default_cache_dir, index_source
     from training.engine import quality_table
     from training.splits import write_split_csv
-    from training.train import apply_scores, counts, git_commit, inner_split, scores_from_predictions, select_rows, versions
+    from training.train import (apply_scores, baseline_probs, counts, git_commit, inner_split, scores_from_predictions,
+                                select_rows, versions)
 
     t0 = time.time()
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -223,7 +224,7 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
         head = fit_head(trv, seed + j)
         oof[te] = head_logits(*head, te)
         oof_p[te] = apply_temperature(oof[te], temp)
-        base[te] = 1 / (1 + np.exp(-_lr(whole, y, w, trv, te)))
+        base[te] = baseline_probs(whole, y, w, trv, te)
         fm = summarize(y[te], oof_p[te], pats[te], n_boot=0)["metrics"]
         per_fold.append({"fold": j, "test_patients": sorted(set(pats[te])), "val_patients": sorted(set(pats[va])),
                          "temperature": temp, "temperature_fit": note,

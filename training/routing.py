@@ -91,13 +91,12 @@ def compare(challenger: pd.DataFrame, incumbent: pd.DataFrame, n_boot: int = 200
     return res
 
 
-def _summary(card: ModelCard, mag: str) -> tuple[dict | None, str]:
+def _kind(card: ModelCard, mag: str) -> str:
     if card.magnification == mag:
-        return card.evaluation.get("overall"), "own-magnification model"
+        return "own-magnification model"
     if card.magnification == "all":
-        return card.per_magnification.get(mag), "pooled model (all magnifications)"
-    return (card.evaluation.get("cross_magnification", {}).get(mag),
-            f"borrowed {card.magnification} model (cross-magnification check)")
+        return "pooled model (all magnifications)"
+    return f"borrowed {card.magnification} model (cross-magnification check)"
 
 
 def choose(cands: list[dict], n_boot: int = 2000) -> dict:
@@ -145,7 +144,7 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
     for mag in MAGNIFICATIONS:
         cands = []
         for f, c in cards:
-            s, kind = _summary(c, mag)
+            s, kind = c.summary_at(mag), _kind(c, mag)
             if not s or s["metrics"]["auc"]["value"] != s["metrics"]["auc"]["value"]:  # absent, or NaN (one class)
                 continue
             cands.append({"model_id": c.model_id, "kind": kind, "auc": s["metrics"]["auc"]["value"],

@@ -418,10 +418,8 @@ def guard_temperatures(card: ModelCard, pred: pd.DataFrame) -> None:
     """Apply the temperature guard to a card trained before it existed: a fold whose recorded temperature sits on
     a search bound falls back to the default, and its out-of-fold probabilities are recomputed from the saved
     logits (AUC, which ranks raw logits, is unchanged; calibration and threshold metrics may move)."""
-    from models.metrics import TEMPERATURE_BOUNDS, TEMPERATURE_FALLBACK
+    from models.metrics import TEMPERATURE_FALLBACK, temperature_on_bound as on_bound
 
-    lo, hi = TEMPERATURE_BOUNDS
-    on_bound = lambda t: t is not None and (t <= lo * 1.01 or t >= hi * 0.99)  # noqa: E731
     for f in card.evaluation.get("per_fold", []):
         if "temperature_fit" in f or "temperature" not in f:
             continue
