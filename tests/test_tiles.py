@@ -42,7 +42,10 @@ def tile_model(tmp_path_factory):
     c.arch_config = {"backbone": "efficientnet_lite2", "pooling": "attention"}
     c.preprocess.tiles = {"grid": [2, 3], "tile_size": list(TILE_SIZE), "reference_size": list(REFERENCE_SIZE)}
     c.to_json(d / "card.json")
-    return load_model_folder(d)
+    lm = load_model_folder(d)
+    with torch.no_grad():  # a scratch attention head attends almost evenly; sharpen it so weights differ
+        lm.model.head.w.weight.mul_(200.0)
+    return lm
 
 
 def _frame():
@@ -71,8 +74,10 @@ def test_tile_attention_sums_to_one_and_the_stitched_heatmap_covers_the_frame(ti
     assert len(boxes) == len(weights) == 6 and weights.sum() == pytest.approx(1.0, abs=1e-5)
     heat = gradcam_heatmap(tile_model, frame, "Grad-CAM", 1)
     assert heat.shape == (frame.height, frame.width) and 0 <= heat.min() and heat.max() <= 1
-    # the most attended tile carries the map's maximum region (maps are scaled by relative attention)
-    top, left, h, w = boxes[int(np.argmax(weights))]
-    assert heat[top:top + h, left:left + w].max() == pytest.approx(heat.max(), abs=1e-3)
+    # each tile's map is scaled by its attention relative to the most attended tile
+    rel = weights / weights.max()
+    assert rel.min() < 0.8, "the fixture must attend unevenly for this check to mean anything"
+    for (top, left, h, w), r in zip(boxes, rel):
+        assert heat[top + 2:top + h - 2, left + 2:left + w - 2].max() <= r + 0.02
     over = tile_attention_overlay(frame, boxes, weights, size)
     assert over.size == frame.size
