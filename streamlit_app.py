@@ -9,8 +9,8 @@ st.title("Breast histopathology research dashboard")
 st.warning(DISCLAIMER)
 st.markdown(
     "Upload BreakHis-style H&E frames (700×460, 40X–400X), choose the magnification, and read a calibrated "
-    "benign/malignant probability from the model that validated best for that magnification, with a Grad-CAM "
-    "heatmap to judge it by. Every figure shown was measured on patients the model never saw "
+    "benign/malignant probability from the model that serves that magnification (chosen by a rule that "
+    "noise cannot fool: see below), with a Grad-CAM heatmap to judge it by. Every figure shown was measured on patients the model never saw "
     "(patient-grouped cross-validation) and comes from a script in the repository.")
 
 st.subheader("Model inventory")

@@ -43,10 +43,10 @@ def route(magnification: str, root: str | Path | None = None) -> Route:
     notes = []
     if d.get("borrowed"):
         notes.append(f"{magnification} is served by a model trained at another magnification ({d['model_id']}), "
-                     f"because it validated best on held-out patients' {magnification} frames: a borrowed model.")
+                     f"scored on held-out patients' {magnification} frames (its cross-magnification check): a borrowed model.")
     elif d.get("pooled"):
         notes.append(f"{magnification} is served by a pooled model trained on all magnifications "
-                     f"({d['model_id']}), because it validated best here or no {magnification}-only model exists.")
+                     f"({d['model_id']}), scored here on held-out patients' {magnification} frames.")
     if d.get("reason"):
         notes.append(f"Serves because: {d['reason']}.")
     sha = d.get("card_sha256")
@@ -130,7 +130,8 @@ def source_and_worst(pred: pd.DataFrame, threshold: float = 0.5, n_worst: int = 
     for (repo, mag), d in pr.groupby(["repository", "magnification"]):
         rows.append({"source repository": repo, "magnification": mag, "frames": len(d),
                      "patients": d["patient"].nunique(), "accuracy": round(float(d["correct"].mean()), 3),
-                     "AUC": round(_safe_auc(d["label"].to_numpy(), d[score].to_numpy()), 3)})
+                     "AUC": (f"{a:.3f}" if (a := _safe_auc(d["label"].to_numpy(), d[score].to_numpy())) == a
+                             else "n/a (one class)")})
     pr["error"] = (pr["label"] - pr["p_malignant"]).abs()
     worst = pr.sort_values("error", ascending=False).head(n_worst)
     worst = worst.assign(frame=worst["path"].astype(str).map(lambda x: Path(x).name),

@@ -142,13 +142,14 @@ def _tiled_heatmap(lm: LoadedModel, img: Image.Image, method: str, target_class:
 def tile_attention_overlay(img: Image.Image, boxes: list[tuple[int, int, int, int]], weights: np.ndarray,
                            tiled_size: tuple[int, int]) -> Image.Image:
     """The frame with each tile outlined and labelled with its attention weight (thicker = more attended)."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
     frame = img.convert("RGB").resize(tiled_size, Image.BILINEAR) if img.size != tiled_size else img.convert("RGB").copy()
     draw = ImageDraw.Draw(frame)
+    font = ImageFont.load_default(size=24)  # readable once the 700-px frame is shown at half size
     rel = weights / weights.max()
     for (top, left, bh, bw), a, r in zip(boxes, weights, rel):
         draw.rectangle([left + 2, top + 2, left + bw - 3, top + bh - 3], outline=(255, 215, 0), width=max(1, int(1 + 6 * r)))
-        draw.rectangle([left + 6, top + 6, left + 74, top + 26], fill=(0, 0, 0))
-        draw.text((left + 10, top + 9), f"{a:.2f}", fill=(255, 255, 255))
+        draw.rectangle([left + 6, top + 6, left + 76, top + 38], fill=(0, 0, 0))
+        draw.text((left + 11, top + 9), f"{a:.2f}", fill=(255, 255, 255), font=font)
     return frame.resize(img.size, Image.BILINEAR) if img.size != tiled_size else frame
