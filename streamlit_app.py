@@ -1,7 +1,7 @@
 """Home: what the tool is and is not, the model inventory, where to start."""
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, inventory, routing_evidence
+from app.dashboard import DISCLAIMER, inventory, routing_evidence
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")

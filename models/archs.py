@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models.config import lite2_init_hint
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (0.5, 0.5, 0.5)
@@ -43,16 +45,46 @@ class HistoClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """Everything the code needs to know about an architecture (timm's registry + pretrained_cfg, in one object)."""
+
     name: str
-    make_backbone: Callable[[], nn.Module]
     feat_dim: int
-    cam_layer: str  # module path inside HistoClassifier whose activations Grad-CAM reads
+    cam_layer: str  # module path inside the classifier whose activations Grad-CAM reads
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: tuple[int, int]  # (H, W) of the whole resized frame; 700x460 keeps its aspect
-    stages: Callable[[nn.Module], list[nn.Module]]  # ordered stem..last block, for partial fine-tuning
-    imagenet_loader: Callable[[nn.Module], None]
-    imagenet_hint: str
+    make_backbone: Callable[[], nn.Module] | None = None
+    stages: Callable[[nn.Module], list[nn.Module]] | None = None  # ordered stem..last block, for partial fine-tuning
+    imagenet_loader: Callable[[nn.Module], None] | None = None
+    imagenet_hint: str = "--init scratch"
+    # Checkpoint keys (torchvision / timm naming) -> this backbone's keys; used by --init FILE and by --init imagenet.
+    remap_keys: Callable[[dict], dict] = lambda state: state
+    # Composite architectures (hybrid, tiles) build themselves from a config and take their preprocessing from a
+    # backbone: builder(init, arch_config, vit_init) -> (model, init record); spec_for(arch_config) -> ArchSpec.
+    builder: Callable[..., tuple[nn.Module, dict]] | None = None
+    spec_for: Callable[[dict | None], "ArchSpec"] | None = None
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture to the registry (one name, one spec); CLIs and loaders read only the registry."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"architecture {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_archs(backbones_only: bool = False) -> list[str]:
+    """Registered architecture names (backbones_only: those usable as a plain backbone or a hybrid/tile branch)."""
+    return sorted(n for n, s in _REGISTRY.items() if not (backbones_only and s.builder))
+
+
+def get_arch(name: str) -> ArchSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; choose from {list_archs()}")
+    return _REGISTRY[name]
 
 
 def _resnet50_backbone() -> nn.Module:
@@ -123,7 +155,7 @@ def _lite2_imagenet(backbone: nn.Module) -> None:
     except Exception as exc:
         raise InitError(
             f"--init imagenet: timm could not fetch tf_efficientnet_lite2 weights ({type(exc).__name__}). "
-            "Pass the local file instead: --init ../shared/weights/efficientnet_lite2_in1k.safetensors"
+            f"Pass the local file instead: {lite2_init_hint()}"
         ) from exc
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.")}
     backbone.load_state_dict(state, strict=True)
@@ -158,29 +190,30 @@ def _effv2s_prefix(state: dict) -> dict:
     return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
 
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "efficientnet_lite2": ArchSpec(
-        "efficientnet_lite2", _lite2_backbone, 1280, "backbone.bn2", LITE_MEAN, LITE_STD, (230, 350),
-        _lite2_stages, _lite2_imagenet,
-        "--init ../shared/weights/efficientnet_lite2_in1k.safetensors",
-    ),
-    "resnet50": ArchSpec(
-        "resnet50", _resnet50_backbone, 2048, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (112, 170),
-        _seq_stages, _torchvision_imagenet("ResNet50_Weights", "resnet50", _resnet_prefix),
-        "--init scratch (no ResNet-50 ImageNet weights are available here)",
-    ),
-    "densenet121": ArchSpec(
-        "densenet121", _densenet121_backbone, 1024, "backbone.1", IMAGENET_MEAN, IMAGENET_STD, (230, 350),
-        _seq_stages, _torchvision_imagenet("DenseNet121_Weights", "densenet121", _densenet_prefix),
-        "--init scratch",
-    ),
-    # The published hybrid's CNN branch (buildable; no ImageNet weights for it exist on this machine).
-    "efficientnet_v2_s": ArchSpec(
-        "efficientnet_v2_s", _effv2s_backbone, 1280, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (230, 350),
-        lambda b: list(b.children()), _torchvision_imagenet("EfficientNet_V2_S_Weights", "efficientnet_v2_s", _effv2s_prefix),
-        "--init scratch",
-    ),
-}
+def _when(cond: Callable[[dict], bool], fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """Remap only checkpoints in the foreign naming (a file saved from our own backbone passes through)."""
+    return lambda state: fn(state) if cond(state) else state
+
+
+register_arch(ArchSpec(
+    "efficientnet_lite2", 1280, "backbone.bn2", LITE_MEAN, LITE_STD, (230, 350), _lite2_backbone, _lite2_stages,
+    _lite2_imagenet, "--init BREAKHIS_LITE2_WEIGHTS (default ../shared/weights/efficientnet_lite2_in1k.safetensors)"))
+register_arch(ArchSpec(
+    "resnet50", 2048, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (112, 170), _resnet50_backbone, _seq_stages,
+    _torchvision_imagenet("ResNet50_Weights", "resnet50", _resnet_prefix),
+    "--init scratch (no ResNet-50 ImageNet weights are available here)",
+    remap_keys=_when(lambda s: "conv1.weight" in s, _resnet_prefix)))
+register_arch(ArchSpec(
+    "densenet121", 1024, "backbone.1", IMAGENET_MEAN, IMAGENET_STD, (230, 350), _densenet121_backbone, _seq_stages,
+    _torchvision_imagenet("DenseNet121_Weights", "densenet121", _densenet_prefix), "--init scratch",
+    remap_keys=_when(lambda s: any(k.startswith("features.") for k in s), _densenet_prefix)))
+# The published hybrid's CNN branch (buildable; no ImageNet weights for it exist on this machine).
+register_arch(ArchSpec(
+    "efficientnet_v2_s", 1280, "backbone.7", IMAGENET_MEAN, IMAGENET_STD, (230, 350), _effv2s_backbone,
+    lambda b: list(b.children()), _torchvision_imagenet("EfficientNet_V2_S_Weights", "efficientnet_v2_s", _effv2s_prefix),
+    "--init scratch", remap_keys=_when(lambda s: any(k.startswith("features.") for k in s), _effv2s_prefix)))
+# Backbone architectures (a HistoClassifier around one backbone), as the baseline and the branches look them up.
+ARCHITECTURES = {n: _REGISTRY[n] for n in list_archs()}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -203,7 +236,7 @@ def _load_weight_file(path: Path) -> dict:
 
 def _init_backbone(arch: str, backbone: nn.Module, init: str) -> dict:
     """Apply `init` to a bare backbone of `arch`; returns the provenance record. Never falls back silently."""
-    spec = ARCHITECTURES[arch]
+    spec = get_arch(arch)
     record: dict = {"init": init}
     if init == "scratch":
         record["description"] = "random initialisation (trained from scratch)"
@@ -216,20 +249,11 @@ def _init_backbone(arch: str, backbone: nn.Module, init: str) -> dict:
             raise InitError(f"--init {init}: no such file. Use 'scratch', 'imagenet' or an existing weights file.")
         state = _load_weight_file(path)
         head_prefixes = ("classifier.", "fc.", "head.")
-        state = {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
-        if arch == "resnet50" and "conv1.weight" in state:
-            state = _resnet_prefix(state)
-        elif arch == "densenet121" and any(k.startswith("features.") for k in state):
-            state = _densenet_prefix(state)
-        elif arch == "efficientnet_v2_s" and any(k.startswith("features.") for k in state):
-            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        if arch == "efficientnet_lite2":
-            try:
-                backbone.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise InitError(f"--init {init}: weights do not fit {arch}: {exc}") from exc
-        else:
+        state = spec.remap_keys({k: v for k, v in state.items() if not k.startswith(head_prefixes)})
+        try:
             load_torchvision_state(backbone, state)
+        except (InitError, RuntimeError) as exc:
+            raise InitError(f"--init {init}: weights do not fit {arch}: {exc}") from exc
         record.update(description=f"backbone weights from local file {path.name}", file=path.name,
                       file_sha256=file_sha256(path))
     return record
@@ -239,18 +263,10 @@ DEFAULT_TILES = {"backbone": "efficientnet_lite2", "pooling": "attention"}
 
 
 def arch_spec(arch: str, arch_config: dict | None = None) -> ArchSpec:
-    """The spec (preprocessing, stages, CAM layer) of `arch`; a hybrid takes its CNN branch's, a tile model its
-    backbone's (input size = one native tile)."""
-    if arch == "tiles":
-        from models.tiles import TILE_SIZE
-
-        return replace(ARCHITECTURES[{**DEFAULT_TILES, **(arch_config or {})}["backbone"]], name="tiles", input_size=TILE_SIZE)
-    if arch != "hybrid":
-        return ARCHITECTURES[arch]
-    from models.hybrid import DEFAULT_HYBRID
-
-    cnn = {**DEFAULT_HYBRID, **(arch_config or {})}["cnn"]
-    return replace(ARCHITECTURES[cnn], name="hybrid")
+    """The spec (preprocessing, stages, CAM layer) of `arch`; a composite takes its backbone's (a hybrid its CNN
+    branch's, a tile model its backbone's with input size = one native tile)."""
+    spec = get_arch(arch)
+    return spec.spec_for(arch_config) if spec.spec_for else spec
 
 
 def build_model(arch: str, init: str = "scratch", arch_config: dict | None = None,
@@ -260,23 +276,37 @@ def build_model(arch: str, init: str = "scratch", arch_config: dict | None = Non
     For `hybrid`, `init` initialises the CNN branch and `vit_init` (None = from scratch, 'imagenet', or a
     local torchvision ViT checkpoint) the ViT branch; a `vit_init` makes the ViT branch a plain image ViT.
     """
-    if arch == "hybrid":
-        return _build_hybrid(init, arch_config, vit_init)
-    if arch == "tiles":  # a frame as a bag of native tiles through one backbone (models.tiles)
-        from models.tiles import TiledClassifier
-
-        cfg = {**DEFAULT_TILES, **(arch_config or {})}
-        spec = ARCHITECTURES[cfg["backbone"]]
-        backbone = spec.make_backbone()
-        record = _init_backbone(cfg["backbone"], backbone, init)
-        return TiledClassifier(backbone.float(), spec.feat_dim, cfg["pooling"]), record
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES) + ['hybrid', 'tiles']}")
-    spec = ARCHITECTURES[arch]
+    spec = get_arch(arch)
+    if spec.builder:
+        return spec.builder(init, arch_config, vit_init)
     backbone = spec.make_backbone()
     record = _init_backbone(arch, backbone, init)
-    model = HistoClassifier(backbone.float(), spec.feat_dim)
-    return model, record
+    return HistoClassifier(backbone.float(), spec.feat_dim), record
+
+
+def _tiles_spec(arch_config: dict | None) -> ArchSpec:
+    from models.tiles import TILE_SIZE
+
+    return replace(get_arch({**DEFAULT_TILES, **(arch_config or {})}["backbone"]), name="tiles", input_size=TILE_SIZE,
+                   builder=_build_tiles, spec_for=_tiles_spec)
+
+
+def _build_tiles(init: str, arch_config: dict | None, vit_init: str | None = None) -> tuple[nn.Module, dict]:
+    """A frame as a bag of native tiles through one backbone (models.tiles)."""
+    from models.tiles import TiledClassifier
+
+    cfg = {**DEFAULT_TILES, **(arch_config or {})}
+    spec = get_arch(cfg["backbone"])
+    backbone = spec.make_backbone()
+    record = _init_backbone(cfg["backbone"], backbone, init)
+    return TiledClassifier(backbone.float(), spec.feat_dim, cfg["pooling"]), record
+
+
+def _hybrid_spec(arch_config: dict | None) -> ArchSpec:
+    from models.hybrid import DEFAULT_HYBRID
+
+    cnn = {**DEFAULT_HYBRID, **(arch_config or {})}["cnn"]
+    return replace(get_arch(cnn), name="hybrid", builder=_build_hybrid, spec_for=_hybrid_spec)
 
 
 def hybrid_config(arch_config: dict | None = None, vit_init: str | None = None) -> dict:
@@ -298,7 +328,7 @@ def _build_hybrid(init: str, arch_config: dict | None, vit_init: str | None) -> 
     cnn = cfg["cnn"]
     if cnn not in ARCHITECTURES:
         raise ValueError(f"unknown CNN branch {cnn!r}; choose from {sorted(ARCHITECTURES)}")
-    spec = ARCHITECTURES[cnn]
+    spec = get_arch(cnn)
     backbone = spec.make_backbone()
     record = {"cnn_branch": _init_backbone(cnn, backbone, init)}
     record["init"] = init
@@ -347,3 +377,8 @@ def _init_vit(vit: nn.Module, name: str, vit_init: str | None) -> dict:
     if vit_init != "imagenet":
         rec.update(file=Path(vit_init).name, file_sha256=file_sha256(vit_init))
     return rec
+
+
+# Composite architectures, registered like every other: their preprocessing comes from their backbone's spec.
+register_arch(replace(_hybrid_spec(None), builder=_build_hybrid, spec_for=_hybrid_spec))
+register_arch(replace(_tiles_spec(None), builder=_build_tiles, spec_for=_tiles_spec))

@@ -2,32 +2,27 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Annotated, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from models.archs import HistoClassifier, build_model, file_sha256
-from models.card import ModelCard
+from models.card import MAGNIFICATIONS, ModelCard
+from models.config import models_root
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, frame_to_tensor, load_image
 from models.quality import check_quality
 
-MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 DEFAULTS_FILE = "defaults.json"
 
 
 class ModelIntegrityError(RuntimeError):
     """The weights on disk are not the ones the card vouches for."""
-
-
-def models_root() -> Path:
-    """Where shipped models live; BREAKHIS_MODELS_DIR overrides (tests, private models)."""
-    return Path(os.environ.get("BREAKHIS_MODELS_DIR", Path(__file__).resolve().parent.parent / "magnif_models"))
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -146,10 +141,39 @@ def list_model_folders(root: str | Path | None = None) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/*/card.json"))
 
 
+class DefaultsError(ValueError):
+    """defaults.json cannot be trusted; the message is one line."""
+
+
+@with_config(ConfigDict(extra="allow"))  # the routing evidence (comparisons, reason, ...) is free-form
+@dataclass
+class DefaultsEntry:
+    """What serving needs from one magnification's routing entry; validated before anything reads it."""
+
+    model_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    auc: Annotated[float, Field(ge=0.0, le=1.0)]
+    n_patients: dict[Literal["benign", "malignant"], Annotated[int, Field(ge=0)]]
+    card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+_DEFAULTS = TypeAdapter(dict[Literal["40X", "100X", "200X", "400X"], DefaultsEntry])
+
+
 def read_defaults(root: str | Path | None = None) -> dict:
-    """The validation-chosen default per magnification, as written by `python -m training select-defaults`."""
+    """The routing per magnification, as written by `python -m training select-defaults`, validated on load."""
     path = (Path(root) if root else models_root()) / DEFAULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DefaultsError(f"{path}: not valid JSON ({exc}); re-run `python -m training select-defaults`") from None
+    try:
+        _DEFAULTS.validate_python(d)
+    except ValidationError as exc:
+        probs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'][0].lower() + e['msg'][1:]}" for e in exc.errors()[:4])
+        raise DefaultsError(f"{path}: invalid routing file: {probs}; re-run `python -m training select-defaults`") from None
+    return d
 
 
 def default_model_id(magnification: str, root: str | Path | None = None) -> str | None:

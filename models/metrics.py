@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
+from models.card import TEMPERATURE_BOUNDS  # one bound for the fit guard and for card validation
+
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
@@ -20,7 +22,6 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return sigmoid(np.asarray(logits, dtype=np.float64) / float(temperature))
 
 
-TEMPERATURE_BOUNDS = (0.05, 20.0)
 TEMPERATURE_FALLBACK = 1.0  # the documented default when a fit is undefined or lands on a bound: logits as they are
 
 

@@ -4,11 +4,11 @@ import io
 
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, results_frame, route
+from app.dashboard import DISCLAIMER, results_frame, route
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay, tile_attention,
                             tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
-from ui_cache import cached_analysis, cached_model
+from app.ui_cache import cached_analysis, cached_model
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")

@@ -3,26 +3,26 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from models.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
+from models.card import ALL, MAGNIFICATIONS, metric
+from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
                               robustness_rows, source_and_worst, train_command)
-from models.inference import MAGNIFICATIONS
 from models.metrics import patient_table
-from ui_cache import cached_cards
+from app.ui_cache import cached_cards
 
 st.set_page_config(page_title="Model metrics", page_icon="📈", layout="wide")
 st.title("Model metrics")
 st.caption(DISCLAIMER)
 cards = cached_cards()
 mag = st.selectbox("Magnification", ["all", *MAGNIFICATIONS], key="metrics_mag")
-avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)]
+avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == ALL and mag in c.per_magnification)]
 # (a model trained at another magnification is shown at its own; its cross-magnification check is on its page)
 if not avail:
     st.error(f"No model covers {mag}. Train one with:")
-    st.code(train_command(mag if mag != "all" else "100X"), language="bash")
+    st.code(train_command(mag if mag != ALL else "100X"), language="bash")
     st.stop()
 mid = st.selectbox("Model", avail, key="metrics_model")
 card = cards[mid]
-at = mag if card.magnification == "all" and mag != "all" else None
+at = mag if card.magnification == ALL and mag != ALL else None
 summary = card.per_magnification[at] if at else card.evaluation["overall"]
 n = summary["n_patients"]
 st.markdown(f"**{mid}** · {card.architecture} · init: {card.init.get('description')} · "
@@ -77,9 +77,9 @@ if cur:
 
 st.subheader("Baseline")
 if base:
-    bm = base["metrics"]["auc"]
-    delta = mt.loc["auc"].value - bm["value"]
-    st.markdown(f"{card.baseline.get('description', '')}: AUC {bm['value']:.3f} (95% CI {bm['ci95'][0]:.3f}–{bm['ci95'][1]:.3f}). "
+    bm = metric(base)
+    delta = mt.loc["auc"].value - bm.value
+    st.markdown(f"{card.baseline.get('description', '')}: AUC {bm.value:.3f} (95% CI {bm.ci95[0]:.3f}–{bm.ci95[1]:.3f}). "
                 f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same patients.")
 
 st.subheader("Robustness: test-time augmentation, quality control, stain normalisation")

@@ -3,10 +3,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from models.dashboard import DISCLAIMER, analyse_upload, curves, magnification_scores, model_folder, route, routing_evidence
+from models.card import ALL, MAGNIFICATIONS, metric
+from app.dashboard import DISCLAIMER, analyse_upload, curves, model_folder, route, routing_evidence
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
-from models.inference import MAGNIFICATIONS
-from ui_cache import cached_cards, cached_model
+from app.ui_cache import cached_cards, cached_model
 
 st.set_page_config(page_title="Compare models", page_icon="⚖️", layout="wide")
 st.title("Compare models")
@@ -16,7 +16,7 @@ if not cards:
     st.error("No trained models in magnif_models/.")
     st.stop()
 mag = st.selectbox("Compare at magnification", MAGNIFICATIONS, index=1, key="cmp_mag")
-avail = [m for m, c in cards.items() if c.magnification == mag or (c.magnification == "all" and mag in c.per_magnification)
+avail = [m for m, c in cards.items() if c.magnification == mag or (c.magnification == ALL and mag in c.per_magnification)
          or mag in c.evaluation.get("cross_magnification", {})]
 chosen = st.multiselect("Models", avail, default=avail, key="cmp_models")
 if len(chosen) < 1:
@@ -30,19 +30,17 @@ if served.model_id:
 rows, fig = [], go.Figure()
 for mid in chosen:
     c = cards[mid]
-    s, t = magnification_scores(c, mag)
-    kind = ("pooled" if c.magnification == "all" else "own magnification" if c.magnification == mag
+    s, t = c.summaries_at(mag)
+    kind = ("pooled" if c.magnification == ALL else "own magnification" if c.magnification == mag
             else f"borrowed ({c.magnification} model)")
     row = {"model": mid, "routed": "yes" if mid == served.model_id else "", "architecture": c.architecture, "serves as": kind, "stain": (c.preprocess.stain or {}).get("method", "none")}
     for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "patient_accuracy", "ece"):
-        m = s["metrics"][k]
-        row[k] = f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
-    row["auc with TTA"] = (f"{t['metrics']['auc']['value']:.3f} ({t['metrics']['auc']['ci95'][0]:.2f}–"
-                           f"{t['metrics']['auc']['ci95'][1]:.2f})" if t else "not measured")
+        row[k] = m.fmt() if (m := metric(s, k)) else "n/a"
+    row["auc with TTA"] = metric(t).fmt() if t else "not measured"
     row["patients (b/m)"] = f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}"
     rows.append(row)
     cv = curves(model_folder(mid))
-    cur = (cv.get("per_magnification", {}).get(mag) if c.magnification == "all" else cv.get("overall") if c.magnification == mag
+    cur = (cv.get("per_magnification", {}).get(mag) if c.magnification == ALL else cv.get("overall") if c.magnification == mag
            else cv.get("cross_magnification", {}).get(mag))
     if cur and "roc" in cur:
         fig.add_scatter(x=cur["roc"]["fpr"], y=cur["roc"]["tpr"], name=mid)

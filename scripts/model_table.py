@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.card import ModelCard  # noqa: E402
-from models.inference import MAGNIFICATIONS, list_model_folders  # noqa: E402
+from models.card import ALL, MAGNIFICATIONS, Metric, ModelCard, metric  # noqa: E402
+from models.inference import list_model_folders  # noqa: E402
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "magnif_models")
 
 
-def ci(m: dict) -> str:
-    v, (lo, hi) = m["value"], m["ci95"]
+def ci(m: Metric) -> str:
+    v, (lo, hi) = m.value, m.ci95
     return f"{v:.3f} ({lo:.2f}–{hi:.2f})" if v == v else "n/a"
 
 
@@ -24,20 +24,20 @@ print("|---|---|---|---|---|---|---|---|---|---|---|")
 for folder in list_model_folders(root):
     c = ModelCard.from_json(folder / "card.json")
     rows = [("all its data", c.evaluation["overall"], c.baseline.get("overall"))]
-    if c.magnification == "all":
+    if c.magnification == ALL:
         rows += [(m, c.per_magnification[m], c.baseline.get("per_magnification", {}).get(m))
                  for m in MAGNIFICATIONS if m in c.per_magnification]
     xm = c.evaluation.get("cross_magnification") or {}
     rows += [(f"{m} (borrowed: cross-magnification check)", xm[m], None) for m in MAGNIFICATIONS if m in xm]
     for where, s, b in rows:
-        m, n, k = s["metrics"], s["n_patients"], s["n_images"]
+        m, n, k = {name: metric(s, name) for name in s["metrics"]}, s["n_patients"], s["n_images"]
         init = c.init["init"] if c.init["init"] in ("scratch", "imagenet") else "ImageNet Lite2 file"
         if c.architecture == "hybrid":
             init = "Lite2 file (CNN) + scratch (ViT)"
         print(f"| {c.model_id} | {init} "
               f"| {where} | {n['benign']}/{n['malignant']} | {k['benign']}/{k['malignant']} | {ci(m['auc'])} | "
               f"{ci(m['balanced_accuracy'])} | {ci(m['patient_accuracy'])} | {ci(m['patient_score'])} | "
-              f"{m['ece']['value']:.3f} | {ci(b['metrics']['auc']) if b else 'n/a'} |")
+              f"{m['ece'].value:.3f} | {ci(metric(b)) if b else 'n/a'} |")
 d = root / "defaults.json"
 if d.is_file():
     print("\n| magnification | served by | AUC there (95% CI) | why |")

@@ -18,11 +18,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from models.card import ModelCard  # noqa: E402
-from models.dashboard import magnification_scores  # noqa: E402
-from models.inference import MAGNIFICATIONS, load_model_folder  # noqa: E402
+from models.card import ALL, MAGNIFICATIONS, ModelCard, metric  # noqa: E402
+from models.inference import load_model_folder  # noqa: E402
 
 FRAME = ROOT.parent / "shared" / "data" / "breakhis_frames" / "200X"
+
+
+def _m(summary: dict | None) -> dict | None:
+    """A summary's AUC as JSON ({value, ci95}) for results/robustness.json; None when not measured."""
+    m = metric(summary)
+    return {"value": m.value, "ci95": list(m.ci95)} if m else None
 
 
 def ci(m: dict | None) -> str:
@@ -64,28 +69,27 @@ def main() -> None:
                "shipped": shipped,
                "architecture": c.architecture, "recipe": c.recipe.get("name"),
                "trained_at": c.magnification, "stain": (c.preprocess.stain or {}).get("method", "none"), "auc": {}}
-        mags = ["all"] if c.magnification == "all" else [c.magnification]
+        mags = [ALL] if c.magnification == ALL else [c.magnification]
         mags += [m for m in MAGNIFICATIONS if m not in mags and (m in c.per_magnification or
                                                                   m in c.evaluation.get("cross_magnification", {}))]
         tta = c.evaluation.get("tta") or {}
         for m in mags:
-            if m == "all" or m == c.magnification:
+            if m == ALL or m == c.magnification:
                 plain, with_tta = c.evaluation["overall"], tta.get("overall")
             else:
-                plain, with_tta = magnification_scores(c, m)
-            row["auc"][m] = {"plain": plain["metrics"]["auc"], "tta": with_tta["metrics"]["auc"] if with_tta else None,
+                plain, with_tta = c.summaries_at(m)
+            row["auc"][m] = {"plain": _m(plain), "tta": _m(with_tta) if with_tta else None,
                              "n_patients": plain["n_patients"],
-                             "borrowed": c.magnification not in ("all", m)}
+                             "borrowed": c.magnification not in (ALL, m)}
         qc = c.evaluation.get("qc") or {}
         if qc:
             row["qc"] = {"n_failing": qc["n_failing"], "n_images": qc["n_images"],
-                         "auc_all": c.evaluation["overall"]["metrics"]["auc"],
-                         "auc_qc_passed": (qc.get("qc_passed_only") or {}).get("metrics", {}).get("auc")}
+                         "auc_all": _m(c.overall), "auc_qc_passed": _m(qc.get("qc_passed_only"))}
         if not args.no_latency:
             row["latency_ms"] = {"plain": latency_ms(f, False, args.repeats), "tta": latency_ms(f, True, args.repeats)}
         rows.append(row)
     # Variants of one model next to each other: trained-at magnification, architecture, shipped first, stain.
-    rows.sort(key=lambda r: (r["trained_at"] != "all", r["trained_at"], r["architecture"], not r["shipped"], r["stain"]))
+    rows.sort(key=lambda r: (r["trained_at"] != ALL, r["trained_at"], r["architecture"], not r["shipped"], r["stain"]))
 
     print("| model (recipe) | stain | TTA | " + " | ".join(["all", *MAGNIFICATIONS]) + " | ms / image |")
     print("|---|---|---|" + "---|" * (len(MAGNIFICATIONS) + 2))

@@ -132,13 +132,13 @@ def test_hybrid_phased_cv_with_stain_tta_qc_and_cross_magnification(tmp_path):
             assert r["patient"] not in set(split["patient"])
     assert any(p.startswith("final model") for p in xm["predicted_by"])
     assert set(card.evaluation["cross_magnification"]) - {"protocol"} <= {"40X", "200X", "400X"}
-    # ... and with TTA from the same models, which the tables read through magnification_scores
+    # ... and with TTA from the same models, which the tables read through ModelCard.summaries_at
     assert xm["logit_tta"].notna().all() and xm["p_tta"].between(0, 1).all()
-    from models.dashboard import magnification_scores
+
     some = next(m for m in card.evaluation["cross_magnification"] if m != "protocol")
-    plain, with_tta = magnification_scores(card, some)
+    plain, with_tta = card.summaries_at(some)
     assert with_tta is not None and with_tta["n_images"] == plain["n_images"]
-    from models.dashboard import cross_magnification_rows
+    from app.dashboard import cross_magnification_rows
     assert not cross_magnification_rows(card)["AUC with 8-view TTA"].eq("not measured").any()
     assert_patient_disjoint(split["patient"], split["cv_fold"])
     again = rescore(out, n_boot=20)

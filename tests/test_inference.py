@@ -1,3 +1,4 @@
+import json
 import csv
 import io
 import subprocess
@@ -27,7 +28,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     ModelCard(model_id="100X/efficientnet_lite2", architecture="efficientnet_lite2", magnification="100X",
               preprocess=PreprocessConfig(spec.input_size, spec.mean, spec.std), init=rec, temperature=1.7,
               weights_sha256=file_sha256(out / "model.safetensors")).to_json(out / "card.json")
-    (out.parent.parent / "defaults.json").write_text('{"100X": {"model_id": "100X/efficientnet_lite2"}}')
+    (out.parent.parent / "defaults.json").write_text(json.dumps({"100X": {"model_id": "100X/efficientnet_lite2", "auc": 0.5, "n_patients": {"benign": 1, "malignant": 1}}}))
     return out
 
 

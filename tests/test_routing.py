@@ -65,7 +65,7 @@ def test_a_noisy_advantage_does_not_displace_the_pretrained_incumbent(tmp_path):
 
 
 def test_a_clear_advantage_displaces_the_incumbent_and_the_app_says_why(tmp_path):
-    from models.dashboard import route, routing_evidence
+    from app.dashboard import route, routing_evidence
     from training.routing import select_defaults
 
     _folder(tmp_path, "lite2_logreg", "100X", _scores(0.3, 1), pretrained=True, seed=1)
@@ -107,7 +107,7 @@ def test_temperature_guard_falls_back_when_the_fit_lands_on_a_bound(bound_logits
 
 
 def test_source_table_and_worst_frames_come_from_the_out_of_fold_predictions():
-    from models.dashboard import source_and_worst
+    from app.dashboard import source_and_worst
 
     pred = pd.DataFrame({"path": [f"/d/f{i}.jpg" for i in range(6)], "patient": list("aabbcc"), "label": [0, 0, 1, 1, 1, 1],
                          "magnification": "100X", "source": ["r1@x:p"] * 3 + ["r2@y:q"] * 3,

@@ -73,7 +73,7 @@ def test_qc_failures_name_the_failed_checks():
 
 
 def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(tmp_path):
-    from models.dashboard import inventory, route
+    from app.dashboard import inventory, route
     from models.metrics import summarize
     from training.routing import select_defaults
 

@@ -7,6 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
+from models.archs import list_archs
+from models.card import ALL, MAGNIFICATIONS, metric
+
+
+def _fmt(m) -> str:
+    return "n/a" if m is None else f"{m.value:.3f} (95% CI {m.ci95[0]:.3f}-{m.ci95[1]:.3f})"
+
+
+def _card_line(card) -> str:
+    """The one-line summary every training command prints."""
+    return (f"{card.model_id}: AUC {_fmt(metric(card.overall))}; patients {card.overall.get('n_patients')}; "
+            f"{card.training_time_s:.0f}s")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training")
@@ -19,17 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--url", default=None)
     a = sub.add_parser("split", help="write a patient-wise split CSV")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", default="all")
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
     a.add_argument("--scheme", choices=["holdout", "kfold", "lopo"], default="kfold")
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True)
     a = sub.add_parser("train", help="train, cross-validate and write a model folder")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", required=True, help="40X|100X|200X|400X|all")
-    a.add_argument("--arch", required=True, choices=["efficientnet_lite2", "resnet50", "densenet121", "hybrid"])
+    a.add_argument("--magnification", required=True, choices=[*MAGNIFICATIONS, ALL])
+    a.add_argument("--arch", required=True, choices=[n for n in list_archs() if n != "tiles"],
+                   help="a registered architecture (models.archs.register_arch); tile models: train-tiles")
     a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth (hybrid: CNN branch)")
-    a.add_argument("--cnn", default="efficientnet_lite2", help="hybrid: CNN branch (efficientnet_lite2 | efficientnet_v2_s)")
+    a.add_argument("--cnn", default="efficientnet_lite2", choices=list_archs(backbones_only=True), help="hybrid: CNN branch")
     a.add_argument("--vit", default="hybrid", help="hybrid: ViT branch ('hybrid' = ViT on CNN tokens | vit_b_16)")
     a.add_argument("--vit-init", default=None, help="hybrid: imagenet | local ViT checkpoint (makes the branch a plain ViT)")
     a.add_argument("--p1-epochs", type=int, default=30, help="hybrid phase 1 (CNN frozen) max epochs")
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, help="write metrics JSON and predictions CSV with this stem")
     a = sub.add_parser("leakage-demo", help="image-wise vs patient-wise split, same recipe")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", default="100X")
+    a.add_argument("--magnification", default="100X", choices=MAGNIFICATIONS)
     a.add_argument("--out", type=Path)
     a = sub.add_parser("rescore", help="recompute a card's figures from its predictions.csv")
     a.add_argument("models", nargs="+")
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", required=True)
     a = sub.add_parser("frozen-cv", help="repeated grouped CV of frozen-feature recipes (whole frame, tiles, MIL, both)")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", default="all")
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
     a.add_argument("--weights", default=None, help="Lite2 ImageNet weights file (default: BREAKHIS_LITE2_WEIGHTS or ../shared/weights)")
     a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--k", type=int, default=5)
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("train-tiles", help="ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", default="all")
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
     a.add_argument("--weights", default=None, help="Lite2 ImageNet weights file (default: ../shared/weights)")
     a.add_argument("--pooling", choices=["attention", "mean"], default="attention")
     a.add_argument("--cv", type=int, default=5)
@@ -150,10 +164,7 @@ def _run(args) -> int:
                          n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation,
                          arch_config={"cnn": args.cnn, "vit": args.vit}, vit_init=args.vit_init, stain=args.stain,
                          eval_tta=args.tta_eval, hc=hc, cross_magnification=not args.no_cross_magnification)
-        o = card.evaluation["overall"]["metrics"]
-        print(f"{card.model_id}: AUC {o['auc']['value']:.3f} (95% CI {o['auc']['ci95'][0]:.3f}-{o['auc']['ci95'][1]:.3f}); "
-              f"baseline AUC {card.baseline.get('overall', {}).get('metrics', {}).get('auc', {}).get('value', float('nan')):.3f}; "
-              f"patients {card.evaluation['overall']['n_patients']}; {card.training_time_s:.0f}s")
+        print(_card_line(card) + f"; baseline AUC {_fmt(metric(card.baseline.get('overall')))}")
     elif args.cmd == "evaluate":
         from training.evaluate import evaluate_model
 
@@ -177,8 +188,7 @@ def _run(args) -> int:
 
         for mdir in args.models:
             c = rescore(mdir, args.n_boot)
-            a_ = c.evaluation["overall"]["metrics"]["auc"]
-            print(f"{mdir}: AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f})")
+            print(f"{mdir}: " + _card_line(c))
     elif args.cmd == "pick-recipe":
         from training.evaluate import pick_better
 
@@ -210,9 +220,7 @@ def _run(args) -> int:
 
         card = train_tile_model(args.data, args.out, args.weights or str(BASELINE_WEIGHTS), args.magnification,
                                 args.pooling, args.cv, args.seed, args.n_boot)
-        a_ = card.evaluation["overall"]["metrics"]["auc"]
-        print(f"{card.model_id}: AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f}); "
-              f"patients {card.evaluation['overall']['n_patients']}; {card.training_time_s:.0f}s")
+        print(_card_line(card))
     elif args.cmd == "select-defaults":
         from training.routing import select_defaults
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from models.inference import load_model_folder
-from models.card import ModelCard
+from models.card import ALL, ModelCard, metric
 from models.metrics import curve_points, summarize
 from models.preprocess import ImageError, load_image
 from training.data import index_source
@@ -20,7 +20,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, magnification: str |
     lm = load_model_folder(model_dir)
     mag = magnification or lm.card.magnification
     df = index_source(data, cache_dir).frame
-    if mag != "all":
+    if mag != ALL:
         df = df[df["magnification"] == mag]
     split = pd.read_csv(Path(model_dir) / lm.card.split_file, dtype={"patient": str})
     fitted = set(split.loc[split["part"].isin(["train", "val"]), "patient"])
@@ -108,9 +108,8 @@ def pick_better(candidates: list[str | Path], out: str | Path) -> dict:
     if len(folds) != 1:
         raise ValueError("candidates were not cross-validated on the same outer folds; they cannot be compared")
     rows = [{"candidate": str(p), "recipe": c.recipe.get("name"), "stain": (c.preprocess.stain or {}).get("method", "none"),
-             "auc": c.evaluation["overall"]["metrics"]["auc"]["value"],
-             "auc_ci95": c.evaluation["overall"]["metrics"]["auc"]["ci95"],
-             "patient_auc": c.evaluation["overall"]["metrics"]["patient_auc"]["value"]} for p, c in cards]
+             "auc": metric(c.overall).value, "auc_ci95": list(metric(c.overall).ci95),
+             "patient_auc": metric(c.overall, "patient_auc").value} for p, c in cards]
     best_i = max(range(len(rows)), key=lambda i: rows[i]["auc"])
     src, card = cards[best_i]
     out = Path(out)

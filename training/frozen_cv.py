@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.archs import arch_spec, build_model
-from models.card import PreprocessConfig
+from models.card import ALL, PreprocessConfig
 from models.metrics import paired_auc_difference, summarize
 from models.preprocess import frame_to_uint8, load_image, normalize_uint8
 from models.tiles import GatedAttentionMIL, tile_frame
@@ -283,6 +283,6 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
                      "scale, where this model may not transfer (whole-frame fine-tuned models held up better there).",
                      "Frame-level model: it sees one 700x460 field of view, not a whole slide."],
         changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train-tiles`"])
-    apply_scores(card, scores_from_predictions(pred, magnification == "all", n_boot, seed), out)
+    apply_scores(card, scores_from_predictions(pred, magnification == ALL, n_boot, seed), out)
     card.to_json(out / "card.json")
     return card

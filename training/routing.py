@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from models.archs import file_sha256
-from models.card import ModelCard
-from models.inference import DEFAULTS_FILE, MAGNIFICATIONS, list_model_folders
+from models.card import ALL, MAGNIFICATIONS, ModelCard
+from models.inference import DEFAULTS_FILE, list_model_folders
 from models.metrics import paired_auc_difference
 
 FEW_PATIENTS = 20
@@ -94,7 +94,7 @@ def compare(challenger: pd.DataFrame, incumbent: pd.DataFrame, n_boot: int = 200
 def _kind(card: ModelCard, mag: str) -> str:
     if card.magnification == mag:
         return "own-magnification model"
-    if card.magnification == "all":
+    if card.magnification == ALL:
         return "pooled model (all magnifications)"
     return f"borrowed {card.magnification} model (cross-magnification check)"
 
@@ -144,13 +144,13 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
     for mag in MAGNIFICATIONS:
         cands = []
         for f, c in cards:
-            s, kind = c.summary_at(mag), _kind(c, mag)
-            if not s or s["metrics"]["auc"]["value"] != s["metrics"]["auc"]["value"]:  # absent, or NaN (one class)
+            s, kind, auc = c.summary_at(mag), _kind(c, mag), c.metric_at(mag)
+            if auc is None or auc.value != auc.value:  # absent, or NaN (one class)
                 continue
-            cands.append({"model_id": c.model_id, "kind": kind, "auc": s["metrics"]["auc"]["value"],
-                          "auc_ci95": s["metrics"]["auc"]["ci95"], "n_patients": s["n_patients"],
-                          "pooled": c.magnification == "all", "borrowed": c.magnification not in ("all", mag),
-                          "pretrained": is_pretrained(c), "tier": incumbent_tier(c) if c.magnification in ("all", mag) else None,
+            cands.append({"model_id": c.model_id, "kind": kind, "auc": auc.value,
+                          "auc_ci95": list(auc.ci95), "n_patients": s["n_patients"],
+                          "pooled": c.magnification == ALL, "borrowed": c.magnification not in (ALL, mag),
+                          "pretrained": is_pretrained(c), "tier": incumbent_tier(c) if c.magnification in (ALL, mag) else None,
                           "scores": frame_scores(f, c, mag), "card_sha256": file_sha256(f / "card.json")})
         if not cands:
             continue

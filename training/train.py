@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from models.archs import ARCHITECTURES, arch_spec, build_model, file_sha256, hybrid_config
-from models.card import ModelCard, PreprocessConfig
+from models.card import ALL, ModelCard, PreprocessConfig
+from models.config import lite2_weights
 from models.metrics import apply_temperature, curve_points, fit_temperature, fit_temperature_guarded, summarize
 from training.data import IndexResult, default_cache_dir, index_source
 from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
@@ -25,7 +26,7 @@ from training.hybrid import HybridConfig, cached_feature_maps, final_schedule, f
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
 log = logging.getLogger("training")
-BASELINE_WEIGHTS = Path(__file__).resolve().parent.parent.parent / "shared" / "weights" / "efficientnet_lite2_in1k.safetensors"
+BASELINE_WEIGHTS = lite2_weights()  # models.config: BREAKHIS_LITE2_WEIGHTS or ../shared/weights
 
 
 def git_commit() -> str:
@@ -47,7 +48,7 @@ def versions() -> dict:
 
 def select_rows(index: IndexResult, magnification: str) -> pd.DataFrame:
     df = index.frame
-    if magnification != "all":
+    if magnification != ALL:
         df = df[df["magnification"] == magnification]
     if df.empty:
         raise ValueError(f"no images at magnification {magnification}")
@@ -218,7 +219,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     # patients' frames at the other magnifications; patients with no frame at this magnification were never
     # seen by any model here, and the final model predicts theirs.
     other = pd.DataFrame()
-    if cross_magnification and magnification != "all":
+    if cross_magnification and magnification != ALL:
         other = index.frame[index.frame["magnification"] != magnification].reset_index(drop=True)
     o_images, o_keep = (cache_images(other, cfg)[:2] if len(other) else (None, np.zeros(0, int)))
     other = other.iloc[o_keep].reset_index(drop=True) if len(other) else other
@@ -373,7 +374,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         ],
         changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train`"],
     )
-    apply_scores(card, scores_from_predictions(pred, magnification == "all", n_boot, seed), out)
+    apply_scores(card, scores_from_predictions(pred, magnification == ALL, n_boot, seed), out)
     card.to_json(out / "card.json")
     return card
 
@@ -402,7 +403,7 @@ def rescore(folder: str | Path, n_boot: int = 1000, seed: int = 0) -> ModelCard:
         pred.to_csv(folder / "predictions.csv", index=False)
     guard_temperatures(card, pred)
     pred.to_csv(folder / "predictions.csv", index=False)
-    apply_scores(card, scores_from_predictions(pred, card.magnification == "all", n_boot, seed), folder)
+    apply_scores(card, scores_from_predictions(pred, card.magnification == ALL, n_boot, seed), folder)
     xm_path = folder / "predictions_cross_magnification.csv"
     if xm_path.is_file():
         card.evaluation["cross_magnification"] = cross_magnification_scores(

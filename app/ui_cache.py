@@ -1,7 +1,7 @@
 """Process-wide caches for the Streamlit pages: each model is loaded (and sha256-checked) once per process."""
 import streamlit as st
 
-from models.dashboard import load_cards, model_folder
+from app.dashboard import load_cards, model_folder
 from models.inference import load_model_folder, models_root
 
 
@@ -30,7 +30,7 @@ def cached_cards():
 
 @st.cache_data(max_entries=512, show_spinner=False)
 def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str, tta: bool):
-    from models.dashboard import analyse_upload
+    from app.dashboard import analyse_upload
 
     return analyse_upload(_cached_model(model_id, root), name, data, magnification, tta)
 

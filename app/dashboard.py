@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from models.archs import file_sha256
-from models.card import ModelCard
-from models.inference import MAGNIFICATIONS, list_model_folders, models_root, read_defaults
+from models.card import ALL, MAGNIFICATIONS, CardError, Metric, ModelCard, metric
+from models.config import lite2_init_hint, models_root
+from models.inference import list_model_folders, read_defaults
 
 FEW_PATIENTS = 20  # fewer patients than this behind a number: labelled "few patients"
 DISCLAIMER = ("Research aid only, not a diagnosis. Predictions come from models trained on a few dozen "
@@ -26,13 +27,31 @@ class Route:
 
 def train_command(magnification: str) -> str:
     return (f"python -m training train --data PATH/TO/BreaKHis_v1.tar.gz --magnification {magnification} "
-            f"--arch efficientnet_lite2 --init ../shared/weights/efficientnet_lite2_in1k.safetensors "
+            f"--arch efficientnet_lite2 {lite2_init_hint()} "
             f"--out magnif_models/{magnification}/efficientnet_lite2 && python -m training select-defaults")
 
 
 def load_cards(root: str | Path | None = None) -> dict[str, ModelCard]:
-    """Every shipped card by model id."""
-    return {c.model_id: c for c in (ModelCard.from_json(f / "card.json") for f in list_model_folders(root))}
+    """Every valid card by model id (an invalid one is left out here; `card_problems` says why)."""
+    cards = {}
+    for f in list_model_folders(root):
+        try:
+            c = ModelCard.from_json(f / "card.json")
+        except CardError:
+            continue
+        cards[c.model_id] = c
+    return cards
+
+
+def card_problems(root: str | Path | None = None) -> list[str]:
+    """One line per model folder whose card was refused, so the pages can say which models are hidden and why."""
+    out = []
+    for f in list_model_folders(root):
+        try:
+            ModelCard.from_json(f / "card.json")
+        except CardError as exc:
+            out.append(str(exc))
+    return out
 
 
 def route(magnification: str, root: str | Path | None = None) -> Route:
@@ -63,9 +82,16 @@ def route(magnification: str, root: str | Path | None = None) -> Route:
     return Route(magnification, d["model_id"], notes)
 
 
-def _fmt_ci(m: dict) -> str:
-    v, (lo, hi) = m["value"], m["ci95"]
-    return f"{v:.3f} ({lo:.3f}–{hi:.3f})" if v == v else "n/a"
+def _fmt_ci(m: Metric | None) -> str:
+    if m is None or m.value != m.value:
+        return "n/a"
+    lo, hi = m.ci95
+    return f"{m.value:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def _n(s: dict | None) -> str:
+    n = (s or {}).get("n_patients")
+    return f"{n['benign']}/{n['malignant']}" if n else ""
 
 
 def inventory(root: str | Path | None = None) -> pd.DataFrame:
@@ -79,13 +105,13 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             rows.append({"magnification": mag, "model": "none: " + r.train_command})
             continue
         c = cards[r.model_id]
-        s = magnification_scores(c, mag)[0]
+        s = c.summaries_at(mag)[0]
         n = s["n_patients"]
         trained = c.data["all"]
         rows.append({
-            "magnification": mag, "model": r.model_id, "pooled": c.magnification == "all",
-            "borrowed": c.magnification not in ("all", mag),
-            "AUC (95% CI)": _fmt_ci(s["metrics"]["auc"]),
+            "magnification": mag, "model": r.model_id, "pooled": c.magnification == ALL,
+            "borrowed": c.magnification not in (ALL, mag),
+            "AUC (95% CI)": _fmt_ci(metric(s)),
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
             "evidence": "few patients" if n["benign"] + n["malignant"] < FEW_PATIENTS else "moderate",
@@ -96,8 +122,9 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
 
 def metrics_table(card: ModelCard, magnification: str | None = None) -> pd.DataFrame:
     """Metric, value, 95% CI for a card (optionally at one magnification of a pooled model)."""
-    s = card.per_magnification[magnification] if magnification and card.magnification == "all" else card.evaluation["overall"]
-    rows = [{"metric": k, "value": v["value"], "ci_low": v["ci95"][0], "ci_high": v["ci95"][1]} for k, v in s["metrics"].items()]
+    s = card.summary_at(magnification) if magnification and card.magnification == ALL else card.overall
+    ms = {k: metric(s, k) for k in s.get("metrics", {})}
+    rows = [{"metric": k, "value": m.value, "ci_low": m.ci95[0], "ci_high": m.ci95[1]} for k, m in ms.items()]
     return pd.DataFrame(rows)
 
 
@@ -144,20 +171,6 @@ def curves(folder: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def magnification_scores(card, mag: str) -> tuple[dict, dict | None]:
-    """(plain, TTA or None) out-of-fold summaries of a card at one magnification: its own figures, its pooled
-    per-magnification figures, or, for a model trained at another magnification, its cross-magnification check."""
-    tta = card.evaluation.get("tta") or {}
-    plain = card.summary_at(mag)
-    if plain is None:
-        raise KeyError(f"{card.model_id} has no out-of-fold figures at {mag}")
-    if card.magnification == "all":
-        return plain, tta.get("per_magnification", {}).get(mag)
-    if card.magnification == mag:
-        return plain, tta.get("overall")
-    return plain, plain.get("tta")
-
-
 def model_folder(model_id: str, root: str | Path | None = None) -> Path:
     return Path(root or models_root()) / model_id
 
@@ -202,22 +215,20 @@ def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:
 
 def robustness_rows(card, at: str | None = None) -> pd.DataFrame:
     """AUC (CI) as evaluated: plain, with 8-view TTA, and on QC-passing frames only (all out-of-fold)."""
-    plain = card.per_magnification[at] if at else card.evaluation["overall"]
-    tta = card.evaluation.get("tta") or {}
-    t = tta.get("per_magnification", {}).get(at) if at else tta.get("overall")
+    plain, t = card.summaries_at(at) if at else card.summaries_at(card.magnification)
     qc = card.evaluation.get("qc") or {}
     stain = (card.preprocess.stain or {}).get("method", "none")
-    rows = [{"evaluation": f"plain (stain normalisation: {stain})", "AUC (95% CI)": _fmt_ci(plain["metrics"]["auc"]),
-             "patients (b/m)": f"{plain['n_patients']['benign']}/{plain['n_patients']['malignant']}"}]
+    rows = [{"evaluation": f"plain (stain normalisation: {stain})", "AUC (95% CI)": _fmt_ci(metric(plain)),
+             "patients (b/m)": _n(plain)}]
     rows.append({"evaluation": "8-view test-time augmentation",
-                 "AUC (95% CI)": _fmt_ci(t["metrics"]["auc"]) if t else "not measured (train with --tta-eval)",
-                 "patients (b/m)": f"{t['n_patients']['benign']}/{t['n_patients']['malignant']}" if t else ""})
+                 "AUC (95% CI)": _fmt_ci(metric(t)) if t else "not measured (train with --tta-eval)",
+                 "patients (b/m)": _n(t)})
     q = qc.get("qc_passed_only") if not at else None
     rows.append({"evaluation": f"QC-passing frames only ({qc.get('n_failing', '?')} of {qc.get('n_images', '?')} fail)"
                  if qc else "QC-passing frames only",
-                 "AUC (95% CI)": _fmt_ci(q["metrics"]["auc"]) if q else ("not measured" if not qc or not at else
+                 "AUC (95% CI)": _fmt_ci(metric(q)) if q else ("not measured" if not qc or not at else
                                                                          "see 'all' (QC split is reported overall)"),
-                 "patients (b/m)": f"{q['n_patients']['benign']}/{q['n_patients']['malignant']}" if q else ""})
+                 "patients (b/m)": _n(q)})
     return pd.DataFrame(rows)
 
 
@@ -234,8 +245,8 @@ def phases_table(card) -> pd.DataFrame:
 def cross_magnification_rows(card) -> pd.DataFrame:
     """A single-magnification model on held-out patients' frames at the other magnifications."""
     xm = card.evaluation.get("cross_magnification") or {}
-    return pd.DataFrame([{"magnification": m, "AUC (95% CI)": _fmt_ci(s["metrics"]["auc"]),
-                          "AUC with 8-view TTA": _fmt_ci(s["tta"]["metrics"]["auc"]) if "tta" in s else "not measured",
-                          "patients (b/m)": f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}",
+    return pd.DataFrame([{"magnification": m, "AUC (95% CI)": _fmt_ci(metric(s)),
+                          "AUC with 8-view TTA": _fmt_ci(metric(s["tta"])) if "tta" in s else "not measured",
+                          "patients (b/m)": _n(s),
                           "images": s["n_images"]["benign"] + s["n_images"]["malignant"]}
                          for m, s in xm.items() if m != "protocol"])

@@ -1,0 +1,42 @@
+"""Where things live: every machine path comes from here, overridable by environment variables.
+
+The defaults match the project layout (shipped models beside the code, the shared data and weights in ../shared);
+a lab that keeps them elsewhere sets BREAKHIS_MODELS_DIR, BREAKHIS_SHARED, BREAKHIS_DATA or BREAKHIS_LITE2_WEIGHTS.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def models_root() -> Path:
+    """Shipped model folders and defaults.json (BREAKHIS_MODELS_DIR)."""
+    return Path(os.environ.get("BREAKHIS_MODELS_DIR", REPO_ROOT / "magnif_models"))
+
+
+def shared_dir() -> Path:
+    """The shared data and weights, never copied into the repo (BREAKHIS_SHARED)."""
+    return Path(os.environ.get("BREAKHIS_SHARED", REPO_ROOT.parent / "shared"))
+
+
+def data_dir(name: str = "breakhis") -> Path:
+    """A dataset folder under the shared data (BREAKHIS_DATA overrides the BreakHis one)."""
+    if name == "breakhis" and os.environ.get("BREAKHIS_DATA"):
+        return Path(os.environ["BREAKHIS_DATA"])
+    return shared_dir() / "data" / name
+
+
+def lite2_weights() -> Path:
+    """The one pretrained backbone available here: EfficientNet-Lite2 ImageNet (BREAKHIS_LITE2_WEIGHTS)."""
+    return Path(os.environ.get("BREAKHIS_LITE2_WEIGHTS", shared_dir() / "weights" / "efficientnet_lite2_in1k.safetensors"))
+
+
+def lite2_init_hint() -> str:
+    """The --init argument to suggest in messages, as a path the user can paste."""
+    p = lite2_weights()
+    try:
+        return f"--init {os.path.relpath(p)}"
+    except ValueError:  # another drive on Windows
+        return f"--init {p}"
