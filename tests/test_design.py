@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.card import (CARD_VERSION, CardError, ModelCard, card_schema, metric, migrate_card,
@@ -189,3 +190,52 @@ def test_imports_stay_layered():
                 bad.append(f"{f.relative_to(ROOT)} imports {sorted(hit)}")
     assert not bad, bad
     assert not (ROOT / "models" / "dashboard.py").exists()  # the UI helpers live in app/
+
+
+def test_feature_cache_is_keyed_by_the_network_and_the_frames(tmp_path):
+    """Features come from the network given: two scratch networks never share them; identical weights reuse them."""
+    import torch
+
+    from models.archs import build_model
+    from models.card import PreprocessConfig
+    from training.engine import cached_features
+
+    cfg = PreprocessConfig(input_size=(32, 48), mean=(0.5,) * 3, std=(0.5,) * 3)
+    images = torch.randint(0, 255, (3, 3, 32, 48), dtype=torch.uint8)
+    torch.manual_seed(1)
+    a = build_model("resnet50", "scratch")[0]
+    torch.manual_seed(2)
+    b = build_model("resnet50", "scratch")[0]
+    fa, fb = cached_features(a, images, cfg, tmp_path), cached_features(b, images, cfg, tmp_path)
+    assert not np.allclose(fa, fb)
+    torch.manual_seed(1)
+    a2 = build_model("resnet50", "scratch")[0]
+    assert np.array_equal(cached_features(a2, images, cfg, tmp_path), fa)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1  # one pixel of one frame: a new key
+    cached_features(a, other, cfg, tmp_path)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 3
+
+
+def test_one_early_stopper_keeps_the_best_state_and_counts_stale_epochs():
+    import torch
+
+    from training.engine import EarlyStopper
+
+    net = torch.nn.Linear(1, 1)
+    y = np.array([0, 0, 1, 1])
+    st = EarlyStopper(y)
+    good, tie_worse_loss, bad = np.array([-2., -1, 1, 2]), np.array([-.1, -.05, .05, .1]), np.array([2., 1, -1, -2])
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    assert st.step(net, "full", 1, 0.5, lambda: good)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    assert not st.step(net, "full", 2, 0.4, lambda: tie_worse_loss)  # same AUC, higher loss: not better
+    assert not st.step(net, "full", 3, 0.3, lambda: bad)
+    assert st.stale == 2 and st.best.best_epoch == 1 and float(st.best.state["weight"]) == 1.0
+    assert [e["val_auc"] for e in st.logs] == [1.0, 1.0, 0.0]
+    fixed = EarlyStopper(np.array([], int))  # refit on every patient: fixed schedule, last state wins
+    assert fixed.step(net, "full", 1, 0.5, lambda: 1 / 0) and fixed.step(net, "full", 2, 0.4, lambda: 1 / 0)
+    assert fixed.best.best_epoch == 2

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import math
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,10 +162,26 @@ def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: Preproce
     return np.concatenate(feats)
 
 
-def cached_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, key_parts: list[str],
-                    cache_dir: Path, tta: bool = False) -> np.ndarray:
-    """Frozen features cached on disk, keyed by weights, preprocessing and the exact image list."""
-    key = hashlib.sha256("\n".join(key_parts + (["tta8"] if tta else [])).encode()).hexdigest()[:20]
+def state_sha256(module: nn.Module) -> str:
+    """Content hash of a module's weights: two networks share frozen features exactly when this matches."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def content_sha256(images: torch.Tensor) -> str:
+    """Content hash of the decoded, resized frames (not their paths: a file replaced in place changes the key)."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def cached_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, cache_dir: Path,
+                    tta: bool = False) -> np.ndarray:
+    """Frozen features of the network actually given, cached on disk by the sha256 of its backbone weights, the
+    frames' content and the preprocessing (a fold's freshly built model never reuses another network's features)."""
+    key = hashlib.sha256("\n".join([state_sha256(model.backbone), content_sha256(images), str(cfg),
+                                     "tta8" if tta else "plain"]).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "features" / f"{key}.npy"
     if path.is_file():
         arr = np.load(path)
@@ -224,6 +241,64 @@ class FitResult:
     temperature_note: str = ""  # how this fold's temperature was obtained (fitted, or the guard's fallback)
 
 
+def weighted_bce(logit: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The one training loss: BCE on the logit, weighted per frame (class/patient balance), averaged over the batch."""
+    return (nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * w).mean()
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class EarlyStopper:
+    """The one early stopper for every recipe: it keeps the best state over all phases by validation score (AUC; the
+    lower validation loss breaks ties, which are common with few validation patients), the best epoch of each phase,
+    and how many evaluations ago the score last improved. Without validation patients (the refit on every patient)
+    the schedule is fixed and the last state wins."""
+
+    def __init__(self, y_val: np.ndarray, desc: str = ""):
+        self.y_val, self.desc = np.asarray(y_val), desc
+        self.has_val = len(self.y_val) > 0
+        self.logs: list[dict] = []
+        self.best: FitResult | None = None
+        self.best_score: tuple | None = None
+        self.phase_best: dict[str, dict] = {}
+        self.stale = 0
+
+    def start_phase(self) -> None:
+        self.stale = 0
+
+    def step(self, model: nn.Module, phase: str, epoch: int, loss: float,
+             val_logits: Callable[[], np.ndarray], **extra) -> bool:
+        """Log one evaluation; True when it is the best state so far (or, without validation, always)."""
+        entry = {"phase": phase, "epoch": epoch, "train_loss": loss, **extra}
+        self.logs.append(entry)
+        if not self.has_val:
+            log.info("%s %s epoch %d loss %.4f (no validation: fixed schedule)", self.desc, phase, epoch, loss)
+            self.best = FitResult(snapshot(model), np.zeros(0), float("nan"), self.logs, phase, epoch)
+            return True
+        vl = val_logits()
+        auc = _safe_auc(self.y_val, vl)
+        nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(),
+                                                                   torch.from_numpy(self.y_val).float()))
+        entry.update(val_auc=auc, val_loss=nll)
+        log.info("%s %s epoch %d loss %.4f val_auc %.4f val_loss %.4f", self.desc, phase, epoch, loss, auc, nll)
+        score = (auc if np.isfinite(auc) else -1.0, -nll)
+        pb = self.phase_best.get(phase)
+        if pb is None or score > pb["score"]:
+            self.phase_best[phase] = {"score": score, "epoch": epoch, "val_auc": auc}
+        if self.best_score is None or score > self.best_score:
+            self.best_score = score
+            self.best = FitResult(snapshot(model), vl, auc, self.logs, phase, epoch)
+            self.stale = 0
+            return True
+        self.stale += 1
+        return False
+
+    def best_epoch_of(self, phase: str) -> int:
+        return self.phase_best.get(phase, {}).get("epoch", 0)
+
+
 def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
                    tta: bool = False) -> np.ndarray:
     """Eval-mode logits (fp32) of cached frames idx, through the same normalisation (and TTA) as inference."""
@@ -269,9 +344,7 @@ def train_augmented_epoch(model: nn.Module, images: torch.Tensor, y: np.ndarray,
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(compute):
             logit = model(x.to(device)).float()
-        loss = (nn.functional.binary_cross_entropy_with_logits(
-            logit, torch.from_numpy(y[b]).float().to(device), reduction="none")
-            * torch.from_numpy(w_all[b]).float().to(device)).mean()
+        loss = weighted_bce(logit, torch.from_numpy(y[b]).float().to(device), torch.from_numpy(w_all[b]).float().to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -286,41 +359,17 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
     torch.manual_seed(fc.seed)
     rng = np.random.default_rng(fc.seed)
     w_all = sample_weights(y, patients)
-    logs: list[dict] = []
-    best: FitResult | None = None
-    best_score: list = [None]
+    stopper = EarlyStopper(y[val_idx], desc)
+    logs = stopper.logs
+    has_val = stopper.has_val
 
-    has_val = len(val_idx) > 0
-    head_best: list = [None, 0]  # (score, epoch) of the best head-phase evaluation
-
-    def consider(phase: str, epoch: int, loss: float) -> bool:
-        nonlocal best
-        if not has_val:  # fixed schedule (refit on all patients): the last state is the result
-            logs.append({"phase": phase, "epoch": epoch, "train_loss": loss})
-            log.info("%s %s epoch %d loss %.4f (no validation: fixed schedule)", desc, phase, epoch, loss)
-            best = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                             np.zeros(0), float("nan"), logs, phase, epoch)
-            return True
-        if phase in ("head", "logreg"):  # the backbone is frozen: the cached features give the same logits, faster
-            with torch.inference_mode():
-                vl = model.fc(torch.from_numpy(feats[val_idx]).float()).squeeze(1).numpy()
-        else:
-            vl = predict_logits(model, images, cfg, val_idx)
-        auc = _safe_auc(y[val_idx], vl)
-        yv = torch.from_numpy(y[val_idx]).float()
-        nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(), yv))
-        logs.append({"phase": phase, "epoch": epoch, "train_loss": loss, "val_auc": auc, "val_loss": nll})
-        log.info("%s %s epoch %d loss %.4f val_auc %.4f val_loss %.4f", desc, phase, epoch, loss, auc, nll)
-        # Validation AUC decides; with few validation patients AUC often ties, so the lower loss breaks ties.
-        score = (auc if np.isfinite(auc) else -1.0, -nll)
-        if phase == "head" and (head_best[0] is None or score > head_best[0]):
-            head_best[0], head_best[1] = score, epoch
-        if best is None or score > best_score[0]:
-            best_score[0] = score
-            best = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
-                             phase, epoch)
-            return True
-        return False
+    def val_logits(phase: str):
+        if phase == "head":  # the backbone is frozen: the cached features give the same logits, faster
+            def head_logits() -> np.ndarray:
+                with torch.inference_mode():
+                    return model.fc(torch.from_numpy(feats[val_idx]).float()).squeeze(1).numpy()
+            return head_logits
+        return lambda: predict_logits(model, images, cfg, val_idx)
 
     if fc.recipe == "logreg":
         # The frozen-feature logistic regression itself, shipped as a model. Like the baseline it is fitted on
@@ -340,8 +389,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
             model.fc.bias.fill_(bias)
         logs.append({"phase": "logreg", "epoch": 1, "val_auc": auc})
         log.info("%s logreg val_auc (twin without validation patients) %.4f", desc, auc)
-        return FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
-                         "logreg", 1, fc.head_epochs, twin_head=twin)
+        return FitResult(snapshot(model), vl, auc, logs, "logreg", 1, fc.head_epochs, twin_head=twin)
 
     # Phase 1: linear head on cached frozen features (cheap; the data-poor recipe).
     if fc.recipe in ("linear", "finetune"):
@@ -354,22 +402,22 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         X = torch.from_numpy(feats[train_idx]).float()
         Y = torch.from_numpy(y[train_idx]).float()
         W = torch.from_numpy(w_all[train_idx]).float()
-        stale = 0
+        stopper.start_phase()
         for ep in range(fc.head_epochs):
             perm = torch.from_numpy(rng.permutation(len(train_idx)))
             tot = 0.0
             for i in range(0, len(perm), fc.batch_size):
                 b = perm[i:i + fc.batch_size]
-                loss = (nn.functional.binary_cross_entropy_with_logits(head(X[b]).squeeze(1), Y[b], reduction="none") * W[b]).mean()
+                loss = weighted_bce(head(X[b]).squeeze(1), Y[b], W[b])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 tot += float(loss.detach()) * len(b)
             if (ep + 1) % 5 == 0 or ep == fc.head_epochs - 1:
-                stale = 0 if consider("head", ep + 1, tot / len(perm)) else stale + 1
-                if stale >= fc.patience * 2:
+                stopper.step(model, "head", ep + 1, tot / len(perm), val_logits("head"))
+                if stopper.stale >= fc.patience * 2:
                     break
-        model.load_state_dict(best.state)
+        model.load_state_dict(stopper.best.state)
 
     # Phase 2: train the last stages (finetune) or every layer (full) on augmented frames.
     epochs = fc.finetune_epochs
@@ -391,7 +439,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         model = model.to(compute.device)
         if compute.bf16:
             model = model.to(memory_format=torch.channels_last)
-        stale = 0
+        stopper.start_phase()
         for ep in range(epochs):
             model.train()
             if fc.recipe != "full":  # frozen stages keep their BatchNorm statistics
@@ -402,17 +450,16 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
             tot = train_augmented_epoch(model, images, y, w_epoch, perm, cfg, compute, opt, fc.batch_size, rng,
                                         f"{desc} ep{ep + 1}", fc.colour_augmentation) * len(perm)
             sched.step()
-            logs_len = len(logs)
-            improved = consider(fc.recipe, ep + 1, tot / len(perm))
-            logs[logs_len]["seconds"] = time.time() - t0
-            logs[logs_len]["ms_per_image"] = 1000 * (time.time() - t0) / len(perm)
-            stale = 0 if improved else stale + 1
-            if stale >= fc.patience:
+            sec = time.time() - t0
+            stopper.step(model, fc.recipe, ep + 1, tot / len(perm), val_logits(fc.recipe), seconds=sec,
+                         ms_per_image=1000 * sec / len(perm))
+            if stopper.stale >= fc.patience:
                 break
         for p in model.parameters():
             p.requires_grad_(True)
         model = model.to(memory_format=torch.contiguous_format).cpu()
+    best = stopper.best
     assert best is not None
     best.log = logs
-    best.best_head_epoch = head_best[1] if has_val else fc.head_epochs
+    best.best_head_epoch = stopper.best_epoch_of("head") if has_val else fc.head_epochs
     return best

@@ -75,7 +75,7 @@ def leakage_demo(data: str, magnification: str, k: int = 5, seed: int = 0, cache
     images, keep, _ = cache_images(df, cfg)
     df = df.iloc[keep].reset_index(drop=True)
     model, rec = build_model("efficientnet_lite2", str(BASELINE_WEIGHTS))
-    feats = cached_features(model, images, cfg, ["efficientnet_lite2", rec["file_sha256"], str(cfg), *df["path"]], cache_dir)
+    feats = cached_features(model, images, cfg, cache_dir)
     y = (df["label"] == "malignant").astype(int).to_numpy()
     pats = df["patient"].astype(str).to_numpy()
     w = sample_weights(y, pats)

@@ -21,7 +21,7 @@ from models.card import ALL, PreprocessConfig
 from models.metrics import paired_auc_difference, summarize
 from models.preprocess import frame_to_uint8, load_image, normalize_uint8
 from models.tiles import GatedAttentionMIL, tile_frame
-from training.engine import fit_logistic_head, sample_weights
+from training.engine import fit_logistic_head, sample_weights, weighted_bce
 from training.splits import assert_patient_disjoint, grouped_kfold
 
 log = logging.getLogger("training")
@@ -74,7 +74,7 @@ def fit_mil(tiles: np.ndarray, y: np.ndarray, w: np.ndarray, idx: np.ndarray, se
     for _ in range(epochs):
         m.train()
         for b in torch.randperm(len(idx), generator=g).split(32):
-            loss = (nn.functional.binary_cross_entropy_with_logits(m(X[b]), Y[b], reduction="none") * W[b]).mean()
+            loss = weighted_bce(m(X[b]), Y[b], W[b])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,9 +20,9 @@ from tqdm import tqdm
 
 from models.archs import arch_spec
 from models.card import PreprocessConfig
-from models.metrics import _safe_auc
 from models.preprocess import normalize_uint8
-from training.engine import Compute, FitResult, predict_logits, sample_weights, train_augmented_epoch
+from training.engine import (Compute, EarlyStopper, FitResult, predict_logits, sample_weights, train_augmented_epoch,
+                             weighted_bce)
 
 log = logging.getLogger("training")
 FLIP_VIEWS = ("identity", "hflip", "vflip", "rot180")  # same (H, W) as the frame, so one batch shape
@@ -84,49 +85,24 @@ def fit_hybrid(model: nn.Module, arch_config: dict | None, images: torch.Tensor,
     torch.manual_seed(hc.seed)
     rng = np.random.default_rng(hc.seed)
     w_all = sample_weights(y, patients)
-    has_val = len(val_idx) > 0
-    logs: list[dict] = []
-    best: list = [None, None]  # (score, FitResult)
-    phase_best: dict[str, dict] = {}
+    stopper = EarlyStopper(y[val_idx], desc)
+    has_val = stopper.has_val
 
-    def consider(phase: str, epoch: int, loss: float, seconds: float, from_maps: bool) -> None:
-        entry = {"phase": phase, "epoch": epoch, "train_loss": loss, "seconds": round(seconds, 1)}
-        if not has_val:
-            logs.append(entry)
-            log.info("%s %s epoch %d loss %.4f (fixed schedule)", desc, phase, epoch, loss)
-            best[1] = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, np.zeros(0),
-                                float("nan"), logs, phase, epoch)
-            return
-        if from_maps:
+    def val_logits(from_maps: bool) -> Callable[[], np.ndarray]:
+        def from_feature_maps() -> np.ndarray:
             model.eval()
             with torch.inference_mode():
-                vl = torch.cat([model.forward_from_features(fmaps[0, val_idx[i:i + 64]].float())
-                                for i in range(0, len(val_idx), 64)]).float().numpy()
-        else:
-            vl = predict_logits(model, images, cfg, val_idx)
-        auc = _safe_auc(y[val_idx], vl)
-        nll = float(nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(vl).float(),
-                                                                   torch.from_numpy(y[val_idx]).float()))
-        entry.update(val_auc=auc, val_loss=nll)
-        logs.append(entry)
-        log.info("%s %s epoch %d loss %.4f val_auc %.4f val_loss %.4f", desc, phase, epoch, loss, auc, nll)
-        score = (auc if np.isfinite(auc) else -1.0, -nll)
-        pb = phase_best.get(phase)
-        if pb is None or score > tuple(pb["score"]):
-            phase_best[phase] = {"score": score, "epoch": epoch, "val_auc": auc}
-        if best[0] is None or score > best[0]:
-            best[0] = score
-            best[1] = FitResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, vl, auc, logs,
-                                phase, epoch)
+                return torch.cat([model.forward_from_features(fmaps[0, val_idx[i:i + 64]].float())
+                                  for i in range(0, len(val_idx), 64)]).float().numpy()
+        return from_feature_maps if from_maps else (lambda: predict_logits(model, images, cfg, val_idx))
 
-    def weighted_bce(logit: torch.Tensor, b: np.ndarray) -> torch.Tensor:
-        return (nn.functional.binary_cross_entropy_with_logits(logit, torch.from_numpy(y[b]).float(), reduction="none")
-                * torch.from_numpy(w_all[b]).float()).mean()
+    def loss_of(logit: torch.Tensor, b: np.ndarray) -> torch.Tensor:
+        return weighted_bce(logit, torch.from_numpy(y[b]).float(), torch.from_numpy(w_all[b]).float())
 
     # Phase 1: frozen CNN, cached maps.
     _, rest = _phase_params(model, arch_config, 0)
     opt = torch.optim.AdamW(rest, lr=hc.p1_lr, weight_decay=hc.weight_decay)
-    stale, p1_best = 0, None
+    p1 = "1: ViT + fusion + head (CNN frozen)"
     for ep in range(hc.p1_epochs):
         t0 = time.time()
         model.train()
@@ -137,19 +113,16 @@ def fit_hybrid(model: nn.Module, arch_config: dict | None, images: torch.Tensor,
             b = perm[i:i + hc.batch_size]
             views = rng.integers(0, len(FLIP_VIEWS), len(b))
             x = fmaps[views, b].float()
-            loss = weighted_bce(model.forward_from_features(x), b)
+            loss = loss_of(model.forward_from_features(x), b)
             opt.zero_grad()
             loss.backward()
             opt.step()
             tot += float(loss.detach()) * len(b)
-        consider("1: ViT + fusion + head (CNN frozen)", ep + 1, tot / len(perm), time.time() - t0, True)
-        if has_val:
-            cur = phase_best["1: ViT + fusion + head (CNN frozen)"]["epoch"]
-            stale = 0 if cur == ep + 1 else stale + 1
-            if stale >= hc.p1_patience:
-                break
-    if has_val and best[1] is not None:
-        model.load_state_dict(best[1].state)  # later phases start from phase 1's best state
+        stopper.step(model, p1, ep + 1, tot / len(perm), val_logits(True), seconds=round(time.time() - t0, 1))
+        if has_val and stopper.stale >= hc.p1_patience:
+            break
+    if has_val and stopper.best is not None:
+        model.load_state_dict(stopper.best.state)  # later phases start from phase 1's best state
 
     # Phases 2 and 3: full forward passes on augmented frames.
     for name, epochs, stages, lr_cnn, lr_rest in (
@@ -174,15 +147,16 @@ def fit_hybrid(model: nn.Module, arch_config: dict | None, images: torch.Tensor,
             loss = train_augmented_epoch(model, images, y, w_all, perm, cfg, compute, opt, hc.batch_size, rng,
                                          f"{desc} phase {name[0]} ep{ep + 1}")
             sched.step()
-            consider(name, ep + 1, loss, time.time() - t0, False)
-            logs[-1]["ms_per_image"] = round(1000 * logs[-1]["seconds"] / len(perm), 1)
+            sec = time.time() - t0
+            stopper.step(model, name, ep + 1, loss, val_logits(False), seconds=round(sec, 1),
+                         ms_per_image=round(1000 * sec / len(perm), 1))
         model = model.to(memory_format=torch.contiguous_format)
     for p in model.parameters():
         p.requires_grad_(True)
-    res = best[1]
+    res = stopper.best
     assert res is not None
-    res.log = logs
-    res.phases = _phase_summary(hc, phase_best)
+    res.log = stopper.logs
+    res.phases = _phase_summary(hc, stopper.phase_best)
     return res
 
 

@@ -21,7 +21,7 @@ from models.config import lite2_weights
 from models.metrics import apply_temperature, curve_points, fit_temperature, fit_temperature_guarded, summarize
 from training.data import IndexResult, default_cache_dir, index_source
 from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
-                             quality_table, sample_weights, select_compute)
+                             quality_table, sample_weights, select_compute, state_sha256)
 from training.hybrid import HybridConfig, cached_feature_maps, final_schedule, fit_hybrid
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
@@ -162,36 +162,47 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     y = (df["label"] == "malignant").astype(int).to_numpy()
     patients = df["patient"].astype(str).to_numpy()
 
-    model0, init_record = build_model(arch, init, arch_config or None, vit_init)
+    _, init_record = build_model(arch, init, arch_config or None, vit_init)  # provenance; folds build their own
     needs_feats = fc.recipe in ("logreg", "linear", "finetune") and not hybrid
-    fmaps = cached_feature_maps(model0, images, cfg) if hybrid else None
+    maps_memo: dict[str, torch.Tensor] = {}
+
+    def feats_of(model, tta: bool = False) -> np.ndarray | None:
+        """Frozen features of this very network (content-keyed disk cache: a pretrained backbone is computed once;
+        each scratch-initialised fold model gets its own)."""
+        return cached_features(model, images, cfg, cache_dir, tta=tta) if needs_feats else None
+
+    def fmaps_of(model) -> torch.Tensor | None:
+        """The hybrid's frozen CNN feature maps, from this very network's CNN branch."""
+        if not hybrid:
+            return None
+        key = state_sha256(model.backbone)
+        if key not in maps_memo:
+            maps_memo.clear()  # one network's maps at a time: they are large
+            maps_memo[key] = cached_feature_maps(model, images, cfg)
+        return maps_memo[key]
+
     # logreg + TTA: the head is linear on pooled features, so the 8-view mean logit is the head applied to the
     # 8-view mean feature: one cached pass instead of 8 forwards per fold.
-    feats_tta = (cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
-                                 cache_dir, tta=True) if eval_tta and fc.recipe == "logreg" and not hybrid else None)
+    tta_by_features = eval_tta and fc.recipe == "logreg" and not hybrid
 
     def tta_logits_of(model, res, idx: np.ndarray, twin: bool = False) -> np.ndarray:
-        if feats_tta is None:
+        if not tta_by_features:
             return predict_logits(model, images, cfg, idx, tta=True)
         if twin:
             w_, b_ = res.twin_head
         else:
             w_, b_ = model.fc.weight.detach().double().numpy()[0], float(model.fc.bias.detach())
-        return feats_tta[idx].astype(np.float64) @ w_ + b_
-    feats = cached_features(model0, images, cfg, [arch, init_record.get("file_sha256", init), str(cfg), *df["path"]],
-                            cache_dir) if needs_feats else None
-    # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds.
+        return feats_of(model, tta=True)[idx].astype(np.float64) @ w_ + b_
+    # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds (the content-keyed
+    # cache makes this free when the model under training is that same backbone).
     b_init = baseline_init or (str(BASELINE_WEIGHTS) if BASELINE_WEIGHTS.is_file() else None)
     b_feats = None
     if b_init:
         bspec = ARCHITECTURES["efficientnet_lite2"]
         bcfg = PreprocessConfig(input_size=bspec.input_size, mean=bspec.mean, std=bspec.std)
-        if arch == "efficientnet_lite2" and init == b_init and feats is not None:
-            b_feats = feats
-        else:
-            bmodel, brec = build_model("efficientnet_lite2", b_init)
-            bimages = images if bcfg == cfg else cache_images(df, bcfg)[0]
-            b_feats = cached_features(bmodel, bimages, bcfg, ["efficientnet_lite2", brec["file_sha256"], str(bcfg), *df["path"]], cache_dir)
+        bmodel, brec = build_model("efficientnet_lite2", b_init)
+        bimages = images if bcfg == cfg else cache_images(df, bcfg)[0]
+        b_feats = cached_features(bmodel, bimages, bcfg, cache_dir)
     w = sample_weights(y, patients)
 
     def fresh_model(seed_: int):
@@ -206,9 +217,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         tr, va = train_df_idx[part == "train"], train_df_idx[part == "val"]
         model = fresh_model(seed_)
         if hybrid:
-            res = fit_hybrid(model, arch_config, images, fmaps, y, patients, tr, va, cfg, replace(hc, seed=seed_), compute, desc)
+            res = fit_hybrid(model, arch_config, images, fmaps_of(model), y, patients, tr, va, cfg, replace(hc, seed=seed_), compute, desc)
         else:
-            res = fit(model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, desc)
+            res = fit(model, arch, images, feats_of(model), y, patients, tr, va, cfg, fc, compute, desc)
         model.load_state_dict(res.state)
         temp, temp_note = fit_temperature_guarded(res.val_logits, y[va])
         temp_tta = fit_temperature_guarded(tta_logits_of(model, res, va, twin=True), y[va])[0] if eval_tta else None
@@ -277,10 +288,10 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         final_model = fresh_model(seed)
         if hybrid:
             final_hc = final_schedule(hc, per_fold)
-            final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, np.arange(len(df)),
+            final_res = fit_hybrid(final_model, arch_config, images, fmaps_of(final_model), y, patients, np.arange(len(df)),
                                    np.array([], int), cfg, final_hc, compute, "final")
         else:
-            final_res = fit(final_model, arch, images, feats, y, patients, np.arange(len(df)), np.array([], int), cfg,
+            final_res = fit(final_model, arch, images, feats_of(final_model), y, patients, np.arange(len(df)), np.array([], int), cfg,
                             final_fc, compute, "final")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature_guarded(oof_logit, y)[0]
@@ -297,9 +308,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         tr, va, te = (np.flatnonzero(part == s) for s in ("train", "val", "test"))
         final_model = fresh_model(seed)
         if hybrid:
-            final_res = fit_hybrid(final_model, arch_config, images, fmaps, y, patients, tr, va, cfg, hc, compute, "split")
+            final_res = fit_hybrid(final_model, arch_config, images, fmaps_of(final_model), y, patients, tr, va, cfg, hc, compute, "split")
         else:
-            final_res = fit(final_model, arch, images, feats, y, patients, tr, va, cfg, fc, compute, "split")
+            final_res = fit(final_model, arch, images, feats_of(final_model), y, patients, tr, va, cfg, fc, compute, "split")
         final_model.load_state_dict(final_res.state)
         final_temp = fit_temperature(final_res.val_logits, y[va])
         temp_tta_final = fit_temperature(predict_logits(final_model, images, cfg, va, tta=True), y[va]) if eval_tta else None
