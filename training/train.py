@@ -7,7 +7,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,10 @@ from models.card import ALL, ModelCard, PreprocessConfig
 from models.config import lite2_weights
 from models.metrics import apply_temperature, curve_points, fit_temperature, fit_temperature_guarded, summarize
 from training.data import IndexResult, default_cache_dir, index_source
-from training.engine import (FitConfig, cache_images, cached_features, fit, fit_logistic_head, predict_logits,
-                             quality_table, sample_weights, select_compute, state_sha256)
-from training.hybrid import HybridConfig, cached_feature_maps, final_schedule, fit_hybrid
+from training.engine import (FitConfig, cache_images, cached_features, fit_logistic_head, predict_logits, quality_table,
+                             select_compute)
+from training.hybrid import HybridConfig
+from training.recipes import HybridRecipe, NetworkRecipe, Recipe, TrainingSet
 from training.splits import assert_patient_disjoint, grouped_kfold, patient_split, write_split_csv
 
 log = logging.getLogger("training")
@@ -130,24 +131,12 @@ def apply_scores(card: ModelCard, sc: dict, folder: Path) -> None:
     (folder / "curves.json").write_text(json.dumps(sc["curves"]))
 
 
-def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc: FitConfig, cv: int = 5,
-              seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None, model_id: str | None = None,
-              baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None,
-              arch_config: dict | None = None, vit_init: str | None = None, stain: str = "none", eval_tta: bool = False,
-              hc: HybridConfig | None = None, cross_magnification: bool = True) -> ModelCard:
-    """Cross-validate (or hold out), refit on all patients, and write the model folder with its card."""
-    t_start = time.time()
-    hybrid = arch == "hybrid"
-    hc = hc or HybridConfig(seed=seed)
-    arch_config = hybrid_config(arch_config, vit_init) if hybrid else {}
-    cache_dir = Path(cache_dir or default_cache_dir())
-    compute = select_compute(force_fp32)
-    log.info("compute: %s", compute.reason)
+def load_training_set(data: str, magnification: str, cfg: PreprocessConfig, compute, cache_dir: Path,
+                      stain: str = "none") -> tuple[TrainingSet, IndexResult, list]:
+    """Index the data, decode every frame at this magnification once (fitting stain targets first if asked)."""
     index = index_source(data, cache_dir)
     log.info(index.summary())
     df = select_rows(index, magnification)
-    spec = arch_spec(arch, arch_config)
-    cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
     if stain and stain != "none":
         # Targets from every training frame (label-free). In CV the held-out patients' frames also contribute to
         # these colour statistics (never their labels); the card says so.
@@ -157,219 +146,234 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         cfg.stain["fitted_on"] = ("every training frame (label-free colour statistics; in cross-validation the "
                                   "held-out frames' colours contribute too)")
     images, keep, bad = cache_images(df, cfg)
-    skipped = index.skipped + bad
-    df = df.iloc[keep].reset_index(drop=True)
-    y = (df["label"] == "malignant").astype(int).to_numpy()
-    patients = df["patient"].astype(str).to_numpy()
+    return TrainingSet(df.iloc[keep].reset_index(drop=True), images, cfg, compute, cache_dir), index, index.skipped + bad
 
-    _, init_record = build_model(arch, init, arch_config or None, vit_init)  # provenance; folds build their own
-    needs_feats = fc.recipe in ("logreg", "linear", "finetune") and not hybrid
-    maps_memo: dict[str, torch.Tensor] = {}
 
-    def feats_of(model, tta: bool = False) -> np.ndarray | None:
-        """Frozen features of this very network (content-keyed disk cache: a pretrained backbone is computed once;
-        each scratch-initialised fold model gets its own)."""
-        return cached_features(model, images, cfg, cache_dir, tta=tta) if needs_feats else None
+@dataclass
+class Scores:
+    """Out-of-fold (or held-out test) predictions of every frame, and of other magnifications' frames."""
 
-    def fmaps_of(model) -> torch.Tensor | None:
-        """The hybrid's frozen CNN feature maps, from this very network's CNN branch."""
-        if not hybrid:
-            return None
-        key = state_sha256(model.backbone)
-        if key not in maps_memo:
-            maps_memo.clear()  # one network's maps at a time: they are large
-            maps_memo[key] = cached_feature_maps(model, images, cfg)
-        return maps_memo[key]
+    n: int
+    n_other: int
+    eval_tta: bool
 
-    # logreg + TTA: the head is linear on pooled features, so the 8-view mean logit is the head applied to the
-    # 8-view mean feature: one cached pass instead of 8 forwards per fold.
-    tta_by_features = eval_tta and fc.recipe == "logreg" and not hybrid
+    def __post_init__(self) -> None:
+        nan = lambda k: np.full(k, np.nan)  # noqa: E731
+        self.logit, self.p, self.logit_tta, self.p_tta, self.p_base = (nan(self.n) for _ in range(5))
+        self.fold = np.full(self.n, -1)
+        self.o_logit, self.o_p, self.o_logit_tta, self.o_p_tta = (nan(self.n_other) for _ in range(4))
+        self.o_by = np.full(self.n_other, "", object)
 
-    def tta_logits_of(model, res, idx: np.ndarray, twin: bool = False) -> np.ndarray:
-        if not tta_by_features:
-            return predict_logits(model, images, cfg, idx, tta=True)
-        if twin:
-            w_, b_ = res.twin_head
-        else:
-            w_, b_ = model.fc.weight.detach().double().numpy()[0], float(model.fc.bias.detach())
-        return feats_of(model, tta=True)[idx].astype(np.float64) @ w_ + b_
-    # Baseline: frozen ImageNet Lite2 features + logistic regression, on the very same folds (the content-keyed
-    # cache makes this free when the model under training is that same backbone).
-    b_init = baseline_init or (str(BASELINE_WEIGHTS) if BASELINE_WEIGHTS.is_file() else None)
-    b_feats = None
-    if b_init:
-        bspec = ARCHITECTURES["efficientnet_lite2"]
-        bcfg = PreprocessConfig(input_size=bspec.input_size, mean=bspec.mean, std=bspec.std)
-        bmodel, brec = build_model("efficientnet_lite2", b_init)
-        bimages = images if bcfg == cfg else cache_images(df, bcfg)[0]
-        b_feats = cached_features(bmodel, bimages, bcfg, cache_dir)
-    w = sample_weights(y, patients)
 
-    def fresh_model(seed_: int):
-        # Seed before building: a scratch (or scratch-ViT) initialisation is drawn from the global torch RNG, which
-        # earlier folds and evaluation options consume; unseeded, the same command gave different fold models.
-        torch.manual_seed(seed_)
-        return build_model(arch, init, arch_config or None, vit_init)[0]
+@dataclass
+class OtherFrames:
+    """A single-magnification model's cross-magnification check: the other magnifications' frames."""
 
-    def one_fit(train_df_idx: np.ndarray, seed_: int, desc: str):
-        sub = df.iloc[train_df_idx]
-        part = inner_split(sub, seed_).to_numpy()
-        tr, va = train_df_idx[part == "train"], train_df_idx[part == "val"]
-        model = fresh_model(seed_)
-        if hybrid:
-            res = fit_hybrid(model, arch_config, images, fmaps_of(model), y, patients, tr, va, cfg, replace(hc, seed=seed_), compute, desc)
-        else:
-            res = fit(model, arch, images, feats_of(model), y, patients, tr, va, cfg, fc, compute, desc)
-        model.load_state_dict(res.state)
-        temp, temp_note = fit_temperature_guarded(res.val_logits, y[va])
-        temp_tta = fit_temperature_guarded(tta_logits_of(model, res, va, twin=True), y[va])[0] if eval_tta else None
-        res.temperature_note = temp_note
-        return model, res, temp, tr, va, temp_tta
+    df: pd.DataFrame
+    images: torch.Tensor | None
+    patients: np.ndarray
 
-    # Cross-magnification check for a single-magnification model: its fold models also predict the held-out
-    # patients' frames at the other magnifications; patients with no frame at this magnification were never
-    # seen by any model here, and the final model predicts theirs.
-    other = pd.DataFrame()
-    if cross_magnification and magnification != ALL:
-        other = index.frame[index.frame["magnification"] != magnification].reset_index(drop=True)
-    o_images, o_keep = (cache_images(other, cfg)[:2] if len(other) else (None, np.zeros(0, int)))
-    other = other.iloc[o_keep].reset_index(drop=True) if len(other) else other
-    o_logit, o_p, o_by = np.full(len(other), np.nan), np.full(len(other), np.nan), np.full(len(other), "", object)
-    o_logit_tta, o_p_tta = np.full(len(other), np.nan), np.full(len(other), np.nan)
-    o_pat = other["patient"].astype(str).to_numpy() if len(other) else np.zeros(0, str)
+    @classmethod
+    def load(cls, index: IndexResult, magnification: str, cfg: PreprocessConfig, enabled: bool) -> "OtherFrames":
+        other = pd.DataFrame()
+        if enabled and magnification != ALL:
+            other = index.frame[index.frame["magnification"] != magnification].reset_index(drop=True)
+        if not len(other):
+            return cls(other, None, np.zeros(0, str))
+        images, keep, _ = cache_images(other, cfg)
+        other = other.iloc[keep].reset_index(drop=True)
+        return cls(other, images, other["patient"].astype(str).to_numpy())
 
-    def score_other(model, idx: np.ndarray, temp: float, temp_tta: float | None, by: str) -> None:
-        """Other magnifications' frames of patients this model never saw: plain and, with --tta-eval, 8 views."""
-        zo = predict_logits(model, o_images, cfg, idx)
-        o_logit[idx], o_p[idx], o_by[idx] = zo, apply_temperature(zo, temp), by
-        if eval_tta:
-            zot = predict_logits(model, o_images, cfg, idx, tta=True)
-            o_logit_tta[idx], o_p_tta[idx] = zot, apply_temperature(zot, temp_tta)
-    oof_tta = np.full(len(df), np.nan)
-    oof_p_tta = np.full(len(df), np.nan)
-    oof_logit = np.full(len(df), np.nan)
-    oof_p = np.full(len(df), np.nan)
-    base_p = np.full(len(df), np.nan)
-    fold = np.full(len(df), -1)
+    def of_patients(self, patients) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.patients, list(set(patients))))
+
+
+def score_frames(model, recipe: Recipe, res, data: TrainingSet, sc: Scores, idx: np.ndarray, temp: float,
+                 temp_tta: float | None) -> None:
+    """Predictions of frames `idx` by a model that never saw their patients: raw logit, calibrated p, and TTA."""
+    z = predict_logits(model, data.images, data.cfg, idx)
+    sc.logit[idx], sc.p[idx] = z, apply_temperature(z, temp)
+    if sc.eval_tta:
+        zt = recipe.tta_logits(model, res, data, idx)
+        sc.logit_tta[idx], sc.p_tta[idx] = zt, apply_temperature(zt, temp_tta)
+
+
+def score_other(model, data: TrainingSet, other: OtherFrames, sc: Scores, idx: np.ndarray, temp: float,
+                temp_tta: float | None, by: str) -> None:
+    """Other magnifications' frames of patients this model never saw: plain and, with --tta-eval, 8 views."""
+    if not len(idx):
+        return
+    zo = predict_logits(model, other.images, data.cfg, idx)
+    sc.o_logit[idx], sc.o_p[idx], sc.o_by[idx] = zo, apply_temperature(zo, temp), by
+    if sc.eval_tta:
+        zot = predict_logits(model, other.images, data.cfg, idx, tta=True)
+        sc.o_logit_tta[idx], sc.o_p_tta[idx] = zot, apply_temperature(zot, temp_tta)
+
+
+def fit_with_inner_validation(recipe: Recipe, data: TrainingSet, train_idx: np.ndarray, seed: int, desc: str,
+                              eval_tta: bool):
+    """Fit on a training set's inner-train patients; early stopping and the (guarded) temperature come from its
+    inner-validation patients."""
+    part = inner_split(data.df.iloc[train_idx], seed).to_numpy()
+    tr, va = train_idx[part == "train"], train_idx[part == "val"]
+    model = recipe.fresh_model(seed)
+    res = recipe.fit(model, data, tr, va, seed, desc)
+    model.load_state_dict(res.state)
+    temp, res.temperature_note = fit_temperature_guarded(res.val_logits, data.y[va])
+    temp_tta = fit_temperature_guarded(recipe.tta_logits(model, res, data, va, twin=True), data.y[va])[0] if eval_tta else None
+    return model, res, temp, temp_tta, va
+
+
+def cross_validate(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Scores, k: int, seed: int,
+                   b_feats: np.ndarray | None) -> list[dict]:
+    """Stratified patient-grouped k-fold CV: every frame is scored by the fold model that never saw its patient."""
+    y, patients = data.y, data.patients
+    sc.fold = grouped_kfold(data.df, k, seed).to_numpy()
     per_fold = []
+    for f in range(sc.fold.max() + 1):
+        te, trv = np.flatnonzero(sc.fold == f), np.flatnonzero(sc.fold != f)
+        assert_patient_disjoint(pd.Series(patients[np.r_[trv, te]]),
+                                pd.Series(["train"] * len(trv) + ["test"] * len(te)))
+        model, res, temp, temp_tta, va = fit_with_inner_validation(recipe, data, trv, seed + f, f"fold{f}", sc.eval_tta)
+        score_frames(model, recipe, res, data, sc, te, temp, temp_tta)
+        score_other(model, data, other, sc, other.of_patients(patients[te]), temp, temp_tta,
+                    f"fold {f} model (patient held out)")
+        if b_feats is not None:
+            sc.p_base[te] = baseline_probs(b_feats, y, data.weights, trv, te)
+        fm = summarize(y[te], sc.p[te], patients[te], n_boot=0)["metrics"]
+        per_fold.append({"fold": f, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
+                         "temperature": temp, "temperature_fit": res.temperature_note,
+                         "temperature_tta": temp_tta, "val_auc": res.val_auc,
+                         "phase_chosen": res.phase_chosen, "phases": res.phases,
+                         "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
+                         **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
+    return per_fold
+
+
+def refit(recipe: Recipe, data: TrainingSet, sc: Scores, per_fold: list[dict], seed: int):
+    """The shipped model: every patient, the schedule the folds chose (no validation patients wasted), calibrated
+    by a temperature fitted on the pooled out-of-fold logits."""
+    final_recipe, schedule = recipe.for_refit(per_fold)
+    model = final_recipe.fresh_model(seed)
+    res = final_recipe.fit(model, data, np.arange(len(data.df)), np.array([], int), seed, "final")
+    model.load_state_dict(res.state)
+    temp = fit_temperature_guarded(sc.logit, data.y)[0]
+    temp_tta = fit_temperature_guarded(sc.logit_tta, data.y)[0] if sc.eval_tta else None
+    return model, res, temp, temp_tta, {**schedule, "temperature_source": "fitted on the pooled out-of-fold logits "
+                                                                           "of the fold models"}
+
+
+def hold_out(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Scores, part: np.ndarray, seed: int,
+             b_feats: np.ndarray | None):
+    """One patient-wise train/val/test split: the test patients' frames are scored by the one model."""
+    tr, va, te = (np.flatnonzero(part == s) for s in ("train", "val", "test"))
+    model = recipe.fresh_model(seed)
+    res = recipe.fit(model, data, tr, va, seed, "split")
+    model.load_state_dict(res.state)
+    temp = fit_temperature(res.val_logits, data.y[va])
+    temp_tta = fit_temperature(predict_logits(model, data.images, data.cfg, va, tta=True), data.y[va]) if sc.eval_tta else None
+    score_frames(model, recipe, res, data, sc, te, temp, temp_tta)
+    score_other(model, data, other, sc, other.of_patients(data.patients[te]), temp, temp_tta, "model (test patient)")
+    if b_feats is not None:
+        sc.p_base[te] = baseline_probs(b_feats, data.y, data.weights, np.concatenate([tr, va]), te)
+    return model, res, temp, temp_tta, {"source": "early stopping on validation patients",
+                                        "temperature_source": "validation patients"}
+
+
+def baseline_features(data: TrainingSet, baseline_init: str | None) -> np.ndarray | None:
+    """Frozen ImageNet Lite2 features for the baseline (logistic regression on the very same folds); the
+    content-keyed store makes this free when the model under training is that same backbone."""
+    b_init = baseline_init or (str(BASELINE_WEIGHTS) if BASELINE_WEIGHTS.is_file() else None)
+    if not b_init:
+        return None
+    bspec = ARCHITECTURES["efficientnet_lite2"]
+    bcfg = PreprocessConfig(input_size=bspec.input_size, mean=bspec.mean, std=bspec.std)
+    bmodel, _ = build_model("efficientnet_lite2", b_init)
+    bimages = data.images if bcfg == data.cfg else cache_images(data.df, bcfg)[0]
+    return cached_features(bmodel, bimages, bcfg, data.cache_dir)
+
+
+def write_folder(out: Path, data: TrainingSet, other: OtherFrames, sc: Scores, part: np.ndarray, model, temp: float,
+                 temp_tta: float | None, n_boot: int, seed: int) -> tuple[pd.DataFrame, dict | None]:
+    """Weights (fp16 safetensors), split.csv, predictions.csv and the cross-magnification predictions."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_split_csv(data.df.assign(part=part, cv_fold=sc.fold), out / "split.csv", ["part", "cv_fold"])
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    score_other(model, data, other, sc, np.flatnonzero(~np.isin(other.patients, list(set(data.patients)))), temp,
+                temp_tta, "final model (patient has no frame at this magnification: never seen)")
+    df = data.df
+    pred = pd.DataFrame({"path": df["path"], "patient": data.patients, "label": data.y,
+                         "magnification": df["magnification"], "source": df["source"], "cv_fold": sc.fold, "part": part,
+                         "logit": sc.logit, "p_malignant": sc.p, "p_baseline": sc.p_base})
+    if sc.eval_tta:
+        pred["logit_tta"], pred["p_tta"] = sc.logit_tta, sc.p_tta
+    pred = pd.concat([pred, quality_table(df["path"].tolist())], axis=1)
+    pred.to_csv(out / "predictions.csv", index=False)
+    if not len(other.df):
+        return pred, None
+    o = other.df
+    xm = pd.DataFrame({"path": o["path"], "patient": other.patients, "label": (o["label"] == "malignant").astype(int),
+                       "magnification": o["magnification"], "logit": sc.o_logit, "p_malignant": sc.o_p,
+                       "predicted_by": sc.o_by})
+    if sc.eval_tta:
+        xm["logit_tta"], xm["p_tta"] = sc.o_logit_tta, sc.o_p_tta
+    xm = xm[xm["logit"].notna()]
+    xm.to_csv(out / "predictions_cross_magnification.csv", index=False)
+    return pred, cross_magnification_scores(xm, n_boot, seed)
+
+
+def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc: FitConfig, cv: int = 5,
+              seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None, model_id: str | None = None,
+              baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None,
+              arch_config: dict | None = None, vit_init: str | None = None, stain: str = "none", eval_tta: bool = False,
+              hc: HybridConfig | None = None, cross_magnification: bool = True) -> ModelCard:
+    """Cross-validate (or hold out), refit on all patients, and write the model folder with its card."""
+    t_start = time.time()
+    out = Path(out)
+    arch_config = hybrid_config(arch_config, vit_init) if arch == "hybrid" else {}
+    cache_dir = Path(cache_dir or default_cache_dir())
+    compute = select_compute(force_fp32)
+    log.info("compute: %s", compute.reason)
+    spec = arch_spec(arch, arch_config)
+    cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
+    ts, index, skipped = load_training_set(data, magnification, cfg, compute, cache_dir, stain)
+    df = ts.df
+    _, init_record = build_model(arch, init, arch_config or None, vit_init)  # provenance; every fit builds its own
+    recipe: Recipe = (HybridRecipe(arch, init, arch_config, vit_init, hc=hc or HybridConfig(seed=seed)) if arch == "hybrid"
+                      else NetworkRecipe(arch, init, arch_config, vit_init, fc=fc))
+    other = OtherFrames.load(index, magnification, cfg, cross_magnification)
+    b_feats = baseline_features(ts, baseline_init)
+    sc = Scores(len(df), len(other.df), eval_tta)
+    per_fold: list[dict] = []
     if cv and cv > 1:
-        fold = grouped_kfold(df, cv, seed).to_numpy()
-        protocol = (f"{fold.max() + 1}-fold stratified patient-grouped cross-validation; out-of-fold predictions of "
-                    "patients never seen by their fold's model are the test set; temperature fitted per fold on "
+        per_fold = cross_validate(recipe, ts, other, sc, cv, seed, b_feats)
+        protocol = (f"{sc.fold.max() + 1}-fold stratified patient-grouped cross-validation; out-of-fold predictions "
+                    "of patients never seen by their fold's model are the test set; temperature fitted per fold on "
                     "inner validation patients")
-        for k in range(fold.max() + 1):
-            te = np.flatnonzero(fold == k)
-            trv = np.flatnonzero(fold != k)
-            model, res, temp, tr, va, temp_tta = one_fit(trv, seed + k, f"fold{k}")
-            assert not set(patients[te]) & set(patients[trv])
-            z = predict_logits(model, images, cfg, te)
-            oof_logit[te], oof_p[te] = z, apply_temperature(z, temp)
-            if eval_tta:
-                zt = tta_logits_of(model, res, te)
-                oof_tta[te], oof_p_tta[te] = zt, apply_temperature(zt, temp_tta)
-            o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
-            if len(o_te):
-                score_other(model, o_te, temp, temp_tta, f"fold {k} model (patient held out)")
-            if b_feats is not None:
-                base_p[te] = baseline_probs(b_feats, y, w, trv, te)
-            fm = summarize(y[te], oof_p[te], patients[te], n_boot=0)["metrics"]
-            per_fold.append({"fold": k, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
-                             "temperature": temp, "temperature_fit": res.temperature_note,
-                             "temperature_tta": temp_tta, "val_auc": res.val_auc,
-                             "phase_chosen": res.phase_chosen, "phases": res.phases,
-                             "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
-                             **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
-        # Refit on every patient with the schedule the folds chose (no validation split is wasted on a few
-        # patients), and calibrate with a temperature fitted on the pooled out-of-fold logits.
-        head_ep = int(np.median([f["best_head_epoch"] for f in per_fold])) or fc.head_epochs
-        ft = [f["best_epoch"] if f["phase_chosen"] != "head" else 0 for f in per_fold]
-        ft_ep = int(np.median(ft)) if fc.recipe in ("finetune", "full") else 0
-        final_fc = replace(fc, head_epochs=head_ep, finetune_epochs=ft_ep)
-        final_model = fresh_model(seed)
-        if hybrid:
-            final_hc = final_schedule(hc, per_fold)
-            final_res = fit_hybrid(final_model, arch_config, images, fmaps_of(final_model), y, patients, np.arange(len(df)),
-                                   np.array([], int), cfg, final_hc, compute, "final")
-        else:
-            final_res = fit(final_model, arch, images, feats_of(final_model), y, patients, np.arange(len(df)), np.array([], int), cfg,
-                            final_fc, compute, "final")
-        final_model.load_state_dict(final_res.state)
-        final_temp = fit_temperature_guarded(oof_logit, y)[0]
-        temp_tta_final = fit_temperature_guarded(oof_tta, y)[0] if eval_tta else None
-        schedule = ({"phase_epochs": [final_hc.p1_epochs, final_hc.p2_epochs, final_hc.p3_epochs],
-                     "source": "phase 1: median of the folds' best epochs; a later phase only where most folds' best "
-                               "state came from it"} if hybrid else
-                    {"head_epochs": head_ep, "finetune_epochs": ft_ep, "source": "median of the folds' best epochs"})
-        final_schedule_ = {**schedule, "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
+        final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, seed)
         part = np.full(len(df), "train")
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
-        tr, va, te = (np.flatnonzero(part == s) for s in ("train", "val", "test"))
-        final_model = fresh_model(seed)
-        if hybrid:
-            final_res = fit_hybrid(final_model, arch_config, images, fmaps_of(final_model), y, patients, tr, va, cfg, hc, compute, "split")
-        else:
-            final_res = fit(final_model, arch, images, feats_of(final_model), y, patients, tr, va, cfg, fc, compute, "split")
-        final_model.load_state_dict(final_res.state)
-        final_temp = fit_temperature(final_res.val_logits, y[va])
-        temp_tta_final = fit_temperature(predict_logits(final_model, images, cfg, va, tta=True), y[va]) if eval_tta else None
-        final_schedule_ = {"source": "early stopping on validation patients", "temperature_source": "validation patients"}
-        z = predict_logits(final_model, images, cfg, te)
-        oof_logit[te], oof_p[te] = z, apply_temperature(z, final_temp)
-        if eval_tta:
-            zt = predict_logits(final_model, images, cfg, te, tta=True)
-            oof_tta[te] = zt
-            oof_p_tta[te] = apply_temperature(zt, temp_tta_final)
-        o_te = np.flatnonzero(np.isin(o_pat, list(set(patients[te]))))
-        if len(o_te):
-            score_other(final_model, o_te, final_temp, temp_tta_final, "model (test patient)")
-        if b_feats is not None:
-            base_p[te] = baseline_probs(b_feats, y, w, np.concatenate([tr, va]), te)
-    assert_patient_disjoint(pd.Series(patients), pd.Series(part))
+        final_model, final_res, final_temp, temp_tta_final, schedule = hold_out(recipe, ts, other, sc, part, seed, b_feats)
+    assert_patient_disjoint(pd.Series(ts.patients), pd.Series(sc.fold if cv and cv > 1 else part))
+    pred, cross = write_folder(out, ts, other, sc, part, final_model, final_temp, temp_tta_final, n_boot, seed)
 
-    out.mkdir(parents=True, exist_ok=True)
-    split_df = df.assign(part=part, cv_fold=fold)
-    write_split_csv(split_df, out / "split.csv", ["part", "cv_fold"])
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in final_model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-
-    never_seen = np.flatnonzero(~np.isin(o_pat, list(set(patients))))
-    if len(never_seen):
-        score_other(final_model, never_seen, final_temp, temp_tta_final,
-                    "final model (patient has no frame at this magnification: never seen)")
-    pred = pd.DataFrame({"path": df["path"], "patient": patients, "label": y, "magnification": df["magnification"],
-                         "source": df["source"], "cv_fold": fold, "part": part, "logit": oof_logit, "p_malignant": oof_p,
-                         "p_baseline": base_p})
-    if eval_tta:
-        pred["logit_tta"], pred["p_tta"] = oof_tta, oof_p_tta
-    pred = pd.concat([pred, quality_table(df["path"].tolist())], axis=1)
-    pred.to_csv(out / "predictions.csv", index=False)
-    cross = None
-    if len(other):
-        xm = pd.DataFrame({"path": other["path"], "patient": o_pat, "label": (other["label"] == "malignant").astype(int),
-                           "magnification": other["magnification"], "logit": o_logit, "p_malignant": o_p, "predicted_by": o_by})
-        if eval_tta:
-            xm["logit_tta"], xm["p_tta"] = o_logit_tta, o_p_tta
-        xm = xm[xm["logit"].notna()]
-        xm.to_csv(out / "predictions_cross_magnification.csv", index=False)
-        cross = cross_magnification_scores(xm, n_boot, seed)
     evaluation = {"protocol": protocol, "per_fold": per_fold}
     if cross is not None:
         evaluation["cross_magnification"] = cross
     baseline = ({"description": "frozen ImageNet EfficientNet-Lite2 features + logistic regression (C=1), same folds"}
                 if b_feats is not None else {})
-
-    mid = model_id or f"{magnification}/{out.name}"
+    hybrid = arch == "hybrid"
     card = ModelCard(
-        model_id=mid, architecture=arch, magnification=magnification, preprocess=cfg, init=init_record,
-        arch_config=arch_config,
+        model_id=model_id or f"{magnification}/{out.name}", architecture=arch, magnification=magnification,
+        preprocess=cfg, init=init_record, arch_config=arch_config,
         temperature=final_temp, weights_sha256=file_sha256(out / "model.safetensors"),
-        recipe={"name": "phased (hybrid)" if hybrid else fc.recipe, "final_model_schedule": final_schedule_,
+        recipe={"name": recipe.name, "final_model_schedule": schedule,
                 "compute": compute.reason, **({"phases_per_fold": [f["phases"] for f in per_fold]} if hybrid else {}),
                 "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
-        hyperparameters=(asdict(hc) if hybrid else asdict(fc)) | {"cv_folds": cv, "seed": seed, "stain": stain,
-                                                                  "eval_tta": eval_tta},
+        hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "stain": stain, "eval_tta": eval_tta},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
