@@ -1,7 +1,7 @@
 """Home: what the tool is and is not, the model inventory, where to start."""
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, inventory, routing_evidence
+from app.dashboard import DISCLAIMER, card_problems, inventory, route, routing_evidence
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
@@ -14,7 +14,11 @@ st.markdown(
     "(patient-grouped cross-validation) and comes from a script in the repository.")
 
 st.subheader("Model inventory")
+for problem in card_problems():
+    st.error(f"A model is hidden because its card failed validation: {problem}")
 inv = inventory()
+for note in {n for m in MAGNIFICATIONS for n in route(m).notes if n.startswith("Routing is unavailable")}:
+    st.error(note)
 if inv.empty or "AUC (95% CI)" not in inv.columns:
     st.error("No trained models found in magnif_models/. Train one with the command shown in the table.")
 st.dataframe(inv, hide_index=True, width="stretch")

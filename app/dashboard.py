@@ -10,7 +10,7 @@ import pandas as pd
 from models.archs import file_sha256
 from models.card import ALL, MAGNIFICATIONS, CardError, Metric, ModelCard, metric
 from models.config import lite2_init_hint, models_root
-from models.inference import list_model_folders, read_defaults
+from models.inference import DefaultsError, list_model_folders, read_defaults
 
 FEW_PATIENTS = 20  # fewer patients than this behind a number: labelled "few patients"
 DISCLAIMER = ("Research aid only, not a diagnosis. Predictions come from models trained on a few dozen "
@@ -56,7 +56,10 @@ def card_problems(root: str | Path | None = None) -> list[str]:
 
 def route(magnification: str, root: str | Path | None = None) -> Route:
     """Which model serves a magnification, and what the user must be told about it."""
-    d = read_defaults(root).get(magnification)
+    try:
+        d = read_defaults(root).get(magnification)
+    except DefaultsError as exc:  # say so on the page instead of a traceback; nothing is served from a bad file
+        return Route(magnification, None, [f"Routing is unavailable: {exc}"], train_command(magnification))
     if not d:
         return Route(magnification, None, [f"No model is trained for {magnification}."], train_command(magnification))
     notes = []
@@ -97,14 +100,20 @@ def _n(s: dict | None) -> str:
 def inventory(root: str | Path | None = None) -> pd.DataFrame:
     """One row per magnification: serving model, its AUC (CI) there, patients behind it."""
     cards = load_cards(root)
-    defaults = read_defaults(root)
+    try:
+        defaults = read_defaults(root)
+    except DefaultsError:
+        defaults = {}
     rows = []
     for mag in MAGNIFICATIONS:
         r = route(mag, root)
         if r.model_id is None:
             rows.append({"magnification": mag, "model": "none: " + r.train_command})
             continue
-        c = cards[r.model_id]
+        c = cards.get(r.model_id)
+        if c is None:
+            rows.append({"magnification": mag, "model": f"{r.model_id}: its card was refused (see the warning above)"})
+            continue
         s = c.summaries_at(mag)[0]
         n = s["n_patients"]
         trained = c.data["all"]
@@ -115,7 +124,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
             "evidence": "few patients" if n["benign"] + n["malignant"] < FEW_PATIENTS else "moderate",
-            "serves because": defaults[mag].get("reason", ""),
+            "serves because": defaults.get(mag, {}).get("reason", ""),
         })
     return pd.DataFrame(rows)
 
@@ -131,7 +140,10 @@ def metrics_table(card: ModelCard, magnification: str | None = None) -> pd.DataF
 def routing_evidence(magnification: str, root: str | Path | None = None) -> pd.DataFrame:
     """The routing rule's comparisons at one magnification: each challenger's paired AUC advantage over the
     pretrained incumbent with its 95% CI, and whether it displaced the incumbent."""
-    d = read_defaults(root).get(magnification) or {}
+    try:
+        d = read_defaults(root).get(magnification) or {}
+    except DefaultsError:
+        d = {}
     rows = []
     for r in d.get("comparisons", []):
         diff, ci = r.get("difference"), r.get("ci95")

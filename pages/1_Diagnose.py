@@ -17,7 +17,9 @@ st.warning(DISCLAIMER)
 mag = st.radio("Magnification of the uploaded frames", MAGNIFICATIONS, index=1, horizontal=True, key="magnification")
 r = route(mag)
 if r.model_id is None:
-    st.error(f"No model serves {mag} yet. Train one with:")
+    for note in r.notes:
+        st.error(note)
+    st.error(f"No model serves {mag}. Train one with:")
     st.code(r.train_command, language="bash")
     st.stop()
 try:

@@ -24,6 +24,9 @@ if len(chosen) < 1:
     st.stop()
 
 served = route(mag)
+if served.model_id is None:
+    for note in served.notes:
+        st.warning(note)
 if served.model_id:
     st.info(f"Routed at {mag}: **{served.model_id}**. " + " ".join(n for n in served.notes if n.startswith("Serves because")))
 

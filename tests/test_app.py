@@ -149,3 +149,25 @@ def test_diagnose_batch_heatmap_for_a_later_frame():
     at.selectbox(key="heatmap_pick").set_value(1).run()
     assert not at.exception, at.exception
     assert any(str(h.value) == "b.png" for h in at.subheader)
+
+
+def test_pages_say_when_a_card_or_the_routing_file_is_refused(tmp_path, monkeypatch, tiny_root):
+    """A tampered card is hidden with its one-line reason; a corrupt defaults.json is an error on the page, not a
+    traceback, and nothing is served from it."""
+    import json
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_root, root)
+    card = next(root.glob("*/*/card.json"))
+    d = json.loads(card.read_text())
+    d["temperature"] = -2.0
+    card.write_text(json.dumps(d))
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(root))
+    at = _app("streamlit_app.py")
+    assert "card failed validation" in _texts(at) and "temperature" in _texts(at)
+    (root / "defaults.json").write_text("{broken")
+    at = _app("streamlit_app.py")
+    assert "Routing is unavailable" in _texts(at) and "not valid JSON" in _texts(at)
+    at = _app("pages/1_Diagnose.py")
+    assert "Routing is unavailable" in _texts(at)

@@ -73,6 +73,7 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.get_by_text("Model inventory").wait_for()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Diagnose")
     page.get_by_text("Magnification of the uploaded frames").wait_for()
@@ -87,13 +88,16 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.get_by_text("Grad-CAM for class").first.wait_for()
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "diagnose.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Model_metrics")
     page.get_by_text("Training curves").wait_for()
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "model_metrics.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Compare_models")
     page.get_by_text("All chosen models on the same image").wait_for()
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "compare_models.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
