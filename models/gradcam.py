@@ -1,13 +1,11 @@
 """Grad-CAM family explanations (pytorch-grad-cam) that are safe on a model shared between sessions.
 
-pytorch-grad-cam registers forward/backward hooks on the target layer; two sessions computing at once on
-the same module would read each other's activations. A per-model lock serialises CAM computation, and
+pytorch-grad-cam registers forward/backward hooks on the target layer; a heatmap and anything else running through
+the same module at the same time (another heatmap, or a prediction in another session) would hand it the wrong
+activations. The model's one lock (models.inference.model_lock), which prediction also takes, serialises them, and
 the CAM object is used as a context manager so its hooks are removed after every call.
 """
 from __future__ import annotations
-
-import threading
-import weakref
 
 import numpy as np
 import torch
@@ -17,20 +15,9 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from models.archs import arch_spec
-from models.inference import LoadedModel
+from models.inference import LoadedModel, model_lock
 
 CAM_METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "EigenCAM": EigenCAM, "LayerCAM": LayerCAM}
-_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _lock_for(model: torch.nn.Module) -> threading.Lock:
-    with _LOCKS_GUARD:
-        if model not in _LOCKS:
-            _LOCKS[model] = threading.Lock()
-        return _LOCKS[model]
-
-
 CAM_BRANCHES = {"cnn": "CNN branch", "vit": "ViT branch", "combined": "CNN + ViT (mean of the two maps)"}
 
 
@@ -69,7 +56,7 @@ def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM",
         return _tiled_heatmap(lm, img, method, target_class)
     x = lm.preprocess(img).unsqueeze(0)
     reshape = _vit_reshape(lm) if branch == "vit" else None
-    with _lock_for(lm.model), torch.enable_grad():
+    with model_lock(lm.model), torch.enable_grad():
         with CAM_METHODS[method](model=lm.model, target_layers=[target_layer(lm, branch)],
                                  reshape_transform=reshape) as cam:
             grayscale = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(target_class)])[0]
@@ -110,7 +97,7 @@ def _tiled_input(lm: LoadedModel, img: Image.Image):
 def tile_attention(lm: LoadedModel, img: Image.Image) -> tuple[list[tuple[int, int, int, int]], np.ndarray, tuple[int, int]]:
     """(tile boxes in the tiled frame, each tile's attention weight, the tiled frame's (W, H)) for a tile model."""
     t, x = _tiled_input(lm, img)
-    with _lock_for(lm.model), torch.inference_mode():
+    with model_lock(lm.model), torch.inference_mode():
         a = lm.model.attention(x)[0].double().numpy()
     return t.boxes, a, t.frame.size
 
@@ -121,7 +108,7 @@ def _tiled_heatmap(lm: LoadedModel, img: Image.Image, method: str, target_class:
     the prediction rests on."""
     t, x = _tiled_input(lm, img)
     layer = lm.model.get_submodule(arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer)
-    with _lock_for(lm.model):
+    with model_lock(lm.model):
         with torch.inference_mode():
             h_all = lm.model.tile_features(x).clone()
             att = lm.model.attention(x)[0].double().numpy()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterable, Literal, Sequence
@@ -19,6 +21,20 @@ from models.preprocess import ImageError, frame_to_tensor, load_image
 from models.quality import check_quality
 
 DEFAULTS_FILE = "defaults.json"
+
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one lock of a model shared between sessions. Prediction and Grad-CAM both take it: Grad-CAM's hooks on a
+    layer record whatever passes through it, so a prediction running beside a heatmap would hand the heatmap its
+    activations (re-entrant: a heatmap may predict inside)."""
+    with _LOCKS_GUARD:
+        if model not in _LOCKS:
+            _LOCKS[model] = threading.RLock()
+        return _LOCKS[model]
 
 
 class ModelIntegrityError(RuntimeError):
@@ -52,7 +68,8 @@ class LoadedModel:
         tta=True averages the logits of the 8 dihedral views (4 quarter turns x horizontal flip).
         """
         x = batch.float()
-        return tta_logits(self.model, x) if tta else self.model(x).double().numpy()
+        with model_lock(self.model):
+            return tta_logits(self.model, x) if tta else self.model(x).double().numpy()
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """Calibrated p(malignant) for a preprocessed batch."""

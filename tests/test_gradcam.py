@@ -52,6 +52,39 @@ def test_concurrent_heatmaps_match_sequential(lm):
     assert any(not np.allclose(sequential[0], s, atol=1e-3) for s in sequential[1:])
 
 
+def test_heatmaps_stay_right_while_predictions_run_on_the_same_model(lm):
+    """A prediction in another session runs through the hooked layer; without the shared lock Grad-CAM would take
+    that prediction's activations (issue 15: 16 of 16 maps wrong)."""
+    frames = _frames(6)
+    cls = max((0, 1), key=lambda c: gradcam_heatmap(lm, frames[0], "Grad-CAM", c).max())
+    sequential = [gradcam_heatmap(lm, f, "Grad-CAM", cls) for f in frames[:4]]
+    others = [Image.fromarray(np.full((460, 700, 3), v, np.uint8)) for v in (0, 255)] + frames[4:]
+    out = [None] * 4
+    stop = threading.Event()
+    barrier = threading.Barrier(8)
+
+    def explain(i):
+        barrier.wait()
+        out[i] = gradcam_heatmap(lm, frames[i], "Grad-CAM", cls)
+
+    def predict(i):
+        barrier.wait()
+        while not stop.is_set():
+            lm.predict_images([others[i]])
+
+    preds = [threading.Thread(target=predict, args=(i,)) for i in range(4)]
+    cams = [threading.Thread(target=explain, args=(i,)) for i in range(4)]
+    for t in preds + cams:
+        t.start()
+    for t in cams:
+        t.join()
+    stop.set()
+    for t in preds:
+        t.join()
+    for a, b in zip(sequential, out):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_hooks_are_released(lm):
     layer = target_layer(lm)
     small = Image.fromarray(np.random.default_rng(1).integers(0, 255, (115, 175, 3), np.uint8))
