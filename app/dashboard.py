@@ -1,6 +1,7 @@
 """What the dashboard pages show, as plain functions (tests call them; pages only render)."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +188,15 @@ def model_folder(model_id: str, root: str | Path | None = None) -> Path:
     return Path(root or models_root()) / model_id
 
 
+MAX_FILES_PER_UPLOAD = 60  # frames analysed per upload; more are refused with a message (a case is rarely larger)
+THUMBNAIL_SIZE = (160, 105)
+
+
 @dataclass
 class FrameResult:
+    """What is kept of one analysed upload: small by design (a thumbnail, never the decoded frame), so a cache of
+    many results stays bounded; the frame is decoded again from its bytes when a heatmap is asked for."""
+
     name: str
     model_id: str
     p_malignant: float | None = None
@@ -196,7 +204,22 @@ class FrameResult:
     error: str = ""
     warnings: tuple[str, ...] = ()
     out_of_distribution: bool = False
-    image: object = None  # PIL RGB image when readable
+    thumbnail: bytes | None = None  # PNG, at most THUMBNAIL_SIZE
+
+
+def thumbnail_png(img) -> bytes:
+    t = img.copy()
+    t.thumbnail(THUMBNAIL_SIZE)
+    b = io.BytesIO()
+    t.save(b, "PNG")
+    return b.getvalue()
+
+
+def decode_frame(data: bytes, name: str):
+    """The RGB frame the model analysed (same loader, same reductions and turns), for heatmaps and display."""
+    from models.preprocess import load_image
+
+    return load_image(data, name=name).image
 
 
 def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = False) -> FrameResult:
@@ -212,7 +235,7 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = F
     notes: list[str] = []
     p = float(lm.predict_images([li.image], tta=tta, notes=[notes])[0])
     return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
-                       q.out_of_distribution, li.image)
+                       q.out_of_distribution, thumbnail_png(li.image))
 
 
 def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:

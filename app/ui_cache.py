@@ -28,7 +28,7 @@ def cached_cards():
     return _cached_cards(current_root())
 
 
-@st.cache_data(max_entries=512, show_spinner=False)
+@st.cache_data(max_entries=256, ttl=3600, show_spinner=False)  # entries hold a thumbnail, not the frame
 def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str, tta: bool):
     from app.dashboard import analyse_upload
 
@@ -38,3 +38,16 @@ def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnifica
 def cached_analysis(model_id: str, name: str, data: bytes, magnification: str, tta: bool = False):
     """Prediction + QC for one upload, computed once: moving a slider does not re-run the whole batch."""
     return _cached_analysis(model_id, current_root(), name, data, magnification, tta)
+
+
+@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)  # 16 maps of a 700x460 frame: about 20 MB
+def _cached_heatmap(model_id: str, root: str, name: str, data: bytes, method: str, target: int, branch: str):
+    from app.dashboard import decode_frame
+    from models.gradcam import gradcam_heatmap
+
+    return gradcam_heatmap(_cached_model(model_id, root), decode_frame(data, name), method, target, branch)
+
+
+def cached_heatmap(model_id: str, name: str, data: bytes, method: str, target: int, branch: str = "cnn"):
+    """Grad-CAM for one uploaded frame, computed once per method/class/branch: the opacity slider only re-blends."""
+    return _cached_heatmap(model_id, current_root(), name, data, method, target, branch)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-import warnings
+from struct import error as struct_error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -16,8 +16,13 @@ from torchvision.transforms import InterpolationMode
 from models.card import PreprocessConfig
 
 MAX_FILE_BYTES = 50 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # a BreakHis frame is 0.32 MP; anything past 40 MP is refused as a decompression bomb
+MAX_PIXELS = 25_000_000  # a BreakHis frame is 0.32 MP; past 25 MP (a 5000x5000 camera) is refused before decoding
+MAX_SIDE = 2100  # frames are reduced as they are decoded to at most 3x a BreakHis frame's 700 px a side
 MIN_SIDE = 64
+# Decoded formats, named explicitly (PIL would otherwise try every format it knows on any bytes).
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
+               ".webp": "WEBP"}
 
 
 class ImageError(ValueError):
@@ -26,15 +31,21 @@ class ImageError(ValueError):
 
 @dataclass
 class LoadedImage:
-    image: Image.Image  # RGB, 8-bit, EXIF orientation applied
+    image: Image.Image  # RGB, 8-bit, EXIF orientation applied, landscape, at most MAX_SIDE a side
     original_mode: str
     original_size: tuple[int, int]
     warnings: list[str] = field(default_factory=list)
 
 
 def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> LoadedImage:
-    """Decode any user file into 8-bit RGB, or raise ImageError with a reason a clinician can read."""
+    """Decode any user file into 8-bit RGB, or raise ImageError with a reason a clinician can read.
+
+    Nothing process-wide is changed (no PIL globals, no warning filters): the pixel count is checked from the header
+    before anything is decoded, and large frames are reduced while decoding (JPEG draft) or right after (reduce),
+    so the memory a frame costs is bounded whatever its size.
+    """
     label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
+    notes: list[str] = []
     try:
         if isinstance(source, (str, Path)):
             p = Path(source)
@@ -46,37 +57,46 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
         elif isinstance(source, bytes):
             data = source
         else:
-            data = source.read()
+            data = source.read(MAX_FILE_BYTES + 1)
         if len(data) == 0:
             raise ImageError(f"{label}: file is empty")
         if len(data) > MAX_FILE_BYTES:
             raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES // 2**20} MB")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            try:
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"{label}: {img.width}x{img.height} pixels is too large (decompression-bomb guard)")
-                img.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        img = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{label}: {w}x{h} pixels is too large (more than {MAX_PIXELS // 10**6} MP; "
+                             "decompression-bomb guard)")
+        ext = Path(label).suffix.lower()
+        if ext in _EXTENSIONS and _EXTENSIONS[ext] != img.format:
+            notes.append(f"the file is named {ext} but holds a {img.format} image")
+        factor = max(1, -(-max(w, h) // MAX_SIDE))  # ceil
+        if factor > 1 and img.format == "JPEG":
+            img.draft("RGB", (w // factor, h // factor))  # decode at 1/2, 1/4 or 1/8 scale
+        img.load()
+        factor = max(1, -(-max(img.size) // MAX_SIDE))
+        if factor > 1:
+            img = img.reduce(factor)
+        if img.size != (w, h):
+            notes.append(f"{w}x{h} frame reduced to {img.width}x{img.height} for analysis")
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(f"{label}: image is too large (decompression-bomb guard)") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label}: not a readable image (accepted formats: {', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, struct_error, EOFError) as exc:
         raise ImageError(f"{label}: image is corrupt or truncated ({exc})") from None
-    return to_rgb(img, label)
+    loaded = to_rgb(img, label, size=(w, h))
+    loaded.warnings[:0] = notes
+    return loaded
 
 
-def to_rgb(img: Image.Image, label: str = "image") -> LoadedImage:
-    """Normalise mode and orientation, recording what was changed as warnings."""
+def to_rgb(img: Image.Image, label: str = "image", size: tuple[int, int] | None = None) -> LoadedImage:
+    """Normalise mode and orientation (a portrait frame is turned to landscape, as BreakHis frames are), recording
+    what was changed as warnings."""
     notes: list[str] = []
-    mode, size = img.mode, img.size
+    mode, size = img.mode, size or img.size
     try:
         transposed = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not cost the image
@@ -105,6 +125,12 @@ def to_rgb(img: Image.Image, label: str = "image") -> LoadedImage:
         img = img.convert("RGB")
     if min(img.size) < MIN_SIDE:
         raise ImageError(f"{label}: image is too small ({img.width}x{img.height}; need at least {MIN_SIDE} px a side)")
+    if img.height > img.width:
+        # The models were trained on landscape 700x460 frames; squashing a portrait frame into that shape distorts
+        # the tissue (issue 15: 5 of 16 labels flipped). A quarter turn keeps every pixel's geometry.
+        img = img.transpose(Image.Transpose.ROTATE_90)
+        notes.append("portrait frame turned a quarter turn (counter-clockwise) to landscape, as the models were "
+                     "trained; the heatmap is shown on the turned frame")
     return LoadedImage(img, mode, size, notes)
 
 

@@ -4,11 +4,11 @@ import io
 
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, results_frame, route
-from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay, tile_attention,
+from app.dashboard import DISCLAIMER, MAX_FILES_PER_UPLOAD, decode_frame, results_frame, route
+from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay, tile_attention,
                             tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
-from app.ui_cache import cached_analysis, cached_model
+from app.ui_cache import cached_analysis, cached_heatmap, cached_model
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")
@@ -53,6 +53,10 @@ if not files:
     st.info("Upload one or more frames to get predictions.")
     st.stop()
 
+if len(files) > MAX_FILES_PER_UPLOAD:
+    st.error(f"{len(files)} files were uploaded; only the first {MAX_FILES_PER_UPLOAD} are analysed. Upload the rest "
+             "in another batch.")
+    files = files[:MAX_FILES_PER_UPLOAD]
 results = []
 progress = st.progress(0.0, text="Analysing…") if len(files) > 1 else None
 for i, f in enumerate(files):
@@ -67,18 +71,12 @@ for res in results:
         st.error(f"{res.error}")
 
 table = results_frame(results, lm.card.threshold)
-ok = [x for x in results if not x.error]
+ok = [(x, f) for x, f in zip(results, files) if not x.error]
 if len(results) > 1:
-    def thumb(img):
-        if img is None:
-            return None
-        t = img.copy()
-        t.thumbnail((120, 80))
-        b = io.BytesIO()
-        t.save(b, "PNG")
-        return "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
+    def thumb(png):
+        return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 
-    show = table.assign(thumbnail=[thumb(x.image) for x in results])
+    show = table.assign(thumbnail=[thumb(x.thumbnail) for x in results])
     st.dataframe(show[["thumbnail", "file", "label", "p_malignant", "warnings", "error"]], hide_index=True,
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
@@ -88,9 +86,11 @@ st.download_button("Download results (CSV)", table.to_csv(index=False), "predict
 if not ok:
     st.stop()
 if len(ok) == 1:
-    pick = ok[0]
+    pick, pick_file = ok[0]
 else:  # chosen by position, with a key: names may repeat and the widget must be created once per run
-    pick = ok[st.selectbox("Show the heatmap for", range(len(ok)), format_func=lambda i: ok[i].name, key="heatmap_pick")]
+    pick, pick_file = ok[st.selectbox("Show the heatmap for", range(len(ok)), format_func=lambda i: ok[i][0].name,
+                                      key="heatmap_pick")]
+frame = decode_frame(pick_file.getvalue(), pick_file.name)
 st.subheader(pick.name)
 if pick.out_of_distribution:
     st.markdown(f"<span style='color:#999'>p(malignant) = {pick.p_malignant:.3f} → {pick.label} "
@@ -102,18 +102,18 @@ else:
 for w in pick.warnings:
     st.warning(w)
 with st.spinner(f"Computing {method}…"):
-    heat = gradcam_heatmap(lm, pick.image, method, target, branch)
-overlay = gradcam_overlay(pick.image, heat, opacity)
+    heat = cached_heatmap(r.model_id, pick_file.name, pick_file.getvalue(), method, target, branch)
+overlay = gradcam_overlay(frame, heat, opacity)
 a, b = st.columns(2)
 if lm.card.architecture == "tiles":  # a tile model: where its attention went, and the per-tile maps stitched together
-    boxes, weights, tiled_size = tile_attention(lm, pick.image)
-    a.image(tile_attention_overlay(pick.image, boxes, weights, tiled_size), width="stretch",
+    boxes, weights, tiled_size = tile_attention(lm, frame)
+    a.image(tile_attention_overlay(frame, boxes, weights, tiled_size), width="stretch",
             caption="tile attention: each native-resolution tile's weight in the prediction (weights sum to 1)")
     b.image(overlay, width="stretch",
             caption=f"{method} for class '{target_name}', computed per tile and stitched into one map; each tile's map "
                     f"is scaled by its attention relative to the most-attended tile ({r.model_id})")
 else:
-    a.image(pick.image, caption="original", width="stretch")
+    a.image(frame, caption="original", width="stretch")
     b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
 buf = io.BytesIO()
 overlay.save(buf, "PNG")

@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
-from app.dashboard import DISCLAIMER, analyse_upload, curves, model_folder, route, routing_evidence
+from app.dashboard import DISCLAIMER, analyse_upload, curves, decode_frame, model_folder, route, routing_evidence
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
 from app.ui_cache import cached_cards, cached_model
 
@@ -83,7 +83,8 @@ if up is not None:
         results.append(r)
         col.markdown(f"**{mid}**  \n{r.label}: p(malignant) = {r.p_malignant:.3f}")
         b = branch_pref if branch_pref in cam_branches(lm) else "cnn"
-        col.image(gradcam_overlay(r.image, gradcam_heatmap(lm, r.image, method, 1, b)), width="stretch")
+        frame = decode_frame(data, up.name)
+        col.image(gradcam_overlay(frame, gradcam_heatmap(lm, frame, method, 1, b)), width="stretch")
         col.caption(f"{method}, {CAM_BRANCHES[b]}")
     if len(results) > 1:
         labels = {r.label for r in results}

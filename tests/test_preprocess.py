@@ -75,7 +75,7 @@ def test_unusual_modes_are_converted_with_warnings():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90
     rot = load_image(_bytes(Image.new("RGB", (300, 200), (200, 100, 150)), "JPEG", exif=exif))
-    assert rot.image.size == (200, 300) and "EXIF" in " ".join(rot.warnings)
+    assert rot.image.size == (300, 200) and "EXIF" in " ".join(rot.warnings) and "portrait" in " ".join(rot.warnings)
 
 
 def test_quality_flags_non_histology_and_blur():
