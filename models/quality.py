@@ -18,6 +18,9 @@ QC_WIDTH = 350  # frames are box-reduced by an integer factor to about this widt
 BLUR_VAR_MIN = 50.0  # variance of the 4-neighbour Laplacian on the reduced grey frame
 TISSUE_FRACTION_MIN = 0.25  # fraction of pixels that are not bright, unsaturated background
 HE_FRACTION_MIN = 0.08  # fraction of tissue pixels whose hue is pink/purple (eosin/haematoxylin)
+# Flat or smooth images (a one-colour square, a gradient, a screenshot background) have almost no Laplacian
+# variance; the least textured training frame has 39. Below a tenth of the blur warning it is not histology.
+TEXTURE_VAR_MIN = 5.0
 USUAL_FRAME = (700, 460)
 # PIL HSV channels are 0-255: value > 0.86 and saturation < 0.12 is background; H&E hue >= 200 deg or <= 30 deg
 # with saturation > 0.06 (the same cut-offs in degrees/fractions, as integers).
@@ -70,6 +73,10 @@ def check_quality(img: Image.Image, magnification: str | None = None) -> Quality
         rep.warnings.append(f"blurry (Laplacian variance {blur:.0f} < {BLUR_VAR_MIN:.0f})")
     if tissue_frac < TISSUE_FRACTION_MIN:
         rep.warnings.append(f"little tissue ({tissue_frac:.0%} of the frame)")
+    if blur < TEXTURE_VAR_MIN:
+        rep.out_of_distribution = True
+        rep.warnings.append(f"no tissue texture (Laplacian variance {blur:.1f}): a flat or synthetic image, probably "
+                            "not a histology frame; the probability is unreliable")
     if he_frac < HE_FRACTION_MIN:
         rep.out_of_distribution = True
         rep.warnings.append(

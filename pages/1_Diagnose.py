@@ -47,7 +47,8 @@ tta = c4.toggle("Test-time augmentation (8 views)", value=False, key="tta",
                 help="Averages the model over the 8 rotations/mirrorings of each frame: about 8x slower. Its measured "
                      "effect on AUC is on the Model metrics page; the calibration was fitted without it.")
 
-files = st.file_uploader("Upload H&E frames (PNG, JPEG, TIFF)", type=["png", "jpg", "jpeg", "tif", "tiff"],
+files = st.file_uploader("Upload H&E frames (PNG, JPEG, TIFF, BMP, WebP)",
+                         type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp"],
                          accept_multiple_files=True, key="uploads")
 if not files:
     st.info("Upload one or more frames to get predictions.")

@@ -5,16 +5,18 @@ unreadable, truncated or mislabelled files are listed in `skipped` and never cra
 """
 from __future__ import annotations
 
-import re
 import hashlib
+import json
+import re
+import shutil
 import tarfile
+import zlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 COLUMNS = ["path", "label", "subtype", "magnification", "slide", "patient", "source"]
 SUBTYPES = {
@@ -68,16 +70,34 @@ def parse_breakhis_name(filename: str) -> dict | None:
     }
 
 
+_READABLE_MEMO: dict[tuple, str | None] = {}
+
+
 def _readable(path: Path) -> str | None:
-    """None if the header decodes, else the reason (full decoding happens when images are cached)."""
+    """None if the frame decodes completely (the very loader training and inference use), else the reason.
+
+    PIL's verify() reads headers only, so a truncated JPEG used to pass the index and vanish later in training;
+    a full decode here makes the index count exactly what training gets. Results are memoised per file version
+    (path, size, mtime), so each frame is decoded once per process.
+    """
+    from models.preprocess import ImageError, load_image
+
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as exc:
-        return f"unreadable image ({type(exc).__name__}: {exc})"
-    return None
+        st = path.stat()
+    except OSError as exc:
+        return f"unreadable file ({exc.strerror})"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _READABLE_MEMO:
+        if st.st_size == 0:
+            why = "empty file"
+        else:
+            try:
+                load_image(path)
+                why = None
+            except ImageError as exc:
+                why = f"unreadable image ({str(exc).split(': ', 1)[-1]})"
+        _READABLE_MEMO[key] = why
+    return _READABLE_MEMO[key]
 
 
 def index_tree(root: str | Path) -> IndexResult:
@@ -116,8 +136,13 @@ def index_manifest(folder: str | Path) -> IndexResult:
     if missing:
         raise ValueError(f"{folder}/manifest.csv lacks columns {sorted(missing)}")
     rows, skipped = [], []
+    base = folder.resolve()
     for r in man.to_dict("records"):
-        p = folder / r["path"]
+        rel = Path(r["path"])
+        p = folder / rel
+        if rel.is_absolute() or not p.resolve().is_relative_to(base):
+            skipped.append((r["path"], "path points outside the data folder (absolute or '..'): refused"))
+            continue
         if r["label"] not in ("benign", "malignant"):
             skipped.append((str(p), f"label {r['label']!r} is not benign|malignant"))
             continue
@@ -128,12 +153,19 @@ def index_manifest(folder: str | Path) -> IndexResult:
         if not p.is_file():
             skipped.append((str(p), "listed in manifest.csv but missing"))
             continue
+        slide = r.get("slide", "")
+        try:
+            patient = patient_from_slide(slide) if slide else r["patient"]
+        except ValueError as exc:  # one odd slide id costs its row, never the whole index
+            skipped.append((str(p), str(exc)))
+            continue
+        if not str(patient).strip():
+            skipped.append((str(p), "no patient id"))
+            continue
         why = _readable(p)
         if why:
             skipped.append((str(p), why))
             continue
-        slide = r.get("slide", "")
-        patient = patient_from_slide(slide) if slide else r["patient"]
         rows.append({"path": str(p.resolve()), "label": r["label"], "subtype": r.get("subtype", ""),
                      "magnification": r["magnification"], "slide": slide, "patient": str(patient),
                      "source": r.get("source", "manifest")})
@@ -144,8 +176,10 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "breakhis_dashboard"
 
 
-def unpack_archive(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Verify (sha256 + a full gzip read) and unpack once; later calls reuse the cache."""
+def unpack_archive(archive: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
+    """Verify (sha256 + a full read) and unpack once; later calls reuse the cache. Returns the folder and the
+    members refused as unsafe (absolute paths, '..', links or devices outside it), each by name: the rest of
+    the archive is still extracted. A corrupt or truncated archive leaves nothing behind."""
     archive = Path(archive)
     h = hashlib.sha256()
     with open(archive, "rb") as f:
@@ -154,22 +188,35 @@ def unpack_archive(archive: str | Path, cache_dir: str | Path | None = None) -> 
     dest = Path(cache_dir or default_cache_dir()) / "archives" / h.hexdigest()[:16]
     done = dest / ".complete"
     if done.is_file():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
+        return dest, [tuple(x) for x in json.loads((dest / ".refused.json").read_text())] \
+            if (dest / ".refused.json").is_file() else []
+    if dest.exists():
+        shutil.rmtree(dest)  # a partial extraction from an interrupted run
+    dest.mkdir(parents=True)
+    refused: list[tuple[str, str]] = []
     try:
         with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")  # 'data' filter refuses absolute paths and links outside dest
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ValueError(f"{archive}: archive is corrupt or truncated ({exc})") from exc
+            for member in tf:
+                try:
+                    tf.extract(member, dest, filter="data")  # 'data' refuses absolute paths and links outside dest
+                except tarfile.FilterError as exc:
+                    refused.append((f"{archive.name}:{member.name}", f"unsafe archive member refused ({exc})"))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ValueError(f"{archive}: archive is corrupt or truncated ({exc})") from None
+    (dest / ".refused.json").write_text(json.dumps(refused))
     done.write_text(f"sha256 {h.hexdigest()}\nsource {archive}\n")
-    return dest
+    return dest, refused
 
 
 def index_source(src: str | Path, cache_dir: str | Path | None = None) -> IndexResult:
     """Dispatch: archive file, manifest folder, or official tree."""
     src = Path(src)
     if src.is_file() and (src.name.endswith((".tar.gz", ".tgz", ".tar"))):
-        return index_tree(unpack_archive(src, cache_dir))
+        dest, refused = unpack_archive(src, cache_dir)
+        res = index_tree(dest)
+        res.skipped[:0] = refused
+        return res
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such data source")
     if (src / "manifest.csv").is_file():
