@@ -139,6 +139,8 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
     """Choose (and unless write=False, write defaults.json) by the rule above, with each magnification's evidence."""
     root = Path(root)
     folders = list_model_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"{root}: no model folders (<MAG or all>/<model>/card.json) to route")
     cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
     out = {}
     for mag in MAGNIFICATIONS:

@@ -190,3 +190,34 @@ def test_corrupt_archive_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="corrupt or truncated"):
         unpack_archive(arc, tmp_path / "cache")
     assert not any((tmp_path / "cache" / "archives").iterdir())
+
+
+def test_loading_images_changes_no_process_wide_state():
+    """No PIL global or warning filter is touched, even by threads loading bombs and good frames together."""
+    import threading
+    import warnings
+
+    from models.preprocess import ImageError, load_image
+
+    before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    cases = [c for c in CASES if c.filename in ("bomb.png", "huge.png", "good.png", "truncated.jpg")]
+
+    def work():
+        for c in cases * 3:
+            try:
+                load_image(c.data, name=c.filename)
+            except ImageError:
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
+
+
+def test_training_cli_errors_are_one_line(tmp_path):
+    for args in (["index", "--data", str(tmp_path / "nowhere")], ["select-defaults", "--root", str(tmp_path)]):
+        r = subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr, r.stderr
