@@ -211,6 +211,15 @@ def summarize(y: Sequence[int], p: Sequence[float], patients: Sequence, threshol
     }
 
 
+FOLD_FIGURES = ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")
+
+
+def fold_figures(y: np.ndarray, p: np.ndarray, patients: np.ndarray) -> dict[str, float]:
+    """The point figures recorded for each CV fold (no bootstrap: the folds' spread is the uncertainty)."""
+    m = summarize(y, p, patients, n_boot=0)["metrics"]
+    return {k: m[k]["value"] for k in FOLD_FIGURES}
+
+
 def curve_points(y: Sequence[int], p: Sequence[float], max_points: int = 200,
                  score: Sequence[float] | None = None) -> dict:
     """ROC and PR points (ranked by `score` when given) and reliability points, thinned for plotting."""

@@ -23,7 +23,7 @@ if not avail:
 mid = st.selectbox("Model", avail, key="metrics_model")
 card = cards[mid]
 at = mag if card.magnification == ALL and mag != ALL else None
-summary = card.per_magnification[at] if at else card.evaluation["overall"]
+summary = card.summary_at(at) if at else card.overall
 n = summary["n_patients"]
 st.markdown(f"**{mid}** · {card.architecture} · init: {card.init.get('description')} · "
             f"{'at ' + at + ' (pooled model)' if at else 'all its data'} · "

@@ -47,7 +47,7 @@ def model_table(folders: list[Path]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in folders:
         c = ModelCard.from_json(f / "card.json")
-        o = c.evaluation["overall"]
+        o = c.overall
         folds = c.evaluation.get("per_fold", [])
         fa = np.array([x["auc"] for x in folds], float)
         init = "scratch" if str(c.init.get("init")) == "scratch" else "ImageNet"

@@ -23,7 +23,7 @@ print("| model | init | evaluated at | test patients (b/m) | images (b/m) | AUC 
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for folder in list_model_folders(root):
     c = ModelCard.from_json(folder / "card.json")
-    rows = [("all its data", c.evaluation["overall"], c.baseline.get("overall"))]
+    rows = [("all its data", c.overall, c.baseline.get("overall"))]
     if c.magnification == ALL:
         rows += [(m, c.per_magnification[m], c.baseline.get("per_magnification", {}).get(m))
                  for m in MAGNIFICATIONS if m in c.per_magnification]

@@ -75,7 +75,7 @@ def main() -> None:
         tta = c.evaluation.get("tta") or {}
         for m in mags:
             if m == ALL or m == c.magnification:
-                plain, with_tta = c.evaluation["overall"], tta.get("overall")
+                plain, with_tta = c.overall, tta.get("overall")
             else:
                 plain, with_tta = c.summaries_at(m)
             row["auc"][m] = {"plain": _m(plain), "tta": _m(with_tta) if with_tta else None,

@@ -328,28 +328,41 @@ def quality_table(paths: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def optimise_epoch(order, batch_size: int, loss_of: Callable, opt: torch.optim.Optimizer, desc: str = "",
+                   min_batch: int = 1) -> float:
+    """The one optimisation loop: walk `order` in batches, step the optimiser on loss_of(batch), return the mean
+    loss per sample. Every recipe's epoch (heads on cached features, the hybrid's phase 1, the MIL head,
+    fine-tuning on augmented frames) is this loop with its own loss_of."""
+    tot = 0.0
+    steps = range(0, len(order), batch_size)
+    for i in (tqdm(steps, desc=desc, leave=False) if desc else steps):
+        b = order[i:i + batch_size]
+        if len(b) < min_batch:  # a batch of one breaks BatchNorm in training mode
+            continue
+        loss = loss_of(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tot += float(loss.detach()) * len(b)
+    return tot / max(len(order), 1)
+
+
 def train_augmented_epoch(model: nn.Module, images: torch.Tensor, y: np.ndarray, w_all: np.ndarray, perm: np.ndarray,
                           cfg: PreprocessConfig, compute: Compute, opt: torch.optim.Optimizer, batch_size: int,
                           rng: np.random.Generator, desc: str = "", colour: str = "mild") -> float:
     """One epoch of weighted BCE on augmented frames (shared by fine-tuning and the hybrid's phases 2-3);
     returns the mean training loss."""
     device = next(model.parameters()).device
-    tot = 0.0
-    for i in tqdm(range(0, len(perm), batch_size), desc=desc, leave=False):
-        b = perm[i:i + batch_size]
-        if len(b) < 2:
-            continue
+
+    def loss_of(b: np.ndarray) -> torch.Tensor:
         x = normalize_uint8(augment(images[b], rng, colour), cfg)
         if compute.bf16:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(compute):
             logit = model(x.to(device)).float()
-        loss = weighted_bce(logit, torch.from_numpy(y[b]).float().to(device), torch.from_numpy(w_all[b]).float().to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        tot += float(loss.detach()) * len(b)
-    return tot / max(len(perm), 1)
+        return weighted_bce(logit, torch.from_numpy(y[b]).float().to(device), torch.from_numpy(w_all[b]).float().to(device))
+
+    return optimise_epoch(perm, batch_size, loss_of, opt, desc or "epoch", min_batch=2)
 
 
 def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarray | None, y: np.ndarray,
@@ -405,16 +418,9 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         stopper.start_phase()
         for ep in range(fc.head_epochs):
             perm = torch.from_numpy(rng.permutation(len(train_idx)))
-            tot = 0.0
-            for i in range(0, len(perm), fc.batch_size):
-                b = perm[i:i + fc.batch_size]
-                loss = weighted_bce(head(X[b]).squeeze(1), Y[b], W[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(b)
+            loss = optimise_epoch(perm, fc.batch_size, lambda b: weighted_bce(head(X[b]).squeeze(1), Y[b], W[b]), opt)
             if (ep + 1) % 5 == 0 or ep == fc.head_epochs - 1:
-                stopper.step(model, "head", ep + 1, tot / len(perm), val_logits("head"))
+                stopper.step(model, "head", ep + 1, loss, val_logits("head"))
                 if stopper.stale >= fc.patience * 2:
                     break
         model.load_state_dict(stopper.best.state)

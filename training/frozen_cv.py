@@ -7,6 +7,7 @@ repeated CV runs in minutes on 2 CPU cores.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 import logging
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from models.archs import arch_spec, build_model
-from models.card import ALL, PreprocessConfig
-from models.metrics import paired_auc_difference, summarize
+from models.card import ALL, PreprocessConfig, metric
+from models.metrics import fold_figures, paired_auc_difference, summarize
 from models.preprocess import frame_to_uint8, load_image, normalize_uint8
 from models.tiles import GatedAttentionMIL, tile_frame
-from training.engine import fit_logistic_head, sample_weights, weighted_bce
+from training.engine import fit_logistic_head, optimise_epoch, sample_weights, weighted_bce
 from training.splits import assert_patient_disjoint, grouped_kfold
 
 log = logging.getLogger("training")
@@ -73,11 +74,7 @@ def fit_mil(tiles: np.ndarray, y: np.ndarray, w: np.ndarray, idx: np.ndarray, se
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         m.train()
-        for b in torch.randperm(len(idx), generator=g).split(32):
-            loss = weighted_bce(m(X[b]), Y[b], W[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        optimise_epoch(torch.randperm(len(idx), generator=g), 32, lambda b: weighted_bce(m(X[b]), Y[b], W[b]), opt)
     return m.eval(), mu, sd
 
 
@@ -158,7 +155,7 @@ def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=
             "per_fold_auc_mean": float(np.nanmean(fa)), "per_fold_auc_sd": float(np.nanstd(fa, ddof=1)),
             "per_fold_auc_min": float(np.nanmin(fa)), "per_fold_auc_max": float(np.nanmax(fa)),
             "pooled_auc_by_seed": [_safe_auc(y, oof[r][i]) for i in range(len(split_seeds))],
-            "summary": {m: s["metrics"][m] for m in ("auc", "patient_auc", "patient_accuracy", "balanced_accuracy")},
+            "summary": {m: asdict(metric(s, m)) for m in ("auc", "patient_auc", "patient_accuracy", "balanced_accuracy")},
             "n_patients": s["n_patients"],
             "per_magnification_auc": {g: _safe_auc(y[mags == g], z[mags == g]) for g in sorted(set(mags))},
             "vs_whole_lr": (paired_auc_difference(y, z, oof["whole_lr"].mean(0), pats, n_boot=n_boot)
@@ -225,10 +222,9 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
         oof[te] = head_logits(*head, te)
         oof_p[te] = apply_temperature(oof[te], temp)
         base[te] = baseline_probs(whole, y, w, trv, te)
-        fm = summarize(y[te], oof_p[te], pats[te], n_boot=0)["metrics"]
         per_fold.append({"fold": j, "test_patients": sorted(set(pats[te])), "val_patients": sorted(set(pats[va])),
                          "temperature": temp, "temperature_fit": note,
-                         **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
+                         **fold_figures(y[te], oof_p[te], pats[te])})
     final = fit_head(np.arange(len(df)), seed)
     final_temp = fit_temperature_guarded(oof, y)[0]
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from models.archs import arch_spec
 from models.card import PreprocessConfig
 from models.preprocess import normalize_uint8
-from training.engine import (Compute, EarlyStopper, FitResult, predict_logits, sample_weights, train_augmented_epoch,
-                             weighted_bce)
+from training.engine import (Compute, EarlyStopper, FitResult, optimise_epoch, predict_logits, sample_weights,
+                             train_augmented_epoch, weighted_bce)
 
 log = logging.getLogger("training")
 FLIP_VIEWS = ("identity", "hflip", "vflip", "rot180")  # same (H, W) as the frame, so one batch shape
@@ -108,17 +108,13 @@ def fit_hybrid(model: nn.Module, arch_config: dict | None, images: torch.Tensor,
         model.train()
         model.backbone.eval()
         perm = rng.permutation(train_idx)
-        tot = 0.0
-        for i in range(0, len(perm), hc.batch_size):
-            b = perm[i:i + hc.batch_size]
-            views = rng.integers(0, len(FLIP_VIEWS), len(b))
-            x = fmaps[views, b].float()
-            loss = loss_of(model.forward_from_features(x), b)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(b)
-        stopper.step(model, p1, ep + 1, tot / len(perm), val_logits(True), seconds=round(time.time() - t0, 1))
+
+        def p1_loss(b: np.ndarray) -> torch.Tensor:
+            x = fmaps[rng.integers(0, len(FLIP_VIEWS), len(b)), b].float()  # a random flip view per frame
+            return loss_of(model.forward_from_features(x), b)
+
+        loss = optimise_epoch(perm, hc.batch_size, p1_loss, opt)
+        stopper.step(model, p1, ep + 1, loss, val_logits(True), seconds=round(time.time() - t0, 1))
         if has_val and stopper.stale >= hc.p1_patience:
             break
     if has_val and stopper.best is not None:

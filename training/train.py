@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from models.archs import ARCHITECTURES, arch_spec, build_model, file_sha256, hybrid_config
 from models.card import ALL, ModelCard, PreprocessConfig
 from models.config import lite2_weights
-from models.metrics import apply_temperature, curve_points, fit_temperature, fit_temperature_guarded, summarize
+from models.metrics import apply_temperature, curve_points, fold_figures, fit_temperature, fit_temperature_guarded, summarize
 from training.data import IndexResult, default_cache_dir, index_source
 from training.engine import (FitConfig, cache_images, cached_features, fit_logistic_head, predict_logits, quality_table,
                              select_compute)
@@ -240,13 +240,12 @@ def cross_validate(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Sc
                     f"fold {f} model (patient held out)")
         if b_feats is not None:
             sc.p_base[te] = baseline_probs(b_feats, y, data.weights, trv, te)
-        fm = summarize(y[te], sc.p[te], patients[te], n_boot=0)["metrics"]
         per_fold.append({"fold": f, "test_patients": sorted(set(patients[te])), "val_patients": sorted(set(patients[va])),
                          "temperature": temp, "temperature_fit": res.temperature_note,
                          "temperature_tta": temp_tta, "val_auc": res.val_auc,
                          "phase_chosen": res.phase_chosen, "phases": res.phases,
                          "best_epoch": res.best_epoch, "best_head_epoch": res.best_head_epoch, "log": res.log,
-                         **{m: fm[m]["value"] for m in ("auc", "accuracy", "balanced_accuracy", "patient_accuracy")}})
+                         **fold_figures(y[te], sc.p[te], patients[te])})
     return per_fold
 
 
