@@ -100,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--recipes", nargs="+", default=None)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("scale-cv", help="tile model vs scale shift: trained at one scale or scale-augmented, same folds")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
+    a.add_argument("--weights", default=None)
+    a.add_argument("--scales", type=float, nargs="+", default=[0.7, 0.85, 1.0, 1.2, 1.4])
+    a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("train-tiles", help="ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head")
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
@@ -214,6 +222,24 @@ def _run(args) -> int:
             a_ = v["summary"]["auc"]
             print(f"{r:28s} per-fold AUC {v['per_fold_auc_mean']:.3f}±{v['per_fold_auc_sd']:.3f}  pooled {a_['value']:.3f} "
                   f"({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f})  patient AUC {v['summary']['patient_auc']['value']:.3f}")
+    elif args.cmd == "scale-cv":
+        from training.data import default_cache_dir, index_source
+        from training.frozen_cv import scale_shift_cv, scaled_tile_means
+        from training.train import BASELINE_WEIGHTS, select_rows
+
+        df = select_rows(index_source(args.data), args.magnification)
+        scales = tuple(args.scales)
+        if 1.0 not in scales:
+            raise ValueError("--scales must include 1.0 (the training scale)")
+        means = scaled_tile_means(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), scales, default_cache_dir())
+        res = scale_shift_cv(df, means, scales, tuple(args.split_seeds), n_boot=args.n_boot)
+        res["command"] = "python -m training " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        for sc, row in res["by_test_scale"].items():
+            d = row["scale_aug_minus_plain"]
+            print(f"test scale {sc}: plain AUC {row['plain']['value']:.3f}  scale-augmented {row['scale_aug']['value']:.3f}"
+                  f"  difference {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
     elif args.cmd == "train-tiles":
         from training.frozen_cv import train_tile_model
         from training.train import BASELINE_WEIGHTS
