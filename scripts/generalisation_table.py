@@ -6,6 +6,9 @@
    seeds x folds, pooled AUC per split seed, and on the seed-averaged out-of-fold logits the frame AUC,
    patient AUC and patient accuracy with patient-bootstrap CIs, and the paired difference to whole-frame LR.
 2. Every model folder given (default: magnif_models/*/*): its own CV run (one split seed), the same columns.
+3. --compare A B [--out JSON]: two model folders cross-validated on identical folds (e.g. with and without
+   colour augmentation): the paired patient-bootstrap AUC difference A - B, frame-level, patient-level
+   (patient = mean of its frames) and per magnification.
 """
 from __future__ import annotations
 
@@ -17,12 +20,67 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.card import ModelCard  # noqa: E402
+from models.card import ModelCard, metric  # noqa: E402
 from models.inference import list_model_folders  # noqa: E402
 
 
 def ci(m: dict) -> str:
     return f"{m['value']:.3f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
+
+
+def _d(m) -> dict:
+    return {"value": m.value, "ci95": list(m.ci95)}
+
+
+def compare(a: Path, b: Path, n_boot: int = 2000) -> dict:
+    """Paired comparison of two models' out-of-fold predictions on the same frames and folds."""
+    import pandas as pd
+
+    from models.metrics import paired_auc_difference
+
+    pa, pb = (pd.read_csv(f / "predictions.csv", dtype={"patient": str}).set_index("path") for f in (a, b))
+    pb = pb.loc[pa.index]
+    if not (pa["cv_fold"] == pb["cv_fold"]).all():
+        raise SystemExit(f"error: {a} and {b} were not cross-validated on the same folds")
+    y, pats = pa["label"].to_numpy(int), pa["patient"].to_numpy()
+    out = {"a": str(a), "b": str(b), "n_images": int(len(pa)),
+           "n_patients": {"benign": int(pa.loc[y == 0, "patient"].nunique()),
+                          "malignant": int(pa.loc[y == 1, "patient"].nunique())},
+           "frame": paired_auc_difference(y, pa["logit"], pb["logit"], pats, n_boot=n_boot)}
+    pp = pd.DataFrame({"y": y, "a": pa["p_malignant"].to_numpy(), "b": pb["p_malignant"].to_numpy(),
+                       "pat": pats}).groupby("pat").mean()
+    out["patient"] = paired_auc_difference(pp["y"].to_numpy(int), pp["a"], pp["b"], pp.index.to_numpy(), n_boot=n_boot)
+    out["per_magnification"] = {}
+    for g, d in pa.groupby("magnification"):
+        r = pa.index.get_indexer(d.index)
+        out["per_magnification"][g] = paired_auc_difference(y[r], pa["logit"].to_numpy()[r], pb["logit"].to_numpy()[r],
+                                                            pats[r], n_boot=n_boot)
+    for k, f in (("a_card", a), ("b_card", b)):
+        c = ModelCard.from_json(f / "card.json")
+        out[k] = {"model_id": c.model_id, "colour_augmentation": c.hyperparameters.get("colour_augmentation"),
+                  "auc": _d(metric(c.overall)), "patient_auc": _d(metric(c.overall, "patient_auc")),
+                  "per_fold_auc": [x["auc"] for x in c.evaluation.get("per_fold", [])],
+                  "training_time_min": round(c.training_time_s / 60)}
+    return out
+
+
+def compare_table(r: dict) -> str:
+    def diff(d: dict) -> str:
+        return (f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d.get("difference") is not None
+                else "n/a")
+    n = r["n_patients"]
+    lines = [f"{r['n_images']} frames, {n['benign']} benign / {n['malignant']} malignant patients, identical folds.", "",
+             "| model | colour augmentation | frame AUC (95% CI) | patient AUC (95% CI) | per-fold AUC mean ± SD | training time |",
+             "|---|---|---|---|---|---|"]
+    for k in ("a_card", "b_card"):
+        c = r[k]
+        fa = np.array(c["per_fold_auc"], float)
+        lines.append(f"| {c['model_id']} | {c['colour_augmentation'] or 'none (frozen features)'} | {ci(c['auc'])} | {ci(c['patient_auc'])} | "
+                     f"{np.nanmean(fa):.3f} ± {np.nanstd(fa, ddof=1):.3f} | {c['training_time_min']} min |")
+    lines += ["", f"Paired difference (first minus second), patient-bootstrap 95% CI: frame AUC {diff(r['frame'])}; "
+                  f"patient AUC {diff(r['patient'])}; "
+              + "; ".join(f"{g} {diff(d)}" for g, d in r["per_magnification"].items()) + "."]
+    return "\n".join(lines)
 
 
 def frozen_table(res: dict) -> str:
@@ -63,7 +121,7 @@ def model_table(folders: list[Path]) -> str:
         lines.append(
             f"| {c.model_id} | {init} | {recipe} | {len(folds)}-fold, 1 split seed | "
             + (f"{np.nanmean(fa):.3f} ± {np.nanstd(fa, ddof=1):.3f}" if len(fa) > 1 else "—")
-            + f" | {ci(o['metrics']['auc'])} | {ci(o['metrics']['patient_auc'])} | {ci(o['metrics']['patient_accuracy'])} | "
+            + f" | {ci(_d(metric(o)))} | {ci(_d(metric(o, 'patient_auc')))} | {ci(_d(metric(o, 'patient_accuracy')))} | "
             f"{o['n_patients']['benign']}/{o['n_patients']['malignant']} | "
             + (f"{fallback}/{len(folds)}" if any("temperature_fit" in x for x in folds) else "not recorded")
             + f" | {c.training_time_s / 60:.0f} min |")
@@ -74,7 +132,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", type=Path)
     ap.add_argument("--frozen", type=Path, default=Path("benchmarks/results/frozen_cv.json"))
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    ap.add_argument("--out", type=Path, help="with --compare: write the comparison JSON here")
     a = ap.parse_args()
+    if a.compare:
+        r = compare(*a.compare)
+        if a.out:
+            a.out.write_text(json.dumps(r, indent=1) + "\n")
+        print(compare_table(r))
+        return
     if a.frozen.is_file():
         print("### Frozen-feature recipes, repeated CV\n")
         print(frozen_table(json.loads(a.frozen.read_text())))
