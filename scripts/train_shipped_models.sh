@@ -60,6 +60,14 @@ if [[ $only == all || $only == generalisation ]]; then
   # (about 100 min on 2 AVX2 cores in fp32).
   run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
       --colour-aug hed --balanced-sampling --cv 5 --tta-eval --out magnif_models/all/efficientnet_lite2_finetuned
+  # The same recipe without HED/HSV augmentation (mild jitter only), same folds and seeds: what colour augmentation buys
+  # (a candidate, not shipped; about 60-110 min on 2 AVX2 cores), then the paired comparison on identical folds.
+  run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
+      --colour-aug mild --balanced-sampling --cv 5 --out $C/all/efficientnet_lite2_full_colour-mild
+  "$PY" scripts/generalisation_table.py --compare magnif_models/all/efficientnet_lite2_finetuned \
+      $C/all/efficientnet_lite2_full_colour-mild --out benchmarks/results/colour_aug.json
+  # Tile model vs scale shift, trained at one scale or scale-augmented, same folds (3 split seeds x 5).
+  "$PY" -m training scale-cv --data "$DATA" --out benchmarks/results/scale_cv.json
   # Frozen-feature recipes over 3 split seeds x 5 folds (whole frame, native tiles, MIL, both scales, fold ensembles),
   # then the shipped tile model (frozen Lite2 per native tile + attention-MIL), same 5 folds as above.
   "$PY" -m training frozen-cv --data "$DATA" --out benchmarks/results/frozen_cv.json
