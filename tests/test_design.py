@@ -236,6 +236,10 @@ def test_one_early_stopper_keeps_the_best_state_and_counts_stale_epochs():
     assert not st.step(net, "full", 3, 0.3, lambda: bad)
     assert st.stale == 2 and st.best.best_epoch == 1 and float(st.best.state["weight"]) == 1.0
     assert [e["val_auc"] for e in st.logs] == [1.0, 1.0, 0.0]
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    assert st.step(net, "full", 4, 0.2, lambda: 3 * good)  # same AUC, lower validation loss: the tie goes to it
+    assert st.stale == 0 and st.best.best_epoch == 4 and float(st.best.state["weight"]) == 3.0
     fixed = EarlyStopper(np.array([], int))  # refit on every patient: fixed schedule, last state wins
     assert fixed.step(net, "full", 1, 0.5, lambda: 1 / 0) and fixed.step(net, "full", 2, 0.4, lambda: 1 / 0)
     assert fixed.best.best_epoch == 2
