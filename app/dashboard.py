@@ -205,6 +205,8 @@ class FrameResult:
     warnings: tuple[str, ...] = ()
     out_of_distribution: bool = False
     thumbnail: bytes | None = None  # PNG, at most THUMBNAIL_SIZE
+    decision: str = "refer"  # benign | malignant | refer (models.refer)
+    reason: str = ""
 
 
 def thumbnail_png(img) -> bytes:
@@ -230,12 +232,13 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = F
     try:
         li = load_image(data, name=name)
     except ImageError as exc:
-        return FrameResult(name, lm.model_id, error=str(exc))
+        return FrameResult(name, lm.model_id, error=str(exc), reason="the file could not be analysed")
     q = check_quality(li.image, magnification)
     notes: list[str] = []
     p = float(lm.predict_images([li.image], tta=tta, notes=[notes])[0])
+    d = lm.decide(li.image, p, q)
     return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
-                       q.out_of_distribution, thumbnail_png(li.image))
+                       q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason)
 
 
 def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:
@@ -244,6 +247,7 @@ def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:
         "file": r.name, "model_id": r.model_id,
         "p_malignant": None if r.p_malignant is None else round(r.p_malignant, 4),
         "label": r.label if not r.out_of_distribution else f"{r.label} (unreliable: not H&E-like)",
+        "decision": r.decision, "reason": r.reason,
         "threshold": threshold, "error": r.error, "warnings": "; ".join(r.warnings),
     } for r in results])
 

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load model {model_id}: {exc}", file=sys.stderr)
         return 2
     rows = lm.predict_files(args.files, args.magnification, tta=args.tta)
-    w = csv.DictWriter(sys.stdout, fieldnames=["path", "magnification", "model_id", "p_malignant", "label", "warning"])
+    w = csv.DictWriter(sys.stdout, fieldnames=["path", "magnification", "model_id", "p_malignant", "label", "decision",
+                                                "reason", "warning"])
     w.writeheader()
     for r in rows:
         r = dict(r)

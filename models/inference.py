@@ -18,7 +18,8 @@ from models.card import MAGNIFICATIONS, ModelCard
 from models.config import models_root
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, frame_to_tensor, load_image
-from models.quality import check_quality
+from models.quality import check_quality, qc_failures
+from models.refer import Decision, ReferPolicy, decide, ood_score_of
 
 DEFAULTS_FILE = "defaults.json"
 
@@ -56,10 +57,16 @@ class LoadedModel:
     card: ModelCard
     model: HistoClassifier
     folder: Path
+    policy: ReferPolicy | None = None  # refer-when-unsure policy (refer.json), when fitted for this very card
 
     @property
     def model_id(self) -> str:
         return self.card.model_id
+
+    def decide(self, img: Image.Image, p: float, qc) -> Decision:
+        """benign | malignant | refer, with the reason (models.refer)."""
+        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score_of(self, img),
+                      self.policy)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
@@ -97,29 +104,32 @@ class LoadedModel:
                       tta: bool = False) -> list[dict]:
         """One result row per input, in order; a bad file gets an empty probability and its reason."""
         rows: list[dict] = []
-        pending: list[tuple[int, Image.Image]] = []
+        pending: list[tuple[int, Image.Image, object]] = []
 
         def flush() -> None:
             notes: list[list[str]] = [[] for _ in pending]
-            probs = self.predict_images([im for _, im in pending], batch_size, tta, notes)
-            for (i, _), p, n in zip(pending, probs, notes):
+            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes)
+            for (i, im, q), p, n in zip(pending, probs, notes):
                 rows[i]["p_malignant"] = float(p)
                 rows[i]["label"] = self.label_for(float(p))
                 rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
+                d = self.decide(im, float(p), q)
+                rows[i]["decision"], rows[i]["reason"] = d.decision, d.reason
             pending.clear()
 
         for path in paths:
             row = {"path": path, "magnification": magnification, "model_id": self.model_id,
-                   "p_malignant": None, "label": "", "warning": ""}
+                   "p_malignant": None, "label": "", "decision": "refer", "reason": "", "warning": ""}
             rows.append(row)
             try:
                 loaded = load_image(path, name=path)
             except ImageError as exc:
                 row["warning"] = str(exc)
+                row["reason"] = "the file could not be analysed"
                 continue
             q = check_quality(loaded.image, magnification)
             row["warning"] = "; ".join(loaded.warnings + q.warnings)
-            pending.append((len(rows) - 1, loaded.image))
+            pending.append((len(rows) - 1, loaded.image, q))
             if len(pending) >= batch_size:
                 flush()
         if pending:
@@ -149,7 +159,18 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedModel(card, model, folder)
+    return LoadedModel(card, model, folder, load_policy(folder, card_path))
+
+
+def load_policy(folder: Path, card_path: Path) -> ReferPolicy | None:
+    """The refer policy fitted for this card; a policy fitted for another version of the card is not used."""
+    try:
+        pol = ReferPolicy.load(folder)
+    except (OSError, KeyError, ValueError, TypeError):  # an unreadable policy: predictions go on without referral
+        return None
+    if pol is not None and pol.card_sha256 and pol.card_sha256 != file_sha256(card_path):
+        return None
+    return pol
 
 
 def list_model_folders(root: str | Path | None = None) -> list[Path]:

@@ -78,7 +78,10 @@ if len(results) > 1:
         return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 
     show = table.assign(thumbnail=[thumb(x.thumbnail) for x in results])
-    st.dataframe(show[["thumbnail", "file", "label", "p_malignant", "warnings", "error"]], hide_index=True,
+    n_ref = sum(x.decision == "refer" for x in results)
+    st.markdown(f"**{len(results)} frames**: {sum(x.decision == 'malignant' for x in results)} malignant, "
+                f"{sum(x.decision == 'benign' for x in results)} benign, **{n_ref} referred** to the pathologist.")
+    st.dataframe(show[["thumbnail", "file", "decision", "p_malignant", "reason", "warnings", "error"]], hide_index=True,
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
                  width="stretch")
@@ -93,13 +96,21 @@ else:  # chosen by position, with a key: names may repeat and the widget must be
                                       key="heatmap_pick")]
 frame = decode_frame(pick_file.getvalue(), pick_file.name)
 st.subheader(pick.name)
-if pick.out_of_distribution:
-    st.markdown(f"<span style='color:#999'>p(malignant) = {pick.p_malignant:.3f} → {pick.label} "
-                "(greyed: the image does not look like H&E histology, so this number is unreliable)</span>",
-                unsafe_allow_html=True)
+if pick.decision == "refer":  # never in the large verdict type: the model declines to call this frame
+    st.warning(f"**Refer to the pathologist**: {pick.reason}.")
+    st.markdown(f"<span style='color:#777'>p(malignant) = {pick.p_malignant:.3f} (shown for reference; not a call)"
+                "</span>", unsafe_allow_html=True)
 else:
-    st.metric(f"Prediction: {pick.label}", f"p(malignant) = {pick.p_malignant:.3f}",
+    st.metric(f"Prediction: {pick.decision}", f"p(malignant) = {pick.p_malignant:.3f}",
               help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
+pol = lm.policy
+if pol is not None:
+    st.caption(f"Referral policy: frames with p between {pol.band[0]:.2f} and {pol.band[1]:.2f} are referred; outside "
+               f"that band this model was {pol.accepted_accuracy:.0%} accurate on {pol.coverage:.0%} of its out-of-fold "
+               f"frames ({pol.n_patients.get('benign', 0)} benign / {pol.n_patients.get('malignant', 0)} malignant "
+               "patients). Frames failing quality control or unlike the training frames are referred too.")
+else:
+    st.caption("No referral policy is fitted for this model: only quality-control failures are referred.")
 for w in pick.warnings:
     st.warning(w)
 with st.spinner(f"Computing {method}…"):

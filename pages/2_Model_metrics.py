@@ -4,6 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
+from models.refer import ReferPolicy
 from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
                               robustness_rows, source_and_worst, train_command)
 from models.metrics import patient_table
@@ -81,6 +82,35 @@ if base:
     delta = mt.loc["auc"].value - bm.value
     st.markdown(f"{card.baseline.get('description', '')}: AUC {bm.value:.3f} (95% CI {bm.ci95[0]:.3f}–{bm.ci95[1]:.3f}). "
                 f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same patients.")
+
+st.subheader("Refer when unsure: risk-coverage")
+pol = ReferPolicy.load(model_folder(mid))
+if pol is None:
+    st.info("No referral policy is fitted for this model (`python -m training fit-refer --model DIR`): only "
+            "quality-control failures are referred.")
+else:
+    rc = pd.DataFrame(pol.risk_coverage)
+    fig = go.Figure()
+    fig.add_scatter(x=rc["coverage"], y=rc["accuracy"], mode="lines+markers", name="accepted frames",
+                    text=[f"band ±{h:.2f}" for h in rc["half_width"]])
+    fig.add_scatter(x=[pol.coverage], y=[pol.accepted_accuracy], mode="markers", marker={"size": 14},
+                    name=f"chosen band {pol.band[0]:.2f}–{pol.band[1]:.2f}")
+    fig.update_layout(title="Accuracy on the frames the model accepts vs the share it accepts (out-of-fold)",
+                      xaxis_title="coverage (share of frames not referred)", yaxis_title="accuracy on accepted frames",
+                      height=360)
+    st.plotly_chart(fig, width="stretch")
+    au = pol.ood_auroc
+    st.markdown(
+        f"Target accuracy {pol.target_accuracy:.0%} on accepted frames: reached {pol.accepted_accuracy:.1%} at "
+        f"{pol.coverage:.0%} coverage ({pol.n_frames} out-of-fold frames, {pol.n_patients.get('benign', 0)} benign / "
+        f"{pol.n_patients.get('malignant', 0)} malignant patients). Out-of-distribution score AUROC against held-out "
+        f"training frames: generated non-histology {au.get('generated non-histology', float('nan')):.2f}, IDC patches "
+        f"(other-scale histology) {(au.get('IDC patches (other-scale histology)') or float('nan')):.2f}; with the "
+        "quality checks, the decision rule referred "
+        + ", ".join(f"{k} {v:.0%}" for k, v in (au.get("referred by QC or the OOD score (the decision rule)") or {}).items()
+                    if v is not None) + ".")
+    for n in pol.notes:
+        st.caption(n)
 
 st.subheader("Robustness: test-time augmentation, quality control, stain normalisation")
 st.dataframe(robustness_rows(card, at), hide_index=True, width="stretch")

@@ -75,6 +75,7 @@ if [[ $only == all || $only == generalisation ]]; then
 fi
 "$PY" -m training leakage-demo --data "$DATA" --magnification 100X --out magnif_models/leakage_demo_100X.json
 "$PY" -m training rescore magnif_models/*/*/   # QC figures and the temperature guard for cards trained before them
+"$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc  # refer policy
 "$PY" -m training select-defaults --root magnif_models
 "$PY" scripts/robustness_table.py --out benchmarks/results/robustness.json magnif_models/*/*/ $C/*/*_stain-*
 "$PY" scripts/generalisation_table.py

@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
+    a.add_argument("--model", required=True, type=Path)
+    a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
+    a.add_argument("--target-accuracy", type=float, default=0.85)
+    a.add_argument("--quantile", type=float, default=0.99)
     a = sub.add_parser("train-tiles", help="ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head")
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
@@ -240,6 +245,12 @@ def _run(args) -> int:
             d = row["scale_aug_minus_plain"]
             print(f"test scale {sc}: plain AUC {row['plain']['value']:.3f}  scale-augmented {row['scale_aug']['value']:.3f}"
                   f"  difference {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    elif args.cmd == "fit-refer":
+        from training.refer import fit_refer
+
+        pol = fit_refer(args.model, args.idc, args.target_accuracy, args.quantile)
+        print(json.dumps({k: pol[k] for k in ("band", "target_accuracy", "accepted_accuracy", "coverage", "ood_auroc",
+                                              "notes")}, indent=1))
     elif args.cmd == "train-tiles":
         from training.frozen_cv import train_tile_model
         from training.train import BASELINE_WEIGHTS

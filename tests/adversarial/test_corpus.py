@@ -40,7 +40,9 @@ def test_upload_gets_its_expected_outcome(lm, case):
         assert case.outcome != "warned" or r.warnings, r
     assert case.says in text, (case.says, text)
     if case.kind.startswith("non-histology"):
-        assert r.out_of_distribution  # greyed out on the page, marked in the table
+        assert r.out_of_distribution and r.decision == "refer"  # referred, never called
+    if case.outcome == "refused":
+        assert r.decision == "refer"
 
 
 def test_predict_cli_gives_every_file_a_row_and_no_traceback(tiny_models_root, tmp_path):

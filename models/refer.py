@@ -1,0 +1,126 @@
+"""Refer, don't guess: every prediction gets a decision (benign, malignant or refer) and the reason.
+
+A frame is referred to the pathologist when (a) quality control fails, (b) it lies outside the training frames'
+distribution (a Mahalanobis distance on the model's own embedding, PCA-reduced and Ledoit-Wolf shrunk; its
+threshold is a quantile of held-out training frames' distances), or (c) its calibrated probability falls in an
+uncertainty band around the threshold, chosen on out-of-fold predictions to reach a stated accuracy on the frames
+it accepts. The policy (`refer.json` + `ood.npz` in the model folder) is written by `python -m training fit-refer`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+POLICY_FILE, OOD_FILE = "refer.json", "ood.npz"
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # "benign" | "malignant" | "refer"
+    reason: str
+
+
+@dataclass
+class OODScorer:
+    """Distance of an embedding from the training frames' embeddings: the squared Mahalanobis distance inside a PCA
+    subspace plus the squared residual outside it in units of the training frames' mean residual variance (a
+    flat or synthetic image lands far off the subspace even where its projection looks ordinary)."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (k, D)
+    precision: np.ndarray  # (k, k)
+    residual_var: float  # mean squared residual per left-out dimension, on the training frames
+    threshold: float
+
+    def score(self, emb: np.ndarray) -> np.ndarray:
+        c = np.atleast_2d(emb) - self.mean
+        z = c @ self.components.T
+        resid = c - z @ self.components
+        return np.einsum("ij,jk,ik->i", z, self.precision, z) + (resid ** 2).sum(1) / self.residual_var
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean.astype(np.float32), components=self.components.astype(np.float32),
+                 precision=self.precision, residual_var=np.array(self.residual_var), threshold=np.array(self.threshold))
+
+    @classmethod
+    def load(cls, path: Path) -> "OODScorer":
+        z = np.load(path)
+        return cls(z["mean"].astype(np.float64), z["components"].astype(np.float64), z["precision"],
+                   float(z["residual_var"]), float(z["threshold"]))
+
+
+@dataclass
+class ReferPolicy:
+    band: tuple[float, float]  # calibrated p inside [lo, hi] is referred as uncertain
+    target_accuracy: float
+    accepted_accuracy: float  # out-of-fold accuracy on frames outside the band
+    coverage: float  # share of out-of-fold frames outside the band
+    ood_quantile: float
+    ood_auroc: dict = field(default_factory=dict)
+    risk_coverage: list = field(default_factory=list)
+    card_sha256: str = ""
+    n_frames: int = 0
+    n_patients: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    ood: OODScorer | None = None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ReferPolicy | None":
+        folder = Path(folder)
+        if not (folder / POLICY_FILE).is_file():
+            return None
+        d = json.loads((folder / POLICY_FILE).read_text())
+        d["band"] = tuple(d["band"])
+        pol = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "ood"})
+        if (folder / OOD_FILE).is_file():
+            pol.ood = OODScorer.load(folder / OOD_FILE)
+        return pol
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The model's own pooled embedding of a preprocessed batch: (B,3,H,W) frames, or (B,T,3,h,w) tiles (mean)."""
+    if x.dim() == 5:  # a tile model: the mean of its tiles' pooled features
+        b, t = x.shape[:2]
+        f = model.pool(model.backbone(x.flatten(0, 1))).flatten(1)
+        return f.view(b, t, -1).mean(1).double().numpy()
+    if not hasattr(model, "features"):
+        raise ValueError("this architecture exposes no pooled embedding")
+    return model.features(x).double().numpy()
+
+
+def decide(p: float | None, threshold: float, qc_failures: list[str], qc_out_of_distribution: bool,
+           ood_score: float | None, policy: ReferPolicy | None) -> Decision:
+    """The decision and its reason, checked in order of how little the probability can be trusted."""
+    if p is None:
+        return Decision("refer", "no prediction (the file could not be analysed)")
+    if qc_failures:
+        return Decision("refer", "quality control failed (" + ", ".join(qc_failures) + ")")
+    if qc_out_of_distribution:
+        return Decision("refer", "not an H&E histology frame by colour or texture")
+    if policy is not None and policy.ood is not None and ood_score is not None and ood_score > policy.ood.threshold:
+        return Decision("refer", f"unlike the training frames (distance {ood_score:.0f} > {policy.ood.threshold:.0f}, "
+                                 f"the {policy.ood_quantile:.0%} quantile of held-out training frames)")
+    if policy is not None and policy.band[0] <= p <= policy.band[1]:
+        return Decision("refer", f"uncertain: p = {p:.2f} lies in the band {policy.band[0]:.2f}-{policy.band[1]:.2f} "
+                                 f"where out-of-fold accuracy falls below {policy.target_accuracy:.0%}")
+    label = "malignant" if p >= threshold else "benign"
+    return Decision(label, "" if policy is not None else "no referral policy fitted for this model: band and "
+                                                          "out-of-distribution checks not applied")
+
+
+def ood_score_of(lm, img: Image.Image) -> float | None:
+    """The OOD distance of one frame under a loaded model's policy, or None where the model has none."""
+    pol = lm.policy
+    if pol is None or pol.ood is None:
+        return None
+    from models.inference import model_lock
+
+    x = lm.preprocess(img).unsqueeze(0)
+    with model_lock(lm.model):
+        return float(pol.ood.score(embed(lm.model, x))[0])

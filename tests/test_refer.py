@@ -1,0 +1,72 @@
+"""Refer, don't guess (issue 16, part 1): decisions, the uncertainty band, and the shipped policy."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.quality import QualityReport
+from models.refer import OODScorer, ReferPolicy, decide
+from tests.conftest import ROOT
+
+ROUTED = ROOT / "magnif_models" / "all" / "efficientnet_lite2_finetuned"
+
+
+def _policy(ood_threshold=10.0):
+    d = 4
+    return ReferPolicy(band=(0.4, 0.6), target_accuracy=0.85, accepted_accuracy=0.9, coverage=0.5, ood_quantile=0.99,
+                       ood=OODScorer(np.zeros(d), np.eye(2, d), np.eye(2), 1.0, ood_threshold))
+
+
+def test_decisions_in_order_of_how_little_the_probability_can_be_trusted():
+    pol = _policy()
+    assert decide(None, 0.5, [], False, None, pol).decision == "refer"
+    assert "quality control" in decide(0.9, 0.5, ["blur"], False, 0.0, pol).reason
+    assert "not an H&E" in decide(0.9, 0.5, [], True, 0.0, pol).reason
+    assert "unlike the training frames" in decide(0.9, 0.5, [], False, 50.0, pol).reason
+    assert "uncertain" in decide(0.55, 0.5, [], False, 1.0, pol).reason
+    assert decide(0.9, 0.5, [], False, 1.0, pol).decision == "malignant"
+    assert decide(0.1, 0.5, [], False, 1.0, pol).decision == "benign"
+    assert "no referral policy" in decide(0.55, 0.5, [], False, None, None).reason
+
+
+def test_band_is_the_narrowest_reaching_the_target():
+    from training.refer import choose_band, risk_coverage
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    p = np.clip(y * 0.3 + 0.35 + rng.normal(0, 0.15, 2000), 0, 1)  # confident frames are mostly right
+    pts = risk_coverage(y, p, 0.5, np.round(np.arange(0, 0.5, 0.01), 3))
+    assert pts[0]["coverage"] > 0.99 and pts[-1]["coverage"] < pts[0]["coverage"]
+    band, chosen, note = choose_band(pts, 0.9, 0.5)
+    assert chosen["accuracy"] >= 0.9 and "narrowest" in note
+    narrower = [r for r in pts if r["half_width"] < chosen["half_width"] and r["coverage"] >= 0.1]
+    assert all(r["accuracy"] < 0.9 for r in narrower)
+    assert band == (0.5 - chosen["half_width"], 0.5 + chosen["half_width"])
+    _, _, note = choose_band(pts, 1.01, 0.5)  # unreachable
+    assert "no band reaches" in note
+
+
+def test_shipped_routed_model_refers_plain_colour_and_gradient_frames():
+    from models.inference import load_model_folder
+    from models.quality import check_quality
+
+    lm = load_model_folder(ROUTED)
+    assert lm.policy is not None and lm.policy.ood is not None  # fitted for this very card (sha256 checked)
+    flat = Image.new("RGB", (700, 460), (200, 120, 190))  # H&E-like colour, no tissue
+    grad = Image.fromarray(np.broadcast_to(np.linspace(0, 255, 700)[None, :, None] * np.array([0.8, 0.4, 0.7]),
+                                           (460, 700, 3)).astype(np.uint8))
+    for img in (flat, grad):
+        p = float(lm.predict_images([img])[0])
+        d = lm.decide(img, p, check_quality(img))
+        assert d.decision == "refer" and d.reason, d
+
+
+def test_a_policy_for_another_card_version_is_not_used(tmp_path):
+    import shutil
+
+    from models.inference import load_model_folder
+
+    dst = tmp_path / "all" / "m"
+    shutil.copytree(ROUTED, dst)
+    card = (dst / "card.json").read_text().replace('"changelog": [', '"changelog": [\n  "edited",', 1)
+    (dst / "card.json").write_text(card)
+    assert load_model_folder(dst).policy is None
