@@ -235,8 +235,9 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = F
         return FrameResult(name, lm.model_id, error=str(exc), reason="the file could not be analysed")
     q = check_quality(li.image, magnification)
     notes: list[str] = []
-    p = float(lm.predict_images([li.image], tta=tta, notes=[notes])[0])
-    d = lm.decide(li.image, p, q)
+    ood: list = []
+    p = float(lm.predict_images([li.image], tta=tta, notes=[notes], embeddings=ood)[0])
+    d = lm.decide(li.image, p, q, ood[0] if ood else None)
     return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
                        q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason)
 

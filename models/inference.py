@@ -19,7 +19,7 @@ from models.config import models_root
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, frame_to_tensor, load_image
 from models.quality import check_quality, qc_failures
-from models.refer import Decision, ReferPolicy, decide, ood_score_of
+from models.refer import Decision, ReferPolicy, decide, embed, ood_score_of
 
 DEFAULTS_FILE = "defaults.json"
 
@@ -63,10 +63,11 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.card.model_id
 
-    def decide(self, img: Image.Image, p: float, qc) -> Decision:
-        """benign | malignant | refer, with the reason (models.refer)."""
-        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score_of(self, img),
-                      self.policy)
+    def decide(self, img: Image.Image, p: float, qc, ood_score: float | None = None) -> Decision:
+        """benign | malignant | refer, with the reason (models.refer); the OOD distance is computed if not given."""
+        if ood_score is None:
+            ood_score = ood_score_of(self, img)
+        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score, self.policy)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
@@ -86,15 +87,30 @@ class LoadedModel:
         return frame_to_tensor(img, self.card.preprocess, notes)
 
     def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16, tta: bool = False,
-                       notes: Sequence[list[str]] | None = None) -> np.ndarray:
-        """Calibrated p(malignant) for RGB PIL frames; preprocessing notes (stain failures) go to notes[i]."""
+                       notes: Sequence[list[str]] | None = None, embeddings: list | None = None) -> np.ndarray:
+        """Calibrated p(malignant) for RGB PIL frames; preprocessing notes (stain failures) go to notes[i].
+
+        With `embeddings` (a list to fill) and a referral policy, each frame's OOD distance is appended too; for a
+        plain classifier it comes from the same forward pass as the logit (the head reads the pooled features)."""
         notes = notes if notes is not None else [[] for _ in images]
         if self.card.preprocess.tiles:
             batch_size = 1  # frames of unusual size give other tile counts: one bag at a time
+        want_ood = embeddings is not None and self.policy is not None and self.policy.ood is not None
+        one_pass = want_ood and not tta and isinstance(self.model, HistoClassifier)
         out = []
         for i in range(0, len(images), batch_size):
-            batch = [self.preprocess(im, n) for im, n in zip(images[i:i + batch_size], notes[i:i + batch_size])]
-            out.append(self.probabilities(torch.stack(batch), tta))
+            x = torch.stack([self.preprocess(im, n) for im, n in zip(images[i:i + batch_size], notes[i:i + batch_size])])
+            if one_pass:
+                with model_lock(self.model), torch.inference_mode():
+                    f = self.model.features(x.float())
+                    z = self.model.fc(f).squeeze(1).double().numpy()
+                out.append(apply_temperature(z, self.card.temperature))
+                embeddings.extend(self.policy.ood.score(f.double().numpy()))
+                continue
+            out.append(self.probabilities(x, tta))
+            if want_ood:
+                with model_lock(self.model):
+                    embeddings.extend(self.policy.ood.score(embed(self.model, x.float())))
         return np.concatenate(out) if out else np.zeros(0)
 
     def label_for(self, p: float) -> str:
@@ -108,12 +124,14 @@ class LoadedModel:
 
         def flush() -> None:
             notes: list[list[str]] = [[] for _ in pending]
-            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes)
-            for (i, im, q), p, n in zip(pending, probs, notes):
+            ood: list = []
+            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes, ood)
+            ood = ood or [None] * len(pending)
+            for (i, im, q), p, n, o in zip(pending, probs, notes, ood):
                 rows[i]["p_malignant"] = float(p)
                 rows[i]["label"] = self.label_for(float(p))
                 rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
-                d = self.decide(im, float(p), q)
+                d = self.decide(im, float(p), q, o)
                 rows[i]["decision"], rows[i]["reason"] = d.decision, d.reason
             pending.clear()
 

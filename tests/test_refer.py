@@ -70,3 +70,18 @@ def test_a_policy_for_another_card_version_is_not_used(tmp_path):
     card = (dst / "card.json").read_text().replace('"changelog": [', '"changelog": [\n  "edited",', 1)
     (dst / "card.json").write_text(card)
     assert load_model_folder(dst).policy is None
+
+
+def test_one_pass_prediction_with_ood_equals_the_plain_prediction():
+    """The logit and the OOD embedding come from one forward; the probability must not change by it."""
+    from models.inference import load_model_folder
+    from models.refer import embed
+
+    lm = load_model_folder(ROUTED)
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (460, 700, 3), np.uint8)) for i in range(3)]
+    ood: list = []
+    p1 = lm.predict_images(frames, embeddings=ood)
+    p0 = lm.predict_images(frames)
+    np.testing.assert_allclose(p1, p0, atol=1e-9)
+    x = lm.preprocess(frames[1]).unsqueeze(0)
+    np.testing.assert_allclose(ood[1], lm.policy.ood.score(embed(lm.model, x))[0], rtol=1e-6)
