@@ -130,6 +130,20 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+METRIC_NAMES = {
+    "auc": "AUC (frames)", "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity (malignant found)",
+    "specificity": "Specificity (benign cleared)", "accuracy": "Accuracy (frames)", "f1": "F1 score",
+    "patient_accuracy": "Accuracy (patients)", "patient_score": "Patient score (Spanhol)", "patient_auc": "AUC (patients)",
+    "precision": "Precision (PPV)", "ece": "Calibration error (ECE, lower is better)",
+    "brier": "Brier score (lower is better)",
+}
+
+
+def metric_name(key: str) -> str:
+    """What a clinician reads instead of the metric's key."""
+    return METRIC_NAMES.get(key, key.replace("_", " "))
+
+
 def metrics_table(card: ModelCard, magnification: str | None = None) -> pd.DataFrame:
     """Metric, value, 95% CI for a card (optionally at one magnification of a pooled model)."""
     s = card.summary_at(magnification) if magnification and card.magnification == ALL else card.overall
@@ -242,15 +256,39 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = F
                        q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason)
 
 
-def results_frame(results: list[FrameResult], threshold: float) -> pd.DataFrame:
-    """The downloadable results table (one row per uploaded file, failures included)."""
-    return pd.DataFrame([{
+def results_frame(results: list[FrameResult], threshold: float, provenance: dict | None = None) -> pd.DataFrame:
+    """The downloadable results table (one row per uploaded file, failures included), with its provenance
+    (magnification, TTA, time, model id, weights and card sha256) on every row."""
+    prov = provenance or {}
+    return pd.DataFrame([{**prov,
         "file": r.name, "model_id": r.model_id,
         "p_malignant": None if r.p_malignant is None else round(r.p_malignant, 4),
         "label": r.label if not r.out_of_distribution else f"{r.label} (unreliable: not H&E-like)",
         "decision": r.decision, "reason": r.reason,
         "threshold": threshold, "error": r.error, "warnings": "; ".join(r.warnings),
     } for r in results])
+
+
+def export_provenance(lm, magnification: str, tta: bool) -> dict:
+    """What a results export must say about how it was made."""
+    import datetime as _dt
+
+    return {"analysed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "magnification": magnification, "tta": tta, "model_id": lm.model_id,
+            "weights_sha256": lm.card.weights_sha256, "card_sha256": file_sha256(Path(lm.folder) / "card.json")}
+
+
+def performance_line(card: ModelCard, magnification: str) -> str:
+    """The model's out-of-fold figures at this magnification, for beside a verdict."""
+    s = card.summary_at(magnification)
+    m = metric(s)
+    if m is None:
+        return f"{card.model_id} has no out-of-fold figures at {magnification}."
+    n = s["n_patients"]
+    pa = metric(s, "patient_accuracy")
+    return (f"How good is this model at {magnification}? AUC {_fmt_ci(m)} on frames of {n['benign']} benign / "
+            f"{n['malignant']} malignant patients it never saw (cross-validation)"
+            + (f"; patient accuracy {_fmt_ci(pa)}" if pa else "") + ".")
 
 
 def robustness_rows(card, at: str | None = None) -> pd.DataFrame:

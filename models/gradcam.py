@@ -70,6 +70,28 @@ def gradcam_overlay(img: Image.Image, heatmap: np.ndarray, opacity: float = 0.45
     return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - float(opacity)))
 
 
+def colour_scale(width: int = 700, height: int = 16) -> Image.Image:
+    """The heatmap's colour scale (the very colormap of gradcam_overlay), low on the left, high on the right."""
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return Image.fromarray(show_cam_on_image(np.zeros((height, width, 3), np.float32), ramp, use_rgb=True,
+                                             image_weight=0.0))
+
+
+def overlay_with_scale(overlay: Image.Image, caption: str) -> Image.Image:
+    """The overlay with its colour scale and a caption underneath, for export (a heatmap without a scale misleads)."""
+    from PIL import ImageDraw
+
+    bar = colour_scale(overlay.width, 16)
+    out = Image.new("RGB", (overlay.width, overlay.height + 48), "white")
+    out.paste(overlay, (0, 0))
+    out.paste(bar, (0, overlay.height + 4))
+    d = ImageDraw.Draw(out)
+    d.text((2, overlay.height + 22), "low", fill="black")
+    d.text((overlay.width - 30, overlay.height + 22), "high", fill="black")
+    d.text((60, overlay.height + 22), caption[: max(10, overlay.width // 7)], fill="black")
+    return out
+
+
 class _OneTile(torch.nn.Module):
     """The frame's logit as a function of tile i alone, the other tiles' embeddings held fixed: Grad-CAM of this
     is Grad-CAM of the frame's (attention-pooled) logit with respect to tile i's feature map."""

@@ -4,9 +4,10 @@ import io
 
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, MAX_FILES_PER_UPLOAD, decode_frame, results_frame, route
-from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay, tile_attention,
-                            tile_attention_overlay)
+from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, decode_frame, export_provenance, performance_line,
+                           results_frame, route)
+from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
+                            tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from app.ui_cache import cached_analysis, cached_heatmap, cached_model
 
@@ -71,7 +72,7 @@ for res in results:
     if res.error:
         st.error(f"{res.error}")
 
-table = results_frame(results, lm.card.threshold)
+table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta))
 ok = [(x, f) for x, f in zip(results, files) if not x.error]
 if len(results) > 1:
     def thumb(png):
@@ -103,6 +104,7 @@ if pick.decision == "refer":  # never in the large verdict type: the model decli
 else:
     st.metric(f"Prediction: {pick.decision}", f"p(malignant) = {pick.p_malignant:.3f}",
               help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
+st.caption(performance_line(lm.card, mag))
 pol = lm.policy
 if pol is not None:
     st.caption(f"Referral policy: frames with p between {pol.band[0]:.2f} and {pol.band[1]:.2f} are referred; outside "
@@ -127,6 +129,9 @@ if lm.card.architecture == "tiles":  # a tile model: where its attention went, a
 else:
     a.image(frame, caption="original", width="stretch")
     b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
+st.image(colour_scale(700, 14), width="stretch",
+         caption=f"heatmap scale: blue = little, red = much contribution to the class '{target_name}' ({method}; the "
+                 "map is scaled to its own maximum, so compare regions within a frame, not across frames)")
 buf = io.BytesIO()
-overlay.save(buf, "PNG")
+overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
 st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")

@@ -5,8 +5,8 @@ import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
 from models.refer import ReferPolicy
-from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metrics_table, model_folder, phases_table,
-                              robustness_rows, source_and_worst, train_command)
+from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metric_name, metrics_table, model_folder,
+                           phases_table, robustness_rows, source_and_worst, train_command)
 from models.metrics import patient_table
 from app.ui_cache import cached_cards
 
@@ -40,7 +40,7 @@ for i, k in enumerate(["auc", "balanced_accuracy", "sensitivity", "specificity",
                        "patient_accuracy", "patient_score", "patient_auc", "precision", "ece", "brier"]):
     if k in mt.index:
         v = mt.loc[k]
-        cols[i % 4].metric(k.replace("_", " "), f"{v.value:.3f}" if v.value == v.value else "n/a",
+        cols[i % 4].metric(metric_name(k), f"{v.value:.3f}" if v.value == v.value else "n/a",
                            help=f"95% CI {v.ci_low:.3f}–{v.ci_high:.3f} (patient bootstrap)")
         cols[i % 4].caption(f"95% CI {v.ci_low:.3f}–{v.ci_high:.3f}")
 

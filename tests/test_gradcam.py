@@ -92,3 +92,16 @@ def test_hooks_are_released(lm):
         gradcam_heatmap(lm, small, list(CAM_METHODS)[i % 4], i % 2)
         assert len(layer._forward_hooks) == 0 and len(layer._backward_hooks) == 0
     assert all(len(m._forward_hooks) == 0 for m in lm.model.modules())
+
+
+def test_colour_scale_runs_from_low_to_high_in_the_overlay_colormap():
+    from models.gradcam import colour_scale, overlay_with_scale
+
+    bar = np.asarray(colour_scale(200, 10)).astype(int)
+    lo, hi = bar[5, 2], bar[5, -3]
+    assert lo[2] > lo[0] and hi[0] > hi[2]  # blue at the low end, red at the high end, as in the overlays
+    img = _frames(1)[0]
+    heat = np.tile(np.linspace(0, 1, 700, dtype=np.float32), (460, 1))
+    over = np.asarray(gradcam_overlay(img, heat, 1.0)).astype(int)  # the heatmap alone: it is the scale itself
+    np.testing.assert_allclose(over[10], np.asarray(colour_scale(700, 4))[2].astype(int), atol=2)
+    assert overlay_with_scale(Image.fromarray(over.astype(np.uint8)), "Grad-CAM").size == (700, 460 + 48)
