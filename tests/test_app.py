@@ -89,7 +89,7 @@ def test_diagnose_bad_files_do_not_stop_the_batch():
     assert "16-bit" in table.set_index("file").loc["deep.tif", "warnings"]
     assert "grayscale" in table.set_index("file").loc["grey.png", "warnings"]
     assert "H&E" in table.set_index("file").loc["green.png", "warnings"]
-    assert len(at.get("image")) == 2  # original + heatmap for the selected frame
+    assert len(at.get("image")) == 3  # original + heatmap for the selected frame + the heatmap's colour scale
     assert any(b.label.startswith("Download overlay") for b in at.get("download_button"))
 
 
@@ -171,3 +171,21 @@ def test_pages_say_when_a_card_or_the_routing_file_is_refused(tmp_path, monkeypa
     assert "Routing is unavailable" in _texts(at) and "not valid JSON" in _texts(at)
     at = _app("pages/1_Diagnose.py")
     assert "Routing is unavailable" in _texts(at)
+
+
+def test_diagnose_refers_a_non_histology_frame_and_exports_provenance():
+    at = _app("pages/1_Diagnose.py")
+    flat = Image.new("RGB", (700, 460), (200, 120, 190))
+    at.file_uploader(key="uploads").set_value([("flat.png", _png(flat), "image/png"),
+                                               ("tissue.png", _png(_he_frame(2)), "image/png")]).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value.set_index("file")
+    assert table.loc["flat.png", "decision"] == "refer" and table.loc["flat.png", "reason"]
+    assert "referred" in _texts(at)
+    at.selectbox(key="heatmap_pick").set_value(0).run()
+    assert "Refer to the pathologist" in _texts(at)
+    assert not any(m.label.startswith("Prediction") for m in at.metric)  # a referred frame gets no verdict type
+    assert "How good is this model" in _texts(at)
+    from app.dashboard import export_provenance, results_frame  # noqa: F401  (the CSV the page offers)
+    csv_button = [b for b in at.get("download_button") if b.label.startswith("Download results")]
+    assert csv_button
