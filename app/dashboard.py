@@ -328,3 +328,18 @@ def cross_magnification_rows(card) -> pd.DataFrame:
                           "patients (b/m)": _n(s),
                           "images": s["n_images"]["benign"] + s["n_images"]["malignant"]}
                          for m, s in xm.items() if m != "protocol"])
+
+
+def case_summary(results: list[FrameResult], magnification: str, threshold: float):
+    """The case verdict over one upload (models.case), and the file-name / picker disagreements to warn about."""
+    from models.case import CaseFrame, case_verdict, magnification_from_name
+
+    notes, frames = [], []
+    for r in results:
+        named = magnification_from_name(r.name)
+        if named and named != magnification:
+            notes.append(f"{r.name}: the file name says {named} but {magnification} was chosen; it was analysed by the "
+                         f"{magnification} model")
+        frames.append(CaseFrame(r.name, magnification, r.model_id, r.p_malignant, r.decision if not r.error else "refer",
+                                r.reason or r.error))
+    return case_verdict(frames, threshold), notes

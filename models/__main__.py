@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from models.card import MAGNIFICATIONS, CardError, ModelCard, card_schema
+from models.card import MAGNIFICATIONS, CardError, ModelCard, card_schema, metric
 from models.config import lite2_init_hint, models_root
 from models.inference import DefaultsError, default_model_id, load_model_folder
 
@@ -21,11 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=None, help="models root (default magnif_models/)")
     p.add_argument("--tta", action="store_true", help="average the 8 dihedral views (8x slower)")
     p.add_argument("files", nargs="+")
+    c = sub.add_parser("case", help="judge the frames of one case together; JSON on stdout")
+    c.add_argument("--magnification", choices=MAGNIFICATIONS, default=None,
+                   help="for files whose names do not state it (BreakHis names do)")
+    c.add_argument("--root", type=Path, default=None)
+    c.add_argument("files", nargs="+")
     s = sub.add_parser("card-schema", help="write the card's JSON Schema (magnif_models/card.schema.json)")
     s.add_argument("--out", type=Path, default=None, help="default: <models root>/card.schema.json")
     s = sub.add_parser("check-card", help="validate card.json files; one line per refused card, exit 1 if any")
     s.add_argument("cards", nargs="+", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "case":
+        return _case(args)
     if args.cmd == "card-schema":
         out = args.out or models_root() / "card.schema.json"
         out.write_text(json.dumps(card_schema(), indent=1) + "\n")
@@ -67,6 +74,46 @@ def main(argv: list[str] | None = None) -> int:
         r = dict(r)
         r["p_malignant"] = "" if r["p_malignant"] is None else repr(r["p_malignant"])
         w.writerow(r)
+    return 0
+
+
+def _case(args) -> int:
+    """Route each file by its magnification, predict with decisions, and print the case verdict as JSON."""
+    from models.case import CaseFrame, case_verdict, resolve_magnification
+
+    root = args.root or models_root()
+    by_mag: dict[str, list[int]] = {}
+    frames = []
+    for i, f in enumerate(args.files):
+        mag, note = resolve_magnification(f, args.magnification)
+        frames.append(CaseFrame(f, mag, note=note, reason="no magnification" if mag is None else ""))
+        if mag:
+            by_mag.setdefault(mag, []).append(i)
+    models = {}
+    try:
+        for mag, idx in by_mag.items():
+            mid = default_model_id(mag, root)
+            if mid is None:
+                for i in idx:
+                    frames[i].reason = f"no model serves {mag}"
+                continue
+            if mid not in models:
+                models[mid] = load_model_folder(root / mid)
+            lm = models[mid]
+            for i, row in zip(idx, lm.predict_files([args.files[i] for i in idx], mag)):
+                fr = frames[i]
+                fr.model_id, fr.p_malignant = mid, row["p_malignant"]
+                fr.decision, fr.reason = row["decision"], row["reason"] or row["warning"]
+                fr.note = "; ".join(x for x in (fr.note, row["warning"]) if x)
+    except (DefaultsError, CardError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    thresholds = {lm.card.threshold for lm in models.values()} or {0.5}
+    v = case_verdict(frames, threshold=thresholds.pop() if len(thresholds) == 1 else 0.5)
+    figures = {mid: {k: (metric(lm.card.overall, k).value if metric(lm.card.overall, k) else None)
+                     for k in ("patient_auc", "patient_accuracy", "auc")} for mid, lm in models.items()}
+    print(json.dumps({**v.to_dict(), "models": sorted(models), "model_cv_figures": figures,
+                      "disclaimer": "Research aid only, not a diagnosis."}, indent=1))
     return 0
 
 

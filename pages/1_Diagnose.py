@@ -4,8 +4,9 @@ import io
 
 import streamlit as st
 
-from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, decode_frame, export_provenance, performance_line,
-                           results_frame, route)
+from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_summary, decode_frame, export_provenance,
+                           performance_line, results_frame, route)
+from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
@@ -87,6 +88,21 @@ if len(results) > 1:
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
                  width="stretch")
 st.download_button("Download results (CSV)", table.to_csv(index=False), "predictions.csv", "text/csv")
+
+if len(results) > 1:
+    verdict, name_notes = case_summary(results, mag, lm.card.threshold)
+    st.subheader("Case summary (if these frames are one case)")
+    for n in name_notes:
+        st.warning(n)
+    text = (f"**Case: {verdict.verdict}**: {verdict.reason}. {verdict.n_accepted} of {verdict.n_frames} frames "
+            f"called, {verdict.n_referred} referred")
+    (st.warning if verdict.verdict == "refer" else st.info)(text + ".")
+    if verdict.drivers:
+        st.caption("Frames that drive the case verdict: " + ", ".join(
+            f"{d['name']} (p {d['p_malignant']:.2f})" for d in verdict.drivers))
+    pm = metric(lm.card.summary_at(mag), "patient_accuracy")
+    if pm:
+        st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
 
 if not ok:
     st.stop()

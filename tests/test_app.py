@@ -181,7 +181,7 @@ def test_diagnose_refers_a_non_histology_frame_and_exports_provenance():
     assert not at.exception, at.exception
     table = at.dataframe[0].value.set_index("file")
     assert table.loc["flat.png", "decision"] == "refer" and table.loc["flat.png", "reason"]
-    assert "referred" in _texts(at)
+    assert "referred" in _texts(at) and "Case: refer" in _texts(at)  # one tissue frame called: no case CI
     at.selectbox(key="heatmap_pick").set_value(0).run()
     assert "Refer to the pathologist" in _texts(at)
     assert not any(m.label.startswith("Prediction") for m in at.metric)  # a referred frame gets no verdict type
