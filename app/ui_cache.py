@@ -51,3 +51,17 @@ def _cached_heatmap(model_id: str, root: str, name: str, data: bytes, method: st
 def cached_heatmap(model_id: str, name: str, data: bytes, method: str, target: int, branch: str = "cnn"):
     """Grad-CAM for one uploaded frame, computed once per method/class/branch: the opacity slider only re-blends."""
     return _cached_heatmap(model_id, current_root(), name, data, method, target, branch)
+
+
+@st.cache_resource(show_spinner=False)
+def _history(url: str):
+    from app.history import open_store
+
+    return open_store(url)
+
+
+def history_store():
+    """The case-history database (one engine per process and URL)."""
+    from app.history import default_url
+
+    return _history(default_url())

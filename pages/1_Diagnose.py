@@ -10,7 +10,8 @@ from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
-from app.ui_cache import cached_analysis, cached_heatmap, cached_model
+from app.history import save_case
+from app.ui_cache import cached_analysis, cached_heatmap, cached_model, history_store
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")
@@ -103,6 +104,19 @@ if len(results) > 1:
     pm = metric(lm.card.summary_at(mag), "patient_accuracy")
     if pm:
         st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
+    with st.form("save_case", clear_on_submit=False):
+        st.markdown("**Save this case to the history** (with every frame's file hash, thumbnail, decision and the "
+                    "model's provenance)")
+        label = st.text_input("Case reference (your lab's id; no patient names)", key="case_label")
+        call = st.selectbox("Your own call", ["", "benign", "malignant", "uncertain"], key="case_call")
+        note = st.text_area("Note", key="case_note")
+        if st.form_submit_button("Save case"):
+            try:
+                cid = save_case(history_store(), label, mag, verdict, results, [f.getvalue() for f in files],
+                                export_provenance(lm, mag, tta), method, call, note)
+                st.success(f"Saved as case {cid}: see the History page.")
+            except Exception as exc:  # the database is down or full: say so, lose nothing on screen
+                st.error(f"The case could not be saved ({type(exc).__name__}: {exc}); the results above are unchanged.")
 
 if not ok:
     st.stop()

@@ -10,8 +10,9 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
-def tiny_root(tiny_models_root, monkeypatch):
+def tiny_root(tiny_models_root, monkeypatch, tmp_path):
     monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(tiny_models_root))
+    monkeypatch.setenv("BREAKHIS_HISTORY_DB", str(tmp_path / "history.db"))  # never the user's own history
     monkeypatch.chdir(ROOT)
     return tiny_models_root
 
@@ -189,3 +190,25 @@ def test_diagnose_refers_a_non_histology_frame_and_exports_provenance():
     from app.dashboard import export_provenance, results_frame  # noqa: F401  (the CSV the page offers)
     csv_button = [b for b in at.get("download_button") if b.label.startswith("Download results")]
     assert csv_button
+
+
+def test_a_case_saved_on_diagnose_is_found_on_history():
+    at = _app("pages/1_Diagnose.py")
+    at.file_uploader(key="uploads").set_value([(f"f{i}.png", _png(_he_frame(10 + i)), "image/png")
+                                               for i in range(3)]).run()
+    at.text_input(key="case_label").set_value("LAB-42")
+    at.selectbox(key="case_call").set_value("benign")
+    [b for b in at.get("form_submit_button") if "Save case" in str(b.label)][0].click().run()
+    assert not at.exception, at.exception
+    assert "Saved as case" in _texts(at)
+    h = _app("pages/4_History.py")
+    table = h.dataframe[0].value
+    assert list(table["label"]) == ["LAB-42"] and list(table["pathologist_call"]) == ["benign"]
+    assert len(h.dataframe[1].value) == 3  # the case's frames, each with its hashes and decision
+    labels = [b.label for b in h.get("download_button")]
+    assert "Export report (HTML)" in labels and "Export frames (CSV)" in labels
+
+
+def test_history_page_with_no_cases_says_how_to_save_one():
+    at = _app("pages/4_History.py")
+    assert "No saved cases yet" in _texts(at) and "not a diagnosis" in _texts(at)

@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(tmp_path_factory):
     if not Path(CHROMIUM).is_file():
         pytest.skip("Debian chromium is not installed (.ci/run installs it)")
     pytest.importorskip("playwright")
@@ -37,7 +37,8 @@ def app_url():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 "BREAKHIS_HISTORY_DB": str(tmp_path_factory.mktemp("hist") / "history.db")})
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -95,6 +96,11 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "model_metrics.png"), full_page=True)
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
+
+    page.goto(f"{app_url}/History")
+    page.get_by_text("Case history").first.wait_for()
+    page.wait_for_timeout(1000)
+    assert page.locator("[data-testid='stException']").count() == 0
 
     page.goto(f"{app_url}/Compare_models")
     page.get_by_text("All chosen models on the same image").wait_for()

@@ -1,0 +1,76 @@
+"""The case history (issue 16, part 3): SQLite store with a versioned schema, concurrent writers, reports."""
+import threading
+
+import pytest
+
+from app.dashboard import FrameResult
+from app.history import (SCHEMA_VERSION, case_csv, case_frames, case_report_html, db_version, list_cases, open_store,
+                         save_case, schema_version)
+from models.case import CaseFrame, case_verdict
+
+
+def _case(n=3, p=0.9):
+    results = [FrameResult(f"f{i}.png", "all/m", p, "malignant", "", ("w",), False, b"\x89PNGfake", "malignant", "")
+               for i in range(n)]
+    verdict = case_verdict([CaseFrame(r.name, "100X", r.model_id, r.p_malignant, r.decision) for r in results])
+    return results, verdict, [f"bytes{i}".encode() for i in range(n)]
+
+
+PROV = {"weights_sha256": "a" * 64, "card_sha256": "b" * 64, "tta": False}
+
+
+def test_saved_case_comes_back_with_its_audit_trail(tmp_path):
+    eng = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    assert db_version(eng) == SCHEMA_VERSION
+    results, verdict, data = _case()
+    cid = save_case(eng, "LAB-1", "100X", verdict, results, data, PROV, "Grad-CAM", "malignant", "agree")
+    listed = list_cases(eng)
+    assert listed.iloc[0]["id"] == cid and listed.iloc[0]["verdict"] == verdict.verdict
+    assert list(list_cases(eng, verdict="benign")["id"]) == [] and len(list_cases(eng, search="agree")) == 1
+    fr = case_frames(eng, cid)
+    assert len(fr) == 3 and set(fr["card_sha256"]) == {"b" * 64}
+    import hashlib
+
+    assert fr.iloc[0]["file_sha256"] == hashlib.sha256(b"bytes0").hexdigest()
+    report = case_report_html(eng, cid, "Research aid only")
+    assert "Research aid only" in report and "LAB-1" in report and "aaaaaaaaaaaa" in report
+    assert "thumbnail" not in case_csv(eng, cid).splitlines()[0] and "file_sha256" in case_csv(eng, cid)
+    with eng.connect() as c:  # the store is in WAL mode
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_reopening_does_not_migrate_twice_and_a_newer_schema_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    open_store(url)
+    eng = open_store(url)
+    with eng.begin() as c:
+        assert c.execute(schema_version.select()).rowcount != 0
+        rows = c.execute(schema_version.select()).all()
+        assert [r.version for r in rows] == [1]
+        c.execute(schema_version.insert().values(version=SCHEMA_VERSION + 1, applied_at=rows[0].applied_at))
+    with pytest.raises(RuntimeError, match="newer"):
+        open_store(url)
+
+
+def test_two_sessions_writing_at_once_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    open_store(url)
+    errors = []
+
+    def writer(k):
+        eng = open_store(url)  # each session its own engine, as two app processes would have
+        try:
+            for i in range(15):
+                results, verdict, data = _case(2)
+                save_case(eng, f"S{k}-{i}", "100X", verdict, results, data, PROV)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    eng = open_store(url)
+    assert len(list_cases(eng)) == 30 and sum(len(case_frames(eng, int(i))) for i in list_cases(eng)["id"]) == 60
