@@ -32,27 +32,27 @@ def train_command(magnification: str) -> str:
             f"--out magnif_models/{magnification}/efficientnet_lite2 && python -m training select-defaults")
 
 
-def load_cards(root: str | Path | None = None) -> dict[str, ModelCard]:
-    """Every valid card by model id (an invalid one is left out here; `card_problems` says why)."""
-    cards = {}
+def scan_cards(root: str | Path | None = None) -> tuple[dict[str, ModelCard], list[str]]:
+    """One pass over the model folders: every valid card by model id, and one line per refused card."""
+    cards, problems = {}, []
     for f in list_model_folders(root):
         try:
             c = ModelCard.from_json(f / "card.json")
-        except CardError:
+        except CardError as exc:
+            problems.append(str(exc))
             continue
         cards[c.model_id] = c
-    return cards
+    return cards, problems
+
+
+def load_cards(root: str | Path | None = None) -> dict[str, ModelCard]:
+    """Every valid card by model id (an invalid one is left out here; `card_problems` says why)."""
+    return scan_cards(root)[0]
 
 
 def card_problems(root: str | Path | None = None) -> list[str]:
     """One line per model folder whose card was refused, so the pages can say which models are hidden and why."""
-    out = []
-    for f in list_model_folders(root):
-        try:
-            ModelCard.from_json(f / "card.json")
-        except CardError as exc:
-            out.append(str(exc))
-    return out
+    return scan_cards(root)[1]
 
 
 def route(magnification: str, root: str | Path | None = None) -> Route:
