@@ -58,6 +58,7 @@ class LoadedModel:
     model: HistoClassifier
     folder: Path
     policy: ReferPolicy | None = None  # refer-when-unsure policy (refer.json), when fitted for this very card
+    policy_note: str = ""  # why there is no policy (none fitted, fitted for another card, unreadable)
 
     @property
     def model_id(self) -> str:
@@ -67,7 +68,8 @@ class LoadedModel:
         """benign | malignant | refer, with the reason (models.refer); the OOD distance is computed if not given."""
         if ood_score is None:
             ood_score = ood_score_of(self, img)
-        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score, self.policy)
+        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score, self.policy,
+                      self.policy_note)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
@@ -177,18 +179,23 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedModel(card, model, folder, load_policy(folder, card_path))
+    return LoadedModel(card, model, folder, *load_policy(folder, card_path))
 
 
-def load_policy(folder: Path, card_path: Path) -> ReferPolicy | None:
-    """The refer policy fitted for this card; a policy fitted for another version of the card is not used."""
+def load_policy(folder: Path, card_path: Path) -> tuple[ReferPolicy | None, str]:
+    """The refer policy fitted for this card, or None and why: a policy fitted for another version of the card, or
+    one that cannot be read, is not used, and every decision then says so (never a silent fallback)."""
     try:
         pol = ReferPolicy.load(folder)
-    except (OSError, KeyError, ValueError, TypeError):  # an unreadable policy: predictions go on without referral
-        return None
-    if pol is not None and pol.card_sha256 and pol.card_sha256 != file_sha256(card_path):
-        return None
-    return pol
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return None, f"the referral policy could not be read ({type(exc).__name__}): band and out-of-distribution " \
+                     "checks not applied"
+    if pol is None:
+        return None, "no referral policy fitted for this model: band and out-of-distribution checks not applied"
+    if pol.card_sha256 and pol.card_sha256 != file_sha256(card_path):
+        return None, "the referral policy was fitted for another version of this card and is not used: band and " \
+                     "out-of-distribution checks not applied"
+    return pol, ""
 
 
 def list_model_folders(root: str | Path | None = None) -> list[Path]:

@@ -95,7 +95,7 @@ def embed(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def decide(p: float | None, threshold: float, qc_failures: list[str], qc_out_of_distribution: bool,
-           ood_score: float | None, policy: ReferPolicy | None) -> Decision:
+           ood_score: float | None, policy: ReferPolicy | None, no_policy_reason: str = "") -> Decision:
     """The decision and its reason, checked in order of how little the probability can be trusted."""
     if p is None:
         return Decision("refer", "no prediction (the file could not be analysed)")
@@ -110,8 +110,8 @@ def decide(p: float | None, threshold: float, qc_failures: list[str], qc_out_of_
         return Decision("refer", f"uncertain: p = {p:.2f} lies in the band {policy.band[0]:.2f}-{policy.band[1]:.2f} "
                                  f"where out-of-fold accuracy falls below {policy.target_accuracy:.0%}")
     label = "malignant" if p >= threshold else "benign"
-    return Decision(label, "" if policy is not None else "no referral policy fitted for this model: band and "
-                                                          "out-of-distribution checks not applied")
+    return Decision(label, "" if policy is not None else no_policy_reason or
+                    "no referral policy fitted for this model: band and out-of-distribution checks not applied")
 
 
 def ood_score_of(lm, img: Image.Image) -> float | None:

@@ -142,7 +142,7 @@ if pol is not None:
                f"frames ({pol.n_patients.get('benign', 0)} benign / {pol.n_patients.get('malignant', 0)} malignant "
                "patients). Frames failing quality control or unlike the training frames are referred too.")
 else:
-    st.caption("No referral policy is fitted for this model: only quality-control failures are referred.")
+    st.warning(f"{lm.policy_note.capitalize()}: only quality-control failures are referred.")
 for w in pick.warnings:
     st.warning(w)
 with st.spinner(f"Computing {method}…"):

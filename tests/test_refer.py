@@ -69,7 +69,12 @@ def test_a_policy_for_another_card_version_is_not_used(tmp_path):
     shutil.copytree(ROUTED, dst)
     card = (dst / "card.json").read_text().replace('"changelog": [', '"changelog": [\n  "edited",', 1)
     (dst / "card.json").write_text(card)
-    assert load_model_folder(dst).policy is None
+    lm = load_model_folder(dst)
+    assert lm.policy is None and "another version of this card" in lm.policy_note
+    passing = QualityReport(blur_variance=1e3, tissue_fraction=0.9, he_fraction=0.9)
+    assert "another version" in lm.decide(Image.new("RGB", (8, 8)), 0.9, passing).reason  # said on every call
+    (dst / "refer.json").write_text("{not json")
+    assert "could not be read" in load_model_folder(dst).policy_note
 
 
 def test_one_pass_prediction_with_ood_equals_the_plain_prediction():
