@@ -1,45 +1,13 @@
-"""Home: what the tool is and is not, the model inventory, where to start."""
+"""The dashboard's entry point: the page list, with the home page named Home in the sidebar.
+
+`streamlit run streamlit_app.py`. Each page is a thin script in pages/; st.navigation (rather than the pages/
+folder's automatic list, which names the entry script "streamlit app") gives every page its own title and URL.
+"""
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, card_problems, inventory, route, routing_evidence
-from models.inference import MAGNIFICATIONS
+PAGES = [("pages/0_Home.py", "Home", "🏠"), ("pages/1_Diagnose.py", "Diagnose", "🔬"),
+         ("pages/2_Model_metrics.py", "Model metrics", "📊"), ("pages/3_Compare_models.py", "Compare models", "⚖️"),
+         ("pages/4_History.py", "History", "🗂️")]
 
-st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
-st.title("Breast histopathology research dashboard")
-st.warning(DISCLAIMER)
-st.markdown(
-    "Upload BreakHis-style H&E frames (700×460, 40X–400X), choose the magnification, and read a calibrated "
-    "benign/malignant probability from the model that serves that magnification (chosen by a rule that "
-    "noise cannot fool: see below), with a Grad-CAM heatmap to judge it by. Every figure shown was measured on patients the model never saw "
-    "(patient-grouped cross-validation) and comes from a script in the repository.")
-
-st.subheader("Model inventory")
-for problem in card_problems():
-    st.error(f"A model is hidden because its card failed validation: {problem}")
-inv = inventory()
-for note in {n for m in MAGNIFICATIONS for n in route(m).notes if n.startswith("Routing is unavailable")}:
-    st.error(note)
-if inv.empty or "AUC (95% CI)" not in inv.columns:
-    st.error("No trained models found in magnif_models/. Train one with the command shown in the table.")
-st.dataframe(inv, hide_index=True, width="stretch")
-few = [r["magnification"] for r in inv.to_dict("records") if r.get("evidence") == "few patients"]
-if few:
-    st.info("Trained and tested on few patients: " + ", ".join(few) + ". Their confidence intervals are wide.")
-
-with st.expander("Why each magnification is served by its model (routing rule and evidence)"):
-    st.markdown(
-        "An ImageNet-pretrained **incumbent** serves unless a **challenger** beats it on the same out-of-fold frames "
-        "by an AUC advantage whose paired patient-bootstrap 95% CI lies entirely above zero. With 38 patients, "
-        "differences of 0.05-0.1 AUC are noise; this rule keeps noise from choosing the model.")
-    for m in MAGNIFICATIONS:
-        ev = routing_evidence(m)
-        if not ev.empty:
-            st.markdown(f"**{m}**")
-            st.dataframe(ev, hide_index=True, width="stretch")
-
-st.subheader("Where to start")
-st.markdown(
-    "- **Diagnose**: upload frames, pick the magnification, read probability, warnings and heatmap.\n"
-    "- **Model metrics**: every shipped model's metrics with 95% CIs, curves, calibration and provenance.\n"
-    "- **Compare models**: metrics side by side, and all models on the same image.")
-st.caption(f"Magnifications: {', '.join(MAGNIFICATIONS)}. Data: BreakHis (Spanhol et al., IEEE TBME 2016).")
+st.navigation([st.Page(path, title=title, icon=icon, default=i == 0)
+               for i, (path, title, icon) in enumerate(PAGES)]).run()

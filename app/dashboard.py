@@ -231,6 +231,24 @@ def thumbnail_png(img) -> bytes:
     return b.getvalue()
 
 
+def png_data_url(png: bytes | None) -> str | None:
+    """A PNG as a data: URL, for image columns in tables (None stays None)."""
+    import base64
+
+    return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def heatmap_png(frame, heatmap, opacity: float, caption: str, width: int = 350) -> bytes:
+    """The heatmap over its frame with the colour scale underneath, small, for the case history and its report."""
+    from models.gradcam import gradcam_overlay, overlay_with_scale
+
+    ov = gradcam_overlay(frame, heatmap, opacity)
+    ov = ov.resize((width, max(1, round(ov.height * width / ov.width))))
+    b = io.BytesIO()
+    overlay_with_scale(ov, caption).save(b, "PNG")
+    return b.getvalue()
+
+
 def decode_frame(data: bytes, name: str):
     """The RGB frame the model analysed (same loader, same reductions and turns), for heatmaps and display."""
     from models.preprocess import load_image

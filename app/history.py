@@ -18,7 +18,7 @@ from sqlalchemy import (Boolean, Column, DateTime, Float, ForeignKey, Integer, L
                         Text, create_engine, event, func, insert, select, text)
 from sqlalchemy.engine import Engine
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 meta = MetaData()
 schema_version = Table("schema_version", meta, Column("version", Integer, primary_key=True),
                        Column("applied_at", DateTime(timezone=True), nullable=False))
@@ -45,8 +45,20 @@ frames = Table(
     Column("card_sha256", String(64), nullable=False), Column("tta", Boolean, nullable=False),
     Column("p_malignant", Float), Column("decision", String(16), nullable=False), Column("reason", Text, nullable=False),
     Column("warnings", Text, nullable=False), Column("heatmap_method", String(32), nullable=False, default=""),
+    Column("heatmap_png", LargeBinary),  # schema 2: the frame's heatmap over it, with its colour scale, for the report
 )
-MIGRATIONS = {1: meta.create_all}  # version -> step(engine); a later schema adds step 2 (ALTER TABLE ...) here
+
+
+def _add_heatmap_column(engine: Engine) -> None:
+    kind = LargeBinary().compile(dialect=engine.dialect)  # BLOB on SQLite, BYTEA on PostgreSQL
+    with engine.begin() as c:
+        c.exec_driver_sql(f"ALTER TABLE frames ADD COLUMN heatmap_png {kind}")
+
+
+# version -> the step that brings a database from version-1 to it (version 1: the first cases/frames tables). A new
+# database gets the current tables at once (metadata.create_all), stamped SCHEMA_VERSION; an older one gets only
+# the steps it lacks, in order.
+MIGRATIONS = {2: _add_heatmap_column}
 
 
 def default_url() -> str:
@@ -80,6 +92,11 @@ def migrate(engine: Engine) -> int:
         current = c.execute(select(func.max(schema_version.c.version))).scalar() or 0
     if current > SCHEMA_VERSION:
         raise RuntimeError(f"the history database is at schema {current}, newer than this software ({SCHEMA_VERSION})")
+    if current == 0:
+        meta.create_all(engine)
+        with engine.begin() as c:
+            c.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=_now()))
+        return SCHEMA_VERSION
     for v in range(current + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[v](engine)
         with engine.begin() as c:
@@ -93,21 +110,23 @@ def _now() -> _dt.datetime:
 
 def save_case(engine: Engine, label: str, magnification: str, verdict, results: list, files_bytes: list[bytes],
               provenance: dict, heatmap_method: str = "", pathologist_call: str = "", note: str = "",
-              user: str = "") -> int:
-    """Store one case and its frames in one transaction; returns the case id."""
+              user: str = "", heatmaps: list[bytes | None] | None = None) -> int:
+    """Store one case and its frames in one transaction (heatmaps: one PNG or None per frame); returns the case id."""
+    heatmaps = heatmaps or [None] * len(results)
     with engine.begin() as c:
         cid = c.execute(insert(cases).values(
             created_at=_now(), label=label[:200] or "unlabelled", magnification=magnification,
             verdict=verdict.verdict, verdict_reason=verdict.reason, mean_p=verdict.mean_p, n_frames=verdict.n_frames,
             n_referred=verdict.n_referred, pathologist_call=pathologist_call, pathologist_note=note, app_user=user,
         )).inserted_primary_key[0]
-        for r, data in zip(results, files_bytes):
+        for r, data, heat in zip(results, files_bytes, heatmaps):
             c.execute(insert(frames).values(
                 case_id=cid, file_name=r.name[:500], file_sha256=hashlib.sha256(data).hexdigest(),
                 thumbnail_png=r.thumbnail, magnification=magnification, model_id=r.model_id,
                 weights_sha256=provenance.get("weights_sha256", ""), card_sha256=provenance.get("card_sha256", ""),
                 tta=bool(provenance.get("tta", False)), p_malignant=r.p_malignant, decision=r.decision,
-                reason=r.reason or r.error, warnings="; ".join(r.warnings), heatmap_method=heatmap_method))
+                reason=r.reason or r.error, warnings="; ".join(r.warnings), heatmap_method=heatmap_method,
+                heatmap_png=heat))
     return int(cid)
 
 
@@ -130,8 +149,12 @@ def case_frames(engine: Engine, case_id: int) -> pd.DataFrame:
 
 
 def case_report_html(engine: Engine, case_id: int, disclaimer: str) -> str:
-    """A self-contained HTML report: the case, each frame's thumbnail, decision and provenance, the disclaimer."""
+    """A self-contained HTML report: the case, each frame's thumbnail and heatmap (with its colour scale), decision
+    and provenance, the disclaimer."""
     import base64
+
+    def img(png: bytes | None, alt: str) -> str:
+        return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
 
     with engine.connect() as c:
         case = c.execute(select(cases).where(cases.c.id == case_id)).mappings().one()
@@ -139,10 +162,10 @@ def case_report_html(engine: Engine, case_id: int, disclaimer: str) -> str:
     e = html.escape
     rows = []
     for r in fr.to_dict("records"):
-        img = (f"<img src='data:image/png;base64,{base64.b64encode(r['thumbnail_png']).decode()}'>"
-               if r["thumbnail_png"] else "")
         p = "" if r["p_malignant"] is None or r["p_malignant"] != r["p_malignant"] else f"{r['p_malignant']:.3f}"
-        rows.append(f"<tr><td>{img}</td><td>{e(r['file_name'])}<br><small>sha256 {r['file_sha256'][:16]}…</small></td>"
+        heat = img(r["heatmap_png"], "heatmap") or "<small>no heatmap stored</small>"
+        rows.append(f"<tr><td>{img(r['thumbnail_png'], 'frame')}</td><td>{heat}<br><small>{e(r['heatmap_method'])}"
+                    f"</small></td><td>{e(r['file_name'])}<br><small>sha256 {r['file_sha256'][:16]}…</small></td>"
                     f"<td><b>{e(r['decision'])}</b><br><small>{e(r['reason'])}</small></td><td>{p}</td>"
                     f"<td><small>{e(r['model_id'])}<br>weights {r['weights_sha256'][:12]}… card "
                     f"{r['card_sha256'][:12]}…<br>TTA {r['tta']}</small></td></tr>")
@@ -155,13 +178,15 @@ vertical-align:top}}.warn{{background:#fff3cd;padding:.6em}}</style></head><body
 <b>case verdict: {e(case['verdict'])}</b> ({e(case['verdict_reason'])}) · {case['n_frames']} frames,
 {case['n_referred']} referred</p>
 <p>Pathologist's call: <b>{e(case['pathologist_call'] or 'not recorded')}</b>. Note: {e(case['pathologist_note'])}</p>
-<table><tr><th>frame</th><th>file</th><th>decision</th><th>p(malignant)</th><th>model</th></tr>
+<p><small>Heatmaps show where the model looked for the class 'malignant' (blue = little, red = much; each map is
+scaled to its own maximum, so compare regions within a frame, not across frames).</small></p>
+<table><tr><th>frame</th><th>heatmap</th><th>file</th><th>decision</th><th>p(malignant)</th><th>model</th></tr>
 {''.join(rows)}</table></body></html>"""
 
 
 def case_csv(engine: Engine, case_id: int) -> str:
     buf = io.StringIO()
-    case_frames(engine, case_id).drop(columns=["thumbnail_png"]).to_csv(buf, index=False)
+    case_frames(engine, case_id).drop(columns=["thumbnail_png", "heatmap_png"]).to_csv(buf, index=False)
     return buf.getvalue()
 
 

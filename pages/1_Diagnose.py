@@ -1,11 +1,10 @@
 """Diagnose: upload frames, pick the magnification, read calibrated probabilities with Grad-CAM."""
-import base64
 import io
 
 import streamlit as st
 
 from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_summary, decode_frame, export_provenance,
-                           performance_line, results_frame, route)
+                           heatmap_png, performance_line, png_data_url, results_frame, route)
 from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
@@ -77,10 +76,7 @@ for res in results:
 table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta))
 ok = [(x, f) for x, f in zip(results, files) if not x.error]
 if len(results) > 1:
-    def thumb(png):
-        return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
-
-    show = table.assign(thumbnail=[thumb(x.thumbnail) for x in results])
+    show = table.assign(thumbnail=[png_data_url(x.thumbnail) for x in results])
     n_ref = sum(x.decision == "refer" for x in results)
     st.markdown(f"**{len(results)} frames**: {sum(x.decision == 'malignant' for x in results)} malignant, "
                 f"{sum(x.decision == 'benign' for x in results)} benign, **{n_ref} referred** to the pathologist.")
@@ -112,8 +108,13 @@ if len(results) > 1:
         note = st.text_area("Note", key="case_note")
         if st.form_submit_button("Save case"):
             try:
+                with st.spinner(f"Computing each frame's {method} for the case record…"):
+                    heats = [None if x.error else heatmap_png(
+                        decode_frame(f.getvalue(), f.name),
+                        cached_heatmap(r.model_id, f.name, f.getvalue(), method, 1, branch), opacity,
+                        f"{method}, class malignant") for x, f in zip(results, files)]
                 cid = save_case(history_store(), label, mag, verdict, results, [f.getvalue() for f in files],
-                                export_provenance(lm, mag, tta), method, call, note)
+                                export_provenance(lm, mag, tta), method, call, note, heatmaps=heats)
                 st.success(f"Saved as case {cid}: see the History page.")
             except Exception as exc:  # the database is down or full: say so, lose nothing on screen
                 st.error(f"The case could not be saved ({type(exc).__name__}: {exc}); the results above are unchanged.")

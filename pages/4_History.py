@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from app.dashboard import DISCLAIMER
+from app.dashboard import DISCLAIMER, png_data_url
 from app.history import case_csv, case_frames, case_report_html, list_cases
 from app.ui_cache import history_store
 
@@ -28,8 +28,12 @@ cid = st.selectbox("Open case", df["id"].tolist(), format_func=lambda i: f"{i}: 
                    key="hist_case")
 fr = case_frames(store, int(cid))
 st.subheader(f"Case {cid}")
-show = fr.drop(columns=["thumbnail_png"]).rename(columns={"p_malignant": "p(malignant)"})
-st.dataframe(pd.DataFrame(show), hide_index=True, width="stretch")
+show = fr.assign(frame=fr["thumbnail_png"].map(png_data_url), heatmap=fr["heatmap_png"].map(png_data_url))
+show = show.drop(columns=["thumbnail_png", "heatmap_png"]).rename(columns={"p_malignant": "p(malignant)"})
+st.dataframe(pd.DataFrame(show), hide_index=True, width="stretch", row_height=70,
+             column_config={"frame": st.column_config.ImageColumn("frame"),
+                            "heatmap": st.column_config.ImageColumn("heatmap (class malignant)")},
+             column_order=["frame", "heatmap", *[c for c in show.columns if c not in ("frame", "heatmap")]])
 a, b = st.columns(2)
 a.download_button("Export report (HTML)", case_report_html(store, int(cid), DISCLAIMER), f"case_{cid}.html", "text/html")
 b.download_button("Export frames (CSV)", case_csv(store, int(cid)), f"case_{cid}.csv", "text/csv")

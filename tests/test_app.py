@@ -41,8 +41,21 @@ def _texts(at) -> str:
                     for x in getattr(at, kind))
 
 
-def test_home_lists_inventory_and_disclaimer():
+def test_entry_point_lists_home_first_and_every_page():
+    """streamlit_app.py is the page list: Home is its default page (named Home in the sidebar), each page reachable."""
     at = _app("streamlit_app.py")
+    assert at.title[0].value == "Breast histopathology research dashboard"
+    src = (ROOT / "streamlit_app.py").read_text()
+    assert '"pages/0_Home.py", "Home"' in src
+    for page, title in [("pages/1_Diagnose.py", "Diagnose"), ("pages/2_Model_metrics.py", "Model metrics"),
+                        ("pages/3_Compare_models.py", "Compare models"), ("pages/4_History.py", "History")]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert title.split()[0].lower() in at.title[0].value.lower(), (page, at.title[0].value)
+
+
+def test_home_lists_inventory_and_disclaimer():
+    at = _app("pages/0_Home.py")
     assert "not a diagnosis" in _texts(at)
     inv = at.dataframe[0].value
     assert list(inv["magnification"]) == ["40X", "100X", "200X", "400X"]
@@ -165,10 +178,10 @@ def test_pages_say_when_a_card_or_the_routing_file_is_refused(tmp_path, monkeypa
     d["temperature"] = -2.0
     card.write_text(json.dumps(d))
     monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(root))
-    at = _app("streamlit_app.py")
+    at = _app("pages/0_Home.py")
     assert "card failed validation" in _texts(at) and "temperature" in _texts(at)
     (root / "defaults.json").write_text("{broken")
-    at = _app("streamlit_app.py")
+    at = _app("pages/0_Home.py")
     assert "Routing is unavailable" in _texts(at) and "not valid JSON" in _texts(at)
     at = _app("pages/1_Diagnose.py")
     assert "Routing is unavailable" in _texts(at)
@@ -204,7 +217,9 @@ def test_a_case_saved_on_diagnose_is_found_on_history():
     h = _app("pages/4_History.py")
     table = h.dataframe[0].value
     assert list(table["label"]) == ["LAB-42"] and list(table["pathologist_call"]) == ["benign"]
-    assert len(h.dataframe[1].value) == 3  # the case's frames, each with its hashes and decision
+    frames = h.dataframe[1].value
+    assert len(frames) == 3  # the case's frames, each with its hashes and decision
+    assert frames["heatmap"].str.startswith("data:image/png;base64,").all()  # each frame's heatmap was stored
     labels = [b.label for b in h.get("download_button")]
     assert "Export report (HTML)" in labels and "Export frames (CSV)" in labels
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FRAMES, ROOT
+from tests.conftest import DATA, FRAMES, ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -74,6 +74,8 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.get_by_text("Model inventory").wait_for()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+    nav = page.get_by_test_id("stSidebarNav")
+    assert nav.get_by_text("Home", exact=True).count() == 1 and nav.get_by_text("streamlit app").count() == 0
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Diagnose")
@@ -107,3 +109,61 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "compare_models.png"), full_page=True)
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
+
+
+def test_a_whole_case_from_upload_to_exported_report(app_url, page):
+    """Upload 5 frames of one patient, read the case verdict, open frame 3's heatmap, save the case, find it on
+    History and export its report, as a pathologist would."""
+    from models.inference import default_model_id
+
+    case = sorted((DATA / "100X").glob("SOB_*-14-21998AB-100-*"))[:5] if (DATA / "100X").is_dir() else []
+    if len(case) < 5 or default_model_id("100X") is None:
+        pytest.skip("needs 5 frames of patient 21998AB at 100X in ../shared and a model serving 100X")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{app_url}/Diagnose")
+    page.get_by_text("Magnification of the uploaded frames").wait_for()
+    page.locator("label").filter(has_text="100X").first.click()
+    page.get_by_text("Model for 100X").wait_for()
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in case])
+    page.get_by_text("Case summary (if these frames are one case)").wait_for()
+    verdict = page.get_by_text("Case: ").first
+    verdict.wait_for()
+    assert any(v in verdict.inner_text() for v in ("malignant", "benign", "refer"))
+
+    pick = page.get_by_test_id("stSelectbox").filter(has_text="Show the heatmap for")
+    pick.wait_for()
+    for _ in range(5):  # the page may still be re-running when first clicked; open the list until it shows
+        pick.locator("input").click()
+        try:
+            page.get_by_role("option", name=case[2].name).click(timeout=10_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; try again
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(2000)
+    else:
+        pytest.fail("the heatmap picker did not open")
+    page.get_by_role("heading", name=case[2].name).wait_for()  # frame 3 is the one shown now
+    page.get_by_text("heatmap scale: blue = little").wait_for()
+    assert page.locator("[data-testid='stException']").count() == 0
+
+    page.get_by_label("Case reference (your lab's id; no patient names)").fill("BROWSER-CASE-21998")
+    page.get_by_role("button", name="Save case").click()
+    page.get_by_text("Saved as case").wait_for()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "diagnose_case.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+    page.goto(f"{app_url}/History")
+    page.get_by_text("Case history").first.wait_for()
+    page.get_by_role("heading", name="Case 1").wait_for()  # the saved case, opened (the first in this fresh store)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
+    picker = page.get_by_test_id("stSelectbox").filter(has_text="Open case")
+    assert "BROWSER-CASE-21998" in picker.inner_text() + picker.locator("input").input_value()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export report (HTML)").click()
+    report = Path(dl.value.path()).read_text()
+    assert "BROWSER-CASE-21998" in report and "not a diagnosis" in report
+    assert report.count("alt='heatmap'") == 5 and report.count("alt='frame'") == 5
+    assert all(p.name in report for p in case)
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -52,6 +52,34 @@ def test_saved_case_comes_back_with_its_audit_trail(url):
     report = case_report_html(eng, cid, "Research aid only")
     assert "Research aid only" in report and "LAB-1" in report and "aaaaaaaaaaaa" in report
     assert "thumbnail" not in case_csv(eng, cid).splitlines()[0] and "file_sha256" in case_csv(eng, cid)
+    assert "heatmap_png" not in case_csv(eng, cid).splitlines()[0]
+    import base64
+
+    heats = [b"\x89PNGheat0", None, b"\x89PNGheat2"]
+    cid2 = save_case(eng, "LAB-2", "100X", verdict, results, data, PROV, "Grad-CAM", heatmaps=heats)
+    assert list(case_frames(eng, cid2)["heatmap_png"]) == heats
+    report = case_report_html(eng, cid2, "Research aid only")
+    assert base64.b64encode(heats[0]).decode() in report and "no heatmap stored" in report and "blue = little" in report
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_cases(url):
+    """A database written by the first schema (no heatmaps) gains the column and loses nothing."""
+    eng = open_store(url)
+    results, verdict, data = _case()
+    cid = save_case(eng, "OLD", "100X", verdict, results, data, PROV)
+    with eng.begin() as c:  # turn it back into a schema-1 database
+        c.exec_driver_sql("ALTER TABLE frames DROP COLUMN heatmap_png")
+        c.execute(schema_version.delete())
+        c.execute(schema_version.insert().values(version=1, applied_at=list_cases(eng)["created_at"][0]))
+    eng.dispose()
+    eng = open_store(url)
+    assert db_version(eng) == SCHEMA_VERSION == 2
+    with eng.connect() as c:
+        assert [r.version for r in c.execute(schema_version.select().order_by(schema_version.c.version))] == [1, 2]
+    fr = case_frames(eng, cid)
+    assert len(fr) == 3 and fr["heatmap_png"].isna().all() and list_cases(eng)["label"].tolist() == ["OLD"]
+    new = save_case(eng, "NEW", "100X", verdict, results, data, PROV, heatmaps=[b"h"] * 3)
+    assert list(case_frames(eng, new)["heatmap_png"]) == [b"h"] * 3
     if eng.dialect.name == "sqlite":
         with eng.connect() as c:  # the store is in WAL mode
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -62,7 +90,7 @@ def test_reopening_does_not_migrate_twice_and_a_newer_schema_is_refused(url):
     eng = open_store(url)
     with eng.begin() as c:
         rows = c.execute(schema_version.select()).all()
-        assert [r.version for r in rows] == [1]
+        assert [r.version for r in rows] == [SCHEMA_VERSION]
         c.execute(schema_version.insert().values(version=SCHEMA_VERSION + 1, applied_at=rows[0].applied_at))
     with pytest.raises(RuntimeError, match="newer"):
         open_store(url)
