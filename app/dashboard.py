@@ -348,6 +348,24 @@ def cross_magnification_rows(card) -> pd.DataFrame:
                          for m, s in xm.items() if m != "protocol"])
 
 
+def compare_agreement(results: list[FrameResult]) -> tuple[str, str]:
+    """("success" | "warning", text): agreement across models counts only their calls; any referral or a frame
+    that is not H&E-like is said first, so models can never "agree" on a frame that should not be called."""
+    refer = [r.model_id for r in results if r.decision == "refer"]
+    calls = {r.decision for r in results if r.decision != "refer"}
+    notes = []
+    if any(r.out_of_distribution for r in results):
+        notes.append("quality control: this frame does not look like H&E histology")
+    if refer:
+        notes.append(f"{len(refer)} of {len(results)} models refer it to the pathologist ({', '.join(refer)})")
+    if len(calls) > 1:
+        notes.append("the models that call it disagree")
+    if notes:
+        text = "; ".join(notes) + "."
+        return "warning", text[0].upper() + text[1:]
+    return "success", f"The models agree: {calls.pop()} (each outside its referral band, quality control passed)."
+
+
 def case_summary(results: list[FrameResult], magnification: str, threshold: float):
     """The case verdict over one upload (models.case), and the file-name / picker disagreements to warn about."""
     from models.case import CaseFrame, case_verdict, magnification_from_name

@@ -4,9 +4,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
-from app.dashboard import DISCLAIMER, analyse_upload, curves, decode_frame, model_folder, route, routing_evidence
-from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_heatmap, gradcam_overlay
-from app.ui_cache import cached_cards, cached_model
+from app.dashboard import DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, route, routing_evidence
+from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay
+from app.ui_cache import cached_analysis, cached_cards, cached_heatmap, cached_model
 
 st.set_page_config(page_title="Compare models", page_icon="⚖️", layout="wide")
 st.title("Compare models")
@@ -69,24 +69,26 @@ branch_pref = cm2.selectbox("Hybrid models: explain which branch", list(CAM_BRAN
 up = st.file_uploader("Upload one frame", type=["png", "jpg", "jpeg", "tif", "tiff"], key="cmp_upload")
 if up is not None:
     data = up.getvalue()
-    results = []
+    results, frame = [], None
     for col, mid in zip(st.columns(len(chosen)), chosen):
         try:
             lm = cached_model(mid)
         except Exception as exc:
             col.error(f"{mid}: cannot load ({exc})")
             continue
-        r = analyse_upload(lm, up.name, data, mag)
+        r = cached_analysis(mid, up.name, data, mag)
         if r.error:
             st.error(r.error)
             break
         results.append(r)
-        col.markdown(f"**{mid}**  \n{r.label}: p(malignant) = {r.p_malignant:.3f}")
+        call = f"**refer**: {r.reason}" if r.decision == "refer" else f"**{r.decision}**"
+        col.markdown(f"**{mid}**  \n{call}  \np(malignant) = {r.p_malignant:.3f}")
+        for w in r.warnings:
+            col.warning(w)
         b = branch_pref if branch_pref in cam_branches(lm) else "cnn"
-        frame = decode_frame(data, up.name)
-        col.image(gradcam_overlay(frame, gradcam_heatmap(lm, frame, method, 1, b)), width="stretch")
+        frame = frame or decode_frame(data, up.name)  # decoded once for all the models' overlays
+        col.image(gradcam_overlay(frame, cached_heatmap(mid, up.name, data, method, 1, b)), width="stretch")
         col.caption(f"{method}, {CAM_BRANCHES[b]}")
     if len(results) > 1:
-        labels = {r.label for r in results}
-        (st.success if len(labels) == 1 else st.warning)(
-            "The models agree: " + labels.pop() if len(labels) == 1 else "The models disagree on this image.")
+        kind, text = compare_agreement(results)
+        (st.success if kind == "success" else st.warning)(text)

@@ -126,7 +126,24 @@ def test_compare_page_runs_models_side_by_side():
     at.multiselect(key="cmp_models").set_value(["100X/efficientnet_lite2", "all/resnet50"]).run()
     at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
     assert not at.exception, at.exception
-    assert "agree" in _texts(at)
+    assert "agree" in _texts(at) or "refer" in _texts(at)
+    flat = Image.new("RGB", (700, 460), (200, 120, 190))  # not histology: no model may "agree" on it
+    at.file_uploader(key="cmp_upload").set_value(("flat.png", _png(flat), "image/png")).run()
+    assert not at.exception, at.exception
+    assert not at.success and "refer it to the pathologist" in _texts(at) and "**refer**" in _texts(at)
+
+
+def test_compare_agreement_counts_calls_only():
+    from app.dashboard import FrameResult, compare_agreement
+
+    def r(mid, decision, ood=False):
+        return FrameResult("f.png", mid, 0.9, "malignant", decision=decision, out_of_distribution=ood)
+
+    assert compare_agreement([r("a", "malignant"), r("b", "malignant")])[0] == "success"
+    kind, text = compare_agreement([r("a", "malignant"), r("b", "refer")])
+    assert kind == "warning" and "1 of 2 models refer" in text
+    assert "disagree" in compare_agreement([r("a", "malignant"), r("b", "benign")])[1]
+    assert "does not look like H&E" in compare_agreement([r("a", "malignant", True), r("b", "malignant", True)])[1]
 
 
 def test_compare_offers_hybrid_branches_and_tta_column():
