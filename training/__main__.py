@@ -108,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("subtype-cv", help="the eight subtypes, flat and hierarchical, patient-grouped (and image-wise, "
+                                          "labelled leakage) repeated CV on frozen tile embeddings")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
+    a.add_argument("--weights", default=None)
+    a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--n-boot", type=int, default=500)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -245,6 +254,19 @@ def _run(args) -> int:
             d = row["scale_aug_minus_plain"]
             print(f"test scale {sc}: plain AUC {row['plain']['value']:.3f}  scale-augmented {row['scale_aug']['value']:.3f}"
                   f"  difference {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    elif args.cmd == "subtype-cv":
+        from training.data import default_cache_dir, index_source
+        from training.frozen_cv import frozen_features
+        from training.subtypes import markdown_tables, subtype_cv
+        from training.train import BASELINE_WEIGHTS, select_rows
+
+        df = select_rows(index_source(args.data), args.magnification)
+        _, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
+        res = subtype_cv(df, tiles.mean(1), split_seeds=tuple(args.split_seeds), k=args.k, n_boot=args.n_boot)
+        res["command"] = "python -m training " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(markdown_tables(res))
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 
