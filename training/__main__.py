@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=500)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("idc-cv", help="IDC patches: patient-wise repeated CV of frozen Lite2 features at input sizes")
+    a.add_argument("--data", required=True, help="an IDC folder: manifest.csv, flat patch names, or <patient>/<0|1>/")
+    a.add_argument("--weights", default=None)
+    a.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -267,6 +275,19 @@ def _run(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1) + "\n")
         print(markdown_tables(res))
+    elif args.cmd == "idc-cv":
+        from training.data import default_cache_dir
+        from training.idc import idc_cv, index_idc, markdown_table, patch_features
+        from training.train import BASELINE_WEIGHTS
+
+        df = index_idc(args.data)
+        feats = {s: patch_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), s, default_cache_dir())
+                 for s in args.sizes}
+        res = idc_cv(df, feats, tuple(args.split_seeds), args.k, args.n_boot)
+        res["command"] = "python -m training " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(markdown_table(res))
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 

@@ -1,0 +1,60 @@
+"""IDC patches (issue 17, second part): the three layouts, names and coordinates, patient-wise CV."""
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from models.idc import parse_patch_name, region_map
+from training.idc import burden_table, idc_cv, index_idc
+
+
+def _patch(path, colour=(200, 120, 190)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (50, 50), colour).save(path)
+
+
+def test_names_and_coordinates():
+    n = parse_patch_name("8863_idx5_x1001_y851_class1.png")
+    assert (n.patient, n.x, n.y, n.label) == ("8863", 1001, 851, 1)
+    assert parse_patch_name("SOB_B_A-14-22549AB-100-001.png") is None
+    m = region_map(np.array([1001, 1051, 1001]), np.array([851, 851, 901]), np.array([0.1, 0.9, 0.5]))
+    assert m.shape == (2, 2) and m[0, 1] == 0.9 and m[1, 0] == 0.5 and np.isnan(m[1, 1])
+
+
+def test_the_three_layouts_give_the_same_index(tmp_path):
+    names = ["10_idx5_x0_y0_class0.png", "10_idx5_x50_y0_class1.png", "11_idx5_x0_y50_class1.png"]
+    flat, tree, man = tmp_path / "flat", tmp_path / "tree", tmp_path / "man"
+    for n in names:
+        _patch(flat / n)
+        p = parse_patch_name(n)
+        _patch(tree / p.patient / str(p.label) / n)
+        _patch(man / "x" / n)
+    pd.DataFrame({"path": [f"x/{n}" for n in names], "label": ["idc_negative", "idc_positive", "idc_positive"],
+                  "patient": ["10", "10", "11"]}).to_csv(man / "manifest.csv", index=False)
+    cols = ["y", "patient", "x", "y_coord"]
+    a, b, c = (index_idc(d)[cols].sort_values(cols).reset_index(drop=True) for d in (flat, tree, man))
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, c)
+    _patch(tree / "10" / "1" / "10_idx5_x99_y0_class0.png")  # the folder says 1, the name 0: refused
+    with pytest.raises(ValueError, match="folder says class 1"):
+        index_idc(tree)
+
+
+def test_idc_cv_is_patient_wise_and_compares_sizes():
+    rng = np.random.default_rng(0)
+    rows, f_small, f_big = [], [], []
+    for pat in range(20):
+        off = rng.normal(0, 1, 8)
+        for i in range(10):
+            yv = int(i < 4)
+            rows.append({"patient": str(pat), "y": yv, "x": 50 * i, "y_coord": 0})
+            f_small.append(off + rng.normal(0, 1, 8) + 0.5 * yv)
+            f_big.append(off + rng.normal(0, 1, 8) + 2.0 * yv)
+    df = pd.DataFrame(rows)
+    res = idc_cv(df, {112: np.array(f_small), 224: np.array(f_big)}, split_seeds=(0,), k=4, n_boot=50)
+    assert res["n_patients"] == 20
+    assert res["sizes"]["224"]["summary"]["auc"]["value"] > res["sizes"]["112"]["summary"]["auc"]["value"]
+    d = res["paired_difference"]["224 minus 112"]
+    assert d["difference"] > 0 and d["ci95"][0] > 0
+    bt = burden_table(df, np.tile([0.9] * 4 + [0.1] * 6, 20))
+    assert np.allclose(bt["labelled_burden"], 0.4) and np.allclose(bt["predicted_burden"], 0.4)

@@ -1,0 +1,174 @@
+"""IDC patch classification (issue 17, second part): data layer and patient-wise repeated CV.
+
+Reads three layouts: a folder with `manifest.csv` (path, label, patient, as in ../shared/data/idc), flat patch
+names `<patient>_idx5_x<X>_y<Y>_class<0|1>.png`, and the public collection's own tree `<patient>/<0|1>/<name>.png`
+(the folder's class must agree with the name's). Recipe: the frozen ImageNet Lite2 backbone on patches upsampled
+to a given input size, logistic regression with patient- and class-balanced weights; 3 split seeds x 5
+patient-grouped folds; patch AUC with patient-bootstrap CIs, the two input sizes compared on identical folds by a
+paired patient-bootstrap, and each patient's IDC burden (share of positive patches) as predicted vs as labelled.
+
+    python -m training idc-cv --data ../shared/data/idc --sizes 112 224 --out benchmarks/results/idc_cv.json
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.preprocessing import StandardScaler
+
+from models.card import metric
+from models.idc import parse_patch_name
+from models.metrics import _safe_auc, paired_auc_difference, summarize
+from training.engine import sample_weights
+
+log = logging.getLogger("training")
+
+
+def index_idc(folder: str | Path) -> pd.DataFrame:
+    """One row per patch: path, y (1 = IDC-positive), patient, x, y_coord. Disagreements are refused, not guessed."""
+    folder = Path(folder)
+    rows = []
+    if (folder / "manifest.csv").is_file():
+        man = pd.read_csv(folder / "manifest.csv", dtype={"patient": str})
+        bad = sorted(set(man["label"]) - {"idc_positive", "idc_negative"})
+        if bad:
+            raise ValueError(f"{folder / 'manifest.csv'}: unknown IDC label(s) {bad}")
+        for r in man.to_dict("records"):
+            p = (folder / r["path"]).resolve()
+            if folder.resolve() not in p.parents:
+                raise ValueError(f"{folder / 'manifest.csv'}: path {r['path']!r} leaves the data folder")
+            name = parse_patch_name(p.name)
+            rows.append({"path": str(p), "y": int(r["label"] == "idc_positive"), "patient": str(r["patient"]),
+                         "x": name.x if name else -1, "y_coord": name.y if name else -1})
+    else:
+        for p in sorted(folder.rglob("*.png")):
+            name = parse_patch_name(p.name)
+            if name is None:
+                continue
+            if p.parent.name in ("0", "1") and int(p.parent.name) != name.label:
+                raise ValueError(f"{p}: the folder says class {p.parent.name}, the name class {name.label}")
+            rows.append({"path": str(p.resolve()), "y": name.label, "patient": name.patient, "x": name.x,
+                         "y_coord": name.y})
+    if not rows:
+        raise ValueError(f"{folder}: no IDC patches found (manifest.csv, or names <patient>_idx5_x<X>_y<Y>_class<0|1>.png)")
+    return pd.DataFrame(rows)
+
+
+@torch.inference_mode()
+def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, batch: int = 64) -> np.ndarray:
+    """(N, D) frozen ImageNet Lite2 embeddings of patches upsampled (bicubic) to size x size; cached by content."""
+    from models.archs import arch_spec, build_model
+
+    model, rec = build_model("efficientnet_lite2", weights)
+    model.eval()
+    spec = arch_spec("efficientnet_lite2")
+    h = hashlib.sha256(f"idc|{rec.get('file_sha256', weights)}|{size}|{spec.mean}|{spec.std}".encode())
+    for p in paths:
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    cache = Path(cache_dir) / "features" / f"idc_{h.hexdigest()[:24]}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(paths), batch):
+        ims = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths[i:i + batch]]
+        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255
+        out.append(model.features((x - mean) / std).numpy())
+    feats = np.concatenate(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, feats)
+    return feats
+
+
+def idc_folds(df: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    fold = np.full(len(df), -1)
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    for i, (_, te) in enumerate(cv.split(np.zeros(len(df)), df["y"], df["patient"].astype(str))):
+        fold[te] = i
+    return fold
+
+
+def out_of_fold_logits(feats: np.ndarray, df: pd.DataFrame, split_seeds=(0, 1, 2), k: int = 5) -> tuple[np.ndarray, list]:
+    """Out-of-fold logits averaged over split seeds, and the per-fold AUCs; folds are patient-disjoint (checked)."""
+    y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
+    w = sample_weights(y, pats)
+    z = np.zeros((len(split_seeds), len(df)))
+    fold_aucs = []
+    for si, seed in enumerate(split_seeds):
+        fold = idc_folds(df, k, seed)
+        for j in range(k):
+            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
+            assert not set(pats[te]) & set(pats[tr]), "IDC folds share a patient"
+            sc = StandardScaler().fit(feats[tr])
+            lr = LogisticRegression(C=0.05, max_iter=3000).fit(sc.transform(feats[tr]), y[tr], sample_weight=w[tr])
+            z[si, te] = lr.decision_function(sc.transform(feats[te]))
+            fold_aucs.append(_safe_auc(y[te], z[si, te]))
+    return z.mean(0), fold_aucs
+
+
+def burden_table(df: pd.DataFrame, p: np.ndarray, threshold: float = 0.5) -> pd.DataFrame:
+    """Per patient: patches, labelled IDC burden (share of positive patches) and the predicted one."""
+    t = pd.DataFrame({"patient": df["patient"].astype(str), "labelled": df["y"], "predicted": p >= threshold})
+    g = t.groupby("patient")
+    return pd.DataFrame({"patches": g.size(), "labelled_burden": g["labelled"].mean(),
+                         "predicted_burden": g["predicted"].mean()})
+
+
+def idc_cv(df: pd.DataFrame, feats_by_size: dict[int, np.ndarray], split_seeds=(0, 1, 2), k: int = 5,
+           n_boot: int = 1000) -> dict:
+    """Each input size under the same patient-grouped folds; sizes compared by a paired patient bootstrap."""
+    y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
+    out = {"protocol": f"{len(split_seeds)} split seeds x {k} stratified patient-grouped folds, identical for every "
+                       "input size; frozen ImageNet Lite2 features of the 50x50 patch upsampled (bicubic) to the input "
+                       "size; logistic regression (C=0.05, patient- and class-balanced weights); out-of-fold logits "
+                       "averaged over split seeds; 95% CIs from resampling patients",
+           "n_patches": {"negative": int((y == 0).sum()), "positive": int((y == 1).sum())},
+           "n_patients": int(len(set(pats))),
+           "patients_with_positive_patches": int(df.loc[df["y"] == 1, "patient"].nunique()), "sizes": {}}
+    logits = {}
+    for size, feats in feats_by_size.items():
+        z, fa = out_of_fold_logits(feats, df, split_seeds, k)
+        logits[size] = z
+        p = 1 / (1 + np.exp(-z))
+        s = summarize(y, p, pats, n_boot=n_boot, score=z)
+        bt = burden_table(df, p)
+        err = (bt["predicted_burden"] - bt["labelled_burden"]).abs()
+        fa = np.array(fa, float)
+        out["sizes"][str(size)] = {
+            "summary": {m: asdict(metric(s, m)) for m in ("auc", "accuracy", "balanced_accuracy")},
+            "per_fold_auc_mean": float(np.nanmean(fa)), "per_fold_auc_sd": float(np.nanstd(fa, ddof=1)),
+            "burden_mean_abs_error": float(err.mean()),
+            "burden_correlation": float(np.corrcoef(bt["predicted_burden"], bt["labelled_burden"])[0, 1]),
+        }
+    sizes = list(feats_by_size)
+    if len(sizes) == 2:
+        out["paired_difference"] = {f"{sizes[1]} minus {sizes[0]}": paired_auc_difference(
+            y, logits[sizes[1]], logits[sizes[0]], pats, n_boot=n_boot)}
+    return out
+
+
+def markdown_table(res: dict) -> str:
+    def f(m):
+        return f"{m['value']:.3f} ({m['ci95'][0]:.3f}–{m['ci95'][1]:.3f})"
+
+    n = res["n_patches"]
+    lines = [f"{n['negative'] + n['positive']} patches ({n['positive']} IDC-positive) from {res['n_patients']} patients "
+             f"({res['patients_with_positive_patches']} with positive patches). Protocol: {res['protocol']}.", "",
+             "| input size | patch AUC (95% CI) | balanced accuracy (95% CI) | per-fold AUC mean ± SD | IDC burden: mean "
+             "absolute error per patient | burden correlation |", "|---|---|---|---|---|---|"]
+    for size, r in res["sizes"].items():
+        s = r["summary"]
+        lines.append(f"| {size}x{size} | {f(s['auc'])} | {f(s['balanced_accuracy'])} | {r['per_fold_auc_mean']:.3f} ± "
+                     f"{r['per_fold_auc_sd']:.3f} | {r['burden_mean_abs_error']:.3f} | {r['burden_correlation']:.2f} |")
+    for name, d in (res.get("paired_difference") or {}).items():
+        lines += ["", f"Paired difference ({name}): {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})."]
+    return "\n".join(lines)
