@@ -65,3 +65,15 @@ def history_store():
     from app.history import default_url
 
     return _history(default_url())
+
+
+@st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
+def _cached_patches(model_id: str, root: str, items: tuple):
+    from models.idc import predict_patches
+
+    return predict_patches(_cached_model(model_id, root), list(items))
+
+
+def cached_patches(model_id: str, items: tuple):
+    """p(IDC) for one upload's patches, computed once per upload (moving to another patient only re-draws)."""
+    return _cached_patches(model_id, current_root(), items)

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("predict", help="p(malignant) per file, one CSV row each")
-    p.add_argument("--magnification", required=True, choices=MAGNIFICATIONS)
+    p.add_argument("--task", choices=["malignancy", "idc"], default="malignancy",
+                   help="malignancy: BreakHis frames (needs --magnification); idc: 50x50 IDC patches")
+    p.add_argument("--magnification", choices=MAGNIFICATIONS, default=None)
     p.add_argument("--model", help="model id (e.g. 100X/efficientnet_lite2) or a model folder; default: the registry's")
     p.add_argument("--root", type=Path, default=None, help="models root (default magnif_models/)")
     p.add_argument("--tta", action="store_true", help="average the 8 dihedral views (8x slower)")
@@ -49,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
         return 1 if bad else 0
     root = args.root or models_root()
+    if args.task == "malignancy" and args.magnification is None:
+        print("error: --magnification is required for --task malignancy (BreakHis frames)", file=sys.stderr)
+        return 2
     try:
-        model_id = args.model or default_model_id(args.magnification, root)
+        model_id = args.model or default_model_id(args.magnification if args.task == "malignancy" else "idc", root)
     except DefaultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if model_id is None and args.task == "idc":
+        print(f"error: no IDC patch model in {root}; train one with `python -m training train-idc --data "
+              f"../shared/data/idc --out {root}/idc/efficientnet_lite2_idc` then `python -m training select-defaults "
+              f"--root {root}`", file=sys.stderr)
         return 2
     if model_id is None:
         print(f"error: no model serves {args.magnification} in {root}; train one with "
@@ -66,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # integrity or missing files: say so, no traceback
         print(f"error: cannot load model {model_id}: {exc}", file=sys.stderr)
         return 2
+    if args.task == "idc":
+        return _predict_idc(lm, args.files)
+    if lm.card.task_kind != "malignancy":
+        print(f"error: {model_id} is an {lm.card.task_kind} model; use --task {lm.card.task_kind}", file=sys.stderr)
+        return 2
     rows = lm.predict_files(args.files, args.magnification, tta=args.tta)
     w = csv.DictWriter(sys.stdout, fieldnames=["path", "magnification", "model_id", "p_malignant", "label", "decision",
                                                 "reason", "warning"])
@@ -74,6 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         r = dict(r)
         r["p_malignant"] = "" if r["p_malignant"] is None else repr(r["p_malignant"])
         w.writerow(r)
+    return 0
+
+
+def _predict_idc(lm, files: list[str]) -> int:
+    """path, task, model_id, p_idc, label, warning per patch (p_idc = probability of IDC-positive)."""
+    from models.idc import predict_patches
+
+    if lm.card.task_kind != "idc":
+        print(f"error: {lm.model_id} is a {lm.card.task_kind} model, not an IDC patch model", file=sys.stderr)
+        return 2
+    w = csv.DictWriter(sys.stdout, fieldnames=["path", "task", "model_id", "p_idc", "label", "warning"])
+    w.writeheader()
+    for r in predict_patches(lm, [(f, f) for f in files]):
+        w.writerow({"path": r.name, "task": "idc", "model_id": lm.model_id,
+                    "p_idc": "" if r.p_idc is None else repr(r.p_idc), "label": r.label, "warning": r.warning})
     return 0
 
 

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
-CARD_VERSION = 2
+CARD_VERSION = 3
+TASK_KINDS = ("malignancy", "idc")  # what the model answers: benign/malignant frames, or IDC-positive patches
 # One magnification type for the whole code base: the four BreakHis objectives, and ALL for pooled models.
 MAGNIFICATIONS: tuple[str, ...] = ("40X", "100X", "200X", "400X")
 ALL = "all"
@@ -135,7 +136,8 @@ class ModelCard:
     )
     limitations: list[str] = field(default_factory=list)
     changelog: list[str] = field(default_factory=list)
-    card_version: Literal[2] = CARD_VERSION
+    task_kind: Literal["malignancy", "idc"] = "malignancy"  # card_version 3
+    card_version: Literal[3] = CARD_VERSION
 
     def __post_init__(self) -> None:
         inp, out = io_format(self.preprocess)
@@ -216,7 +218,12 @@ def migrate_card(d: Any, where: str = "card.json") -> dict:
                             "re-run `python -m training select-defaults`")
         d["changelog"] = [*d.get("changelog", []), f"{date.today().isoformat()}: migrated from card_version 1 to 2 "
                           "(`serves` removed: routing lives in defaults.json; input/output format added); weights unchanged"]
-        d["card_version"] = 2
+        d["card_version"] = v = 2
+    if v == 2:
+        # v2 -> v3: `task_kind` says what the model answers (IDC patch models joined the frame models); every v2
+        # card is a benign/malignant frame model. Migrated in memory: the file (and its sha256) is left as it is.
+        d["task_kind"] = "malignancy"
+        d["card_version"] = 3
     return d
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 PATCH = 50
+PATCH_MIN_SIDE = 8  # smaller uploads are refused as too small to judge (the collection has 50x14 edge patches)
 _NAME = re.compile(r"^(?P<patient>[A-Za-z0-9]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])\.png$")
 
 
@@ -38,3 +39,80 @@ def region_map(xs: np.ndarray, ys: np.ndarray, values: np.ndarray, patch: int = 
     out = np.full((int(gy.max()) + 1, int(gx.max()) + 1), np.nan)
     out[gy, gx] = values
     return out
+
+
+def pad_patch(img, notes: list[str] | None = None):
+    """An edge patch (cut short by the slide's border, e.g. 50x14) padded with white to 50x50, at its top-left as
+    it lay in the slide, rather than stretched (which would distort every nucleus); training and inference alike."""
+    from PIL import Image
+
+    w, h = img.size
+    if w >= PATCH and h >= PATCH:
+        return img
+    out = Image.new("RGB", (max(w, PATCH), max(h, PATCH)), (255, 255, 255))
+    out.paste(img, (0, 0))
+    if notes is not None:
+        notes.append(f"{w}x{h} edge patch padded with white to {out.width}x{out.height}")
+    return out
+
+
+@dataclass
+class PatchResult:
+    name: str
+    p_idc: float | None
+    label: str  # "IDC-positive" | "IDC-negative" | "" (not analysed)
+    warning: str
+    patch: PatchName | None  # patient and coordinates, when the name carries them
+
+
+def predict_patches(lm, items: list[tuple[str, bytes | str]], batch_size: int = 64) -> list[PatchResult]:
+    """p(IDC) per patch, one result per input in order; a bad file gets no probability and the reason."""
+    import torch
+
+    from models.preprocess import ImageError, load_image
+
+    if lm.card.task_kind != "idc":
+        raise ValueError(f"{lm.model_id} is a {lm.card.task_kind} model, not an IDC patch model")
+    out: list[PatchResult] = []
+    pending: list[tuple[int, object]] = []
+
+    def flush() -> None:
+        x = torch.stack([lm.preprocess(im) for _, im in pending])
+        for (i, _), p in zip(pending, lm.probabilities(x)):
+            out[i].p_idc = float(p)
+            out[i].label = "IDC-positive" if p >= lm.card.threshold else "IDC-negative"
+        pending.clear()
+
+    for name, src in items:
+        res = PatchResult(name, None, "", "", parse_patch_name(name))
+        out.append(res)
+        try:
+            li = load_image(src, name=name, min_side=PATCH_MIN_SIDE)
+        except ImageError as exc:
+            res.warning = str(exc)
+            continue
+        notes = list(li.warnings)
+        img = pad_patch(li.image, notes)
+        if max(li.image.size) > 4 * PATCH:
+            notes.append(f"{li.image.width}x{li.image.height} is far larger than the {PATCH}x{PATCH} patches this model "
+                         "was trained on; it was shrunk to the model's input and the result is unreliable")
+        res.warning = "; ".join(notes)
+        pending.append((len(out) - 1, img))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return out
+
+
+def burden_with_ci(p: np.ndarray, threshold: float, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """A patient's IDC burden (share of patches called positive) with a 95% bootstrap CI over its patches.
+
+    The patches of one region are not independent (neighbours look alike), so this CI is a lower bound on the
+    uncertainty; it says how much the share rests on few patches, not how a second biopsy would come out."""
+    calls = (np.asarray(p, float) >= threshold).astype(float)
+    if len(calls) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = calls[rng.integers(0, len(calls), (n_boot, len(calls)))].mean(1)
+    return float(calls.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))

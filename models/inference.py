@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from models.archs import HistoClassifier, build_model, file_sha256
-from models.card import MAGNIFICATIONS, ModelCard
+from models.card import ALL, MAGNIFICATIONS, ModelCard
 from models.config import models_root
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, frame_to_tensor, load_image
@@ -198,10 +198,14 @@ def load_policy(folder: Path, card_path: Path) -> tuple[ReferPolicy | None, str]
     return pol, ""
 
 
-def list_model_folders(root: str | Path | None = None) -> list[Path]:
-    """Every `<MAG or all>/<name>/card.json` folder under root, sorted."""
+IDC_DIR = "idc"  # IDC patch models live in <root>/idc/<name>/, beside the frame models' <MAG or all>/<name>/
+
+
+def list_model_folders(root: str | Path | None = None, task: str = "malignancy") -> list[Path]:
+    """Every `<MAG or all>/<name>/card.json` folder under root (task "idc": every `idc/<name>/`), sorted."""
     root = Path(root) if root else models_root()
-    return sorted(p.parent for p in root.glob("*/*/card.json"))
+    parents = (IDC_DIR,) if task == "idc" else (*MAGNIFICATIONS, ALL)
+    return sorted(p.parent for p in root.glob("*/*/card.json") if p.parent.parent.name in parents)
 
 
 class DefaultsError(ValueError):
@@ -219,7 +223,19 @@ class DefaultsEntry:
     card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
+@with_config(ConfigDict(extra="allow"))
+@dataclass
+class IdcDefaultsEntry:
+    """The IDC patch model's routing entry (key "idc")."""
+
+    model_id: Annotated[str, Field(pattern=r"^idc/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    auc: Annotated[float, Field(ge=0.0, le=1.0)]
+    n_patients: Annotated[int, Field(ge=0)]
+    card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
 _DEFAULTS = TypeAdapter(dict[Literal["40X", "100X", "200X", "400X"], DefaultsEntry])
+_IDC_DEFAULTS = TypeAdapter(IdcDefaultsEntry)
 
 
 def read_defaults(root: str | Path | None = None) -> dict:
@@ -232,7 +248,12 @@ def read_defaults(root: str | Path | None = None) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DefaultsError(f"{path}: not valid JSON ({exc}); re-run `python -m training select-defaults`") from None
     try:
-        _DEFAULTS.validate_python(d)
+        if not isinstance(d, dict):
+            raise DefaultsError(f"{path}: invalid routing file: top level: not an object; re-run `python -m training "
+                                "select-defaults`")
+        _DEFAULTS.validate_python({k: v for k, v in d.items() if k != IDC_DIR})
+        if IDC_DIR in d:
+            _IDC_DEFAULTS.validate_python(d[IDC_DIR])
     except ValidationError as exc:
         probs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'][0].lower() + e['msg'][1:]}" for e in exc.errors()[:4])
         raise DefaultsError(f"{path}: invalid routing file: {probs}; re-run `python -m training select-defaults`") from None
@@ -240,6 +261,6 @@ def read_defaults(root: str | Path | None = None) -> dict:
 
 
 def default_model_id(magnification: str, root: str | Path | None = None) -> str | None:
-    """Model id serving `magnification`, or None when nothing is trained for it."""
+    """Model id serving `magnification` (or "idc": the IDC patch model), or None when nothing is trained for it."""
     entry = read_defaults(root).get(magnification)
     return entry["model_id"] if entry else None

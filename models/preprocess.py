@@ -37,7 +37,7 @@ class LoadedImage:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> LoadedImage:
+def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None, min_side: int = MIN_SIDE) -> LoadedImage:
     """Decode any user file into 8-bit RGB, or raise ImageError with a reason a clinician can read.
 
     Nothing process-wide is changed (no PIL globals, no warning filters): the pixel count is checked from the header
@@ -87,14 +87,15 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
         raise ImageError(f"{label}: not a readable image (accepted formats: {', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, struct_error, EOFError) as exc:
         raise ImageError(f"{label}: image is corrupt or truncated ({exc})") from None
-    loaded = to_rgb(img, label, size=(w, h))
+    loaded = to_rgb(img, label, size=(w, h), min_side=min_side)
     loaded.warnings[:0] = notes
     return loaded
 
 
-def to_rgb(img: Image.Image, label: str = "image", size: tuple[int, int] | None = None) -> LoadedImage:
+def to_rgb(img: Image.Image, label: str = "image", size: tuple[int, int] | None = None,
+           min_side: int = MIN_SIDE) -> LoadedImage:
     """Normalise mode and orientation (a portrait frame is turned to landscape, as BreakHis frames are), recording
-    what was changed as warnings."""
+    what was changed as warnings. min_side: smaller images are refused (IDC patches: 8; edge patches are padded by models.idc)."""
     notes: list[str] = []
     mode, size = img.mode, size or img.size
     try:
@@ -123,8 +124,8 @@ def to_rgb(img: Image.Image, label: str = "image", size: tuple[int, int] | None 
         notes.append("CMYK image converted to RGB")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    if min(img.size) < MIN_SIDE:
-        raise ImageError(f"{label}: image is too small ({img.width}x{img.height}; need at least {MIN_SIDE} px a side)")
+    if min(img.size) < min_side:
+        raise ImageError(f"{label}: image is too small ({img.width}x{img.height}; need at least {min_side} px a side)")
     if img.height > img.width:
         # The models were trained on landscape 700x460 frames; squashing a portrait frame into that shape distorts
         # the tissue (issue 15: 5 of 16 labels flipped). A quarter turn keeps every pixel's geometry.

@@ -111,5 +111,21 @@ def tiny_models_root(tmp_path_factory) -> Path:
     make_model_folder(root / "100X" / "efficientnet_lite2", "efficientnet_lite2", "100X", seed=1, signal=0.6)
     make_model_folder(root / "all" / "resnet50", "resnet50", "all", per_mag=["40X", "100X", "200X"], seed=2)
     make_model_folder(root / "all" / "hybrid", "hybrid", "all", per_mag=["40X", "100X"], seed=3, signal=0.05)
+    make_idc_folder(root / "idc" / "efficientnet_lite2_idc")
     select_defaults(root)
     return root
+
+
+def make_idc_folder(out: Path) -> Path:
+    """A scratch IDC patch model (a frame-model fixture re-labelled as task_kind idc, 64x64 input for speed)."""
+    from models.card import ModelCard, PreprocessConfig
+
+    make_model_folder(out, "efficientnet_lite2", "40X", seed=4, signal=0.6)
+    card = ModelCard.from_json(out / "card.json")
+    card.task_kind = "idc"
+    card.task = "fixture: IDC-negative (0) vs IDC-positive (1) patches"
+    card.preprocess = PreprocessConfig((64, 64), card.preprocess.mean, card.preprocess.std, interpolation="bicubic")
+    card.input_format, card.output_format = {}, {}
+    card.data = {"patients": 24}
+    card.to_json(out / "card.json")
+    return out

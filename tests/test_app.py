@@ -244,3 +244,49 @@ def test_a_case_saved_on_diagnose_is_found_on_history():
 def test_history_page_with_no_cases_says_how_to_save_one():
     at = _app("pages/4_History.py")
     assert "No saved cases yet" in _texts(at) and "not a diagnosis" in _texts(at)
+
+
+def _idc_patch(x, y, cls, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array([190, 110, 170]) + rng.normal(0, 25, (50, 50, 3)), 0, 255).astype(np.uint8)
+    return (f"9001_idx5_x{x}_y{y}_class{cls}.png", _png(Image.fromarray(arr)))
+
+
+def test_idc_page_patches_zip_region_burden_and_gradcam():
+    import zipfile
+
+    at = _app("pages/5_IDC_patches.py")
+    assert "No IDC patch model" not in _texts(at) and "idc/efficientnet_lite2_idc" in _texts(at)
+    patches = [_idc_patch(50 * i, 50 * j, int(i > 1), seed=i * 3 + j) for i in range(3) for j in range(3)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in patches[:6]:
+            z.writestr(f"9001/{name[-10]}/{name}", data)
+        z.writestr("9001/readme.txt", "not an image")
+    at.file_uploader(key="idc_uploads").set_value([("9001.zip", buf.getvalue(), "application/zip"),
+                                                   *[(n, d, "image/png") for n, d in patches[6:]],
+                                                   ("broken.png", b"\x89PNG not really", "image/png")]).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 10 and table["p_idc"].notna().sum() == 9  # the broken file is a row with its reason
+    assert "readme.txt: not an image file" in _texts(at) and "broken.png" in _texts(at)
+    assert at.selectbox(key="idc_patient").value == "9001"
+    burden = [m for m in at.metric if m.label.startswith("IDC burden")]
+    assert burden and "95% CI" in burden[0].value
+    assert "names state 33%" in _texts(at)  # 3 of the 9 patches are class 1 in their names
+    at.selectbox(key="idc_pick").set_value(4).run()
+    assert not at.exception, at.exception
+    assert any("Grad-CAM for IDC-positive" in str(c.value) for c in at.caption)
+
+
+def test_idc_page_without_a_model_says_how_to_train_one(tiny_root, tmp_path, monkeypatch):
+    import shutil
+
+    from training.routing import select_defaults
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("idc"))
+    select_defaults(root)
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(root))
+    at = _app("pages/5_IDC_patches.py")
+    assert "No IDC patch model" in _texts(at) and "train-idc" in _texts(at)

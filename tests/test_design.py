@@ -19,7 +19,8 @@ REFERENCE = ROOT / "magnif_models" / "all" / "efficientnet_lite2_finetuned" / "c
 
 
 def shipped_dict() -> dict:
-    return json.loads(REFERENCE.read_text())
+    """The reference card as a current-version dict (shipped files may be an older version, migrated on load)."""
+    return migrate_card(json.loads(REFERENCE.read_text()))
 
 
 def test_every_shipped_card_is_current_and_valid():
@@ -81,10 +82,11 @@ def test_a_version_1_card_is_migrated_without_touching_the_weights():
     d = shipped_dict()
     d["card_version"] = 1
     d["serves"] = {}
-    for k in ("input_format", "output_format"):
+    for k in ("input_format", "output_format", "task_kind"):
         d.pop(k)
     c = validate_card_dict(migrate_card(d))
     assert c.card_version == CARD_VERSION and "migrated from card_version 1" in c.changelog[-1]
+    assert c.task_kind == "malignancy"  # v2 -> v3: every older card is a benign/malignant frame model
     assert c.weights_sha256 == shipped_dict()["weights_sha256"]
     d["serves"] = {"100X": "routed"}  # routing written into a card: never carried over silently
     with pytest.raises(CardError, match="select-defaults"):

@@ -1,4 +1,6 @@
 """IDC patches (issue 17, second part): the three layouts, names and coordinates, patient-wise CV."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,3 +60,50 @@ def test_idc_cv_is_patient_wise_and_compares_sizes():
     assert d["difference"] > 0 and d["ci95"][0] > 0
     bt = burden_table(df, np.tile([0.9] * 4 + [0.1] * 6, 20))
     assert np.allclose(bt["labelled_burden"], 0.4) and np.allclose(bt["predicted_burden"], 0.4)
+
+
+def test_train_idc_then_predict_task_idc_end_to_end(tmp_path):
+    """Small data built from ../shared/data/idc in the public tree layout: train-idc, select-defaults, predict."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, SHARED
+
+    src = SHARED / "data" / "idc"
+    if not (src / "manifest.csv").is_file() or not (SHARED / "weights").is_dir():
+        pytest.skip("../shared/data/idc or ../shared/weights is absent")
+    df = index_idc(src)
+    keep = sorted(df.loc[df["y"] == 1, "patient"].unique())[:10]
+    data = tmp_path / "idc_tree"
+    for r in df[df["patient"].isin(keep)].to_dict("records"):
+        dst = data / r["patient"] / str(r["y"]) / Path(r["path"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(r["path"], dst)
+    root = tmp_path / "models"
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600)  # noqa: E731
+    r = run("-m", "training", "train-idc", "--data", str(data), "--out", str(root / "idc" / "lite2_idc"), "--size", "64",
+            "--n-boot", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("-m", "training", "select-defaults", "--root", str(root))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from models.card import ModelCard
+
+    card = ModelCard.from_json(root / "idc" / "lite2_idc" / "card.json")
+    assert card.task_kind == "idc" and card.evaluation["idc_cv"]["n_patients"] == 10 and card.preprocess.input_size == (64, 64)
+    patches = sorted(data.rglob("*.png"))[:4]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    r = run("-m", "models", "predict", "--task", "idc", "--root", str(root), *map(str, patches), str(bad))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert list(rows[0]) == ["path", "task", "model_id", "p_idc", "label", "warning"]
+    assert len(rows) == 5 and all(0 <= float(x["p_idc"]) <= 1 for x in rows[:4])
+    assert {x["label"] for x in rows[:4]} <= {"IDC-positive", "IDC-negative"} and rows[4]["p_idc"] == ""
+    assert "not a readable image" in rows[4]["warning"] and all(x["task"] == "idc" for x in rows)
+    r = run("-m", "models", "predict", "--task", "malignancy", "--magnification", "100X", "--root", str(root),
+            "--model", str(root / "idc" / "lite2_idc"), str(patches[0]))
+    assert r.returncode == 2 and "use --task idc" in r.stderr  # an IDC model never answers the frame question

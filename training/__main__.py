@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("train-idc", help="ship an IDC patch model (frozen Lite2 + logistic regression) with its card")
+    a.add_argument("--data", required=True)
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--weights", default=None)
+    a.add_argument("--size", type=int, default=224)
+    a.add_argument("--n-boot", type=int, default=1000)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -288,6 +294,14 @@ def _run(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1) + "\n")
         print(markdown_table(res))
+    elif args.cmd == "train-idc":
+        from training.idc import train_idc_model
+        from training.train import BASELINE_WEIGHTS
+
+        card = train_idc_model(args.data, args.out, args.weights or str(BASELINE_WEIGHTS), args.size, n_boot=args.n_boot)
+        a_ = card.metric_at("40X")
+        print(f"{card.model_id}: patch AUC {a_.value:.3f} ({a_.ci95[0]:.3f}-{a_.ci95[1]:.3f}), temperature "
+              f"{card.temperature:.2f}; wrote {args.out}")
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from models.card import metric
-from models.idc import parse_patch_name
+from models.archs import arch_spec, build_model
+from models.card import PreprocessConfig, metric
+from models.idc import PATCH, pad_patch, parse_patch_name
+from models.preprocess import frame_to_tensor, load_image
 from models.metrics import _safe_auc, paired_auc_difference, summarize
 from training.engine import sample_weights
 
@@ -62,27 +63,32 @@ def index_idc(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def patch_config(size: int) -> PreprocessConfig:
+    """How a patch becomes the network's input, the same in training and in the shipped card (inference follows it)."""
+    spec = arch_spec("efficientnet_lite2")
+    return PreprocessConfig((size, size), spec.mean, spec.std, interpolation="bicubic",
+                            crop=f"none: the {PATCH}x{PATCH} patch is upsampled to {size}x{size}")
+
+
 @torch.inference_mode()
 def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, batch: int = 64) -> np.ndarray:
-    """(N, D) frozen ImageNet Lite2 embeddings of patches upsampled (bicubic) to size x size; cached by content."""
-    from models.archs import arch_spec, build_model
-
+    """(N, D) frozen ImageNet Lite2 embeddings of patches upsampled to size x size (models.preprocess, as at
+    inference); cached by content (weights sha256 + preprocessing + each patch's bytes)."""
     model, rec = build_model("efficientnet_lite2", weights)
     model.eval()
-    spec = arch_spec("efficientnet_lite2")
-    h = hashlib.sha256(f"idc|{rec.get('file_sha256', weights)}|{size}|{spec.mean}|{spec.std}".encode())
+    cfg = patch_config(size)
+    h = hashlib.sha256(f"idc|{rec.get('file_sha256', weights)}|{cfg}|pad-white".encode())
     for p in paths:
         h.update(hashlib.sha256(Path(p).read_bytes()).digest())
     cache = Path(cache_dir) / "features" / f"idc_{h.hexdigest()[:24]}.npy"
     if cache.is_file():
         return np.load(cache)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(paths), batch):
-        ims = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths[i:i + batch]]
-        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255
-        out.append(model.features((x - mean) / std).numpy())
+        # min_side=1: the collection holds edge patches down to 50x1; they are padded, as predict_patches pads them
+        x = torch.stack([frame_to_tensor(pad_patch(load_image(p, min_side=1).image), cfg)
+                         for p in paths[i:i + batch]])
+        out.append(model.features(x).numpy())
     feats = np.concatenate(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, feats)
@@ -172,3 +178,72 @@ def markdown_table(res: dict) -> str:
     for name, d in (res.get("paired_difference") or {}).items():
         lines += ["", f"Paired difference ({name}): {d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})."]
     return "\n".join(lines)
+
+
+def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, split_seeds=(0, 1, 2), k: int = 5,
+                    n_boot: int = 1000, cache_dir: Path | None = None):
+    """Ship an IDC patch model: the frozen ImageNet Lite2 backbone with a logistic-regression head folded into its
+    `fc`, temperature from the out-of-fold logits (guarded), and the patient-wise repeated CV as its evaluation."""
+    import datetime as _dt
+    import time
+
+    from safetensors.torch import save_file
+
+    from models.archs import file_sha256
+    from models.card import ModelCard
+    from models.metrics import apply_temperature, fit_temperature_guarded
+    from training.data import default_cache_dir
+    from training.engine import fit_logistic_head
+    from training.train import git_commit, versions
+
+    t0 = time.time()
+    df = index_idc(data)
+    feats = patch_features(df["path"].tolist(), weights, size, Path(cache_dir or default_cache_dir()))
+    y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
+    cv = idc_cv(df, {size: feats}, split_seeds, k, n_boot)
+    z, _ = out_of_fold_logits(feats, df, split_seeds, k)
+    temp, temp_note = fit_temperature_guarded(z, y)
+    weight, bias = fit_logistic_head(feats, y, sample_weights(y, pats), np.arange(len(df)), C=0.05)
+    model, rec = build_model("efficientnet_lite2", weights)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.from_numpy(weight).float().unsqueeze(0))
+        model.fc.bias.fill_(float(bias))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({kk: (v.half() if v.is_floating_point() else v).contiguous() for kk, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    p = apply_temperature(z, temp)
+    overall = summarize(y, p, pats, n_boot=n_boot, score=z)
+    pd.DataFrame({"path": df["path"], "patient": pats, "label": y, "x": df["x"], "y_coord": df["y_coord"],
+                  "logit": z, "p_idc": p}).to_csv(out / "predictions.csv", index=False)
+    n_pos = int(df.loc[df["y"] == 1, "patient"].nunique())
+    card = ModelCard(
+        model_id=f"{out.parent.name}/{out.name}", architecture="efficientnet_lite2", magnification="40X",
+        preprocess=patch_config(size), task_kind="idc",
+        task="binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
+             "IDC-positive (1) (invasive ductal carcinoma)",
+        output="one logit; p_idc = sigmoid(logit / temperature)",
+        init={**rec, "description": rec["description"] + " (frozen: only the logistic-regression head is trained)"},
+        temperature=temp, weights_sha256=file_sha256(out / "model.safetensors"),
+        recipe={"name": "idc_frozen_lr", "description": f"frozen ImageNet Lite2 embedding of the patch upsampled to "
+                f"{size}x{size}; logistic regression (C=0.05, patient- and class-balanced weights), folded into fc",
+                "temperature_fit": temp_note},
+        hyperparameters={"C": 0.05, "input_size": size},
+        data={"source": str(data), "patches": {"negative": int((y == 0).sum()), "positive": int((y == 1).sum())},
+              "patients": int(len(set(pats))), "patients_with_positive_patches": n_pos,
+              "note": "in the evaluation summaries 'benign' means IDC-negative and 'malignant' IDC-positive; a "
+                      "patient is counted under the label of most of its patches"},
+        split_file="predictions.csv",
+        evaluation={"protocol": cv["protocol"], "overall": overall, "idc_cv": cv},
+        training_time_s=time.time() - t0, versions=versions(), git_commit=git_commit(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        intended_use="Research aid: locating invasive ductal carcinoma among 50x50 patches of one collection's "
+                     "40X whole-slide scans. Not a diagnosis; not validated for clinical use.",
+        limitations=[f"{len(set(pats))} patients, {len(df)} patches: a sample of the public IDC collection, one "
+                     "source; other scanners and stains are not measured.",
+                     "The backbone is frozen ImageNet Lite2: only a linear head was trained.",
+                     "The evaluation's CIs come from resampling patients; patient-level IDC burden is compared as "
+                     "predicted vs labelled share of positive patches."],
+        changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train-idc`"])
+    card.to_json(out / "card.json")
+    return card

@@ -139,8 +139,8 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
     """Choose (and unless write=False, write defaults.json) by the rule above, with each magnification's evidence."""
     root = Path(root)
     folders = list_model_folders(root)
-    if not folders:
-        raise FileNotFoundError(f"{root}: no model folders (<MAG or all>/<model>/card.json) to route")
+    if not folders and not list_model_folders(root, task="idc"):
+        raise FileNotFoundError(f"{root}: no model folders (<MAG or all>/<model>/card.json, idc/<model>/) to route")
     cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
     out = {}
     for mag in MAGNIFICATIONS:
@@ -163,6 +163,29 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
         out[mag] = {**public(best), "few_patients": n["benign"] + n["malignant"] < FEW_PATIENTS or min(n.values()) < 5,
                     "rule": RULE, "incumbent": d["incumbent"], "comparisons": d["comparisons"],
                     "candidates": [public(c) for c in cands], "reason": d["reason"]}
+    idc = idc_entry(root)
+    if idc:
+        out["idc"] = idc
     if write:
         (root / DEFAULTS_FILE).write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def idc_entry(root: Path) -> dict | None:
+    """The IDC patch model's routing entry. With one IDC model it serves; with several, the one already routed
+    keeps serving (never the best of several on the folds it would be reported on), else the oldest card."""
+    folders = list_model_folders(root, task="idc")
+    if not folders:
+        return None
+    cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
+    try:
+        current = (json.loads((root / DEFAULTS_FILE).read_text()).get("idc") or {}).get("model_id")
+    except (OSError, ValueError):
+        current = None
+    f, c = next(((f, c) for f, c in cards if c.model_id == current), min(cards, key=lambda fc: fc[1].created))
+    auc = c.metric_at(c.magnification)
+    reason = ("the only IDC patch model" if len(cards) == 1 else
+              "already routed; several IDC models: compare them on the same folds before switching" if c.model_id == current
+              else "the oldest of several IDC models (none was routed): compare them on the same folds before switching")
+    return {"model_id": c.model_id, "auc": auc.value, "auc_ci95": list(auc.ci95), "n_patients": c.data["patients"],
+            "card_sha256": file_sha256(f / "card.json"), "reason": reason}
