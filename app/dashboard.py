@@ -51,8 +51,23 @@ def load_cards(root: str | Path | None = None) -> dict[str, ModelCard]:
 
 
 def card_problems(root: str | Path | None = None) -> list[str]:
-    """One line per model folder whose card was refused, so the pages can say which models are hidden and why."""
-    return scan_cards(root)[1]
+    """One line per model folder (frame or IDC models) whose card was refused, so the pages can say which models
+    are hidden and why."""
+    problems = scan_cards(root)[1]
+    for f in list_model_folders(root, task="idc"):
+        try:
+            ModelCard.from_json(f / "card.json")
+        except CardError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def idc_route(root: str | Path | None = None) -> dict | None:
+    """The IDC patch model's routing entry, or None (none trained, or the routing file unreadable: Home says so)."""
+    try:
+        return read_defaults(root).get("idc")
+    except DefaultsError:
+        return None
 
 
 def route(magnification: str, root: str | Path | None = None) -> Route:

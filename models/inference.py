@@ -249,7 +249,7 @@ def read_defaults(root: str | Path | None = None) -> dict:
         raise DefaultsError(f"{path}: not valid JSON ({exc}); re-run `python -m training select-defaults`") from None
     try:
         if not isinstance(d, dict):
-            raise DefaultsError(f"{path}: invalid routing file: top level: not an object; re-run `python -m training "
+            raise DefaultsError(f"{path}: invalid routing file: top level: input should be a valid dictionary; re-run `python -m training "
                                 "select-defaults`")
         _DEFAULTS.validate_python({k: v for k, v in d.items() if k != IDC_DIR})
         if IDC_DIR in d:

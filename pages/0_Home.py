@@ -1,7 +1,7 @@
 """Home: what the tool is and is not, the model inventory, where to start (listed first by streamlit_app.py)."""
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, card_problems, inventory, route, routing_evidence
+from app.dashboard import DISCLAIMER, card_problems, idc_route, inventory, route, routing_evidence
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
@@ -41,5 +41,12 @@ st.subheader("Where to start")
 st.markdown(
     "- **Diagnose**: upload frames, pick the magnification, read probability, warnings and heatmap.\n"
     "- **Model metrics**: every shipped model's metrics with 95% CIs, curves, calibration and provenance.\n"
-    "- **Compare models**: metrics side by side, and all models on the same image.")
+    "- **Compare models**: metrics side by side, and all models on the same image.\n"
+    "- **History**: saved cases with their audit trail; reopen one, export its report.\n"
+    "- **IDC patches**: 50x50 patches of the IDC collection: p(IDC) per patch, the region rebuilt from the patch "
+    "coordinates, and the patient's IDC burden.")
+idc = idc_route()
+if idc:
+    st.caption(f"IDC patch model: `{idc['model_id']}`, patch AUC {idc['auc']:.3f} ({idc['auc_ci95'][0]:.3f}–"
+               f"{idc['auc_ci95'][1]:.3f}) on {idc['n_patients']} patients it never saw (patient-grouped CV).")
 st.caption(f"Magnifications: {', '.join(MAGNIFICATIONS)}. Data: BreakHis (Spanhol et al., IEEE TBME 2016).")

@@ -104,6 +104,17 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.wait_for_timeout(1000)
     assert page.locator("[data-testid='stException']").count() == 0
 
+    page.goto(f"{app_url}/IDC_patches")
+    page.get_by_text("Upload IDC patches").first.wait_for()
+    idc = sorted((FRAMES.parent / "idc").glob("*/*_class1.png"))[:6]
+    if idc:
+        page.locator("input[type=file]").first.set_input_files([str(p) for p in idc])
+        page.get_by_text("IDC burden of patient").first.wait_for()
+        page.get_by_text("Grad-CAM for IDC-positive").first.wait_for()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "idc.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0
+
     page.goto(f"{app_url}/Compare_models")
     page.get_by_text("All chosen models on the same image").wait_for()
     page.wait_for_timeout(2000)

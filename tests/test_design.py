@@ -137,7 +137,7 @@ def test_a_bad_routing_file_is_one_clear_error(tmp_path, text, expect):
 
 
 def test_the_shipped_routing_file_is_valid():
-    assert set(read_defaults(ROOT / "magnif_models")) == {"40X", "100X", "200X", "400X"}
+    assert set(read_defaults(ROOT / "magnif_models")) == {"40X", "100X", "200X", "400X", "idc"}
 
 
 def test_one_registry_serves_builders_and_clis():

@@ -107,3 +107,23 @@ def test_train_idc_then_predict_task_idc_end_to_end(tmp_path):
     r = run("-m", "models", "predict", "--task", "malignancy", "--magnification", "100X", "--root", str(root),
             "--model", str(root / "idc" / "lite2_idc"), str(patches[0]))
     assert r.returncode == 2 and "use --task idc" in r.stderr  # an IDC model never answers the frame question
+    r = run("-m", "training", "train-idc", "--data", str(data), "--out", str(tmp_path / "v2"), "--arch", "efficientnet_v2_s")
+    assert r.returncode == 2 and "needs --weights" in r.stderr and not (tmp_path / "v2").exists()
+
+
+def test_the_shipped_idc_model_loads_verified_and_ranks_patches():
+    from models.idc import predict_patches
+    from models.inference import default_model_id, load_model_folder
+    from tests.conftest import ROOT, SHARED
+
+    mid = default_model_id("idc", ROOT / "magnif_models")
+    assert mid == "idc/efficientnet_lite2_idc"
+    lm = load_model_folder(ROOT / "magnif_models" / mid)  # sha256 checked against the card
+    assert lm.card.task_kind == "idc" and lm.card.evaluation["idc_cv"]["n_patients"] >= 200
+    if not (SHARED / "data" / "idc").is_dir():
+        pytest.skip("../shared/data/idc is absent")
+    df = index_idc(SHARED / "data" / "idc").groupby("y").head(30)
+    res = predict_patches(lm, [(p, p) for p in df["path"]])
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(df["y"], [r.p_idc for r in res]) > 0.75  # training patches: a smoke test, not a figure

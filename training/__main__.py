@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--weights", default=None)
     a.add_argument("--size", type=int, default=224)
+    a.add_argument("--arch", default="efficientnet_lite2", choices=list_archs(backbones_only=True),
+                   help="backbone (frozen); e.g. efficientnet_v2_s, the published IDC system's, with --weights FILE|imagenet")
     a.add_argument("--n-boot", type=int, default=1000)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
@@ -298,7 +300,12 @@ def _run(args) -> int:
         from training.idc import train_idc_model
         from training.train import BASELINE_WEIGHTS
 
-        card = train_idc_model(args.data, args.out, args.weights or str(BASELINE_WEIGHTS), args.size, n_boot=args.n_boot)
+        if args.arch != "efficientnet_lite2" and not args.weights:
+            print(f"error: --arch {args.arch} needs --weights FILE or imagenet (only Lite2 ImageNet weights ship here; "
+                  "never a silent random backbone)", file=sys.stderr)
+            return 2
+        card = train_idc_model(args.data, args.out, args.weights or str(BASELINE_WEIGHTS), args.size, n_boot=args.n_boot,
+                               arch=args.arch)
         a_ = card.metric_at("40X")
         print(f"{card.model_id}: patch AUC {a_.value:.3f} ({a_.ci95[0]:.3f}-{a_.ci95[1]:.3f}), temperature "
               f"{card.temperature:.2f}; wrote {args.out}")
@@ -320,7 +327,7 @@ def _run(args) -> int:
 
         for mag, d in select_defaults(args.root).items():
             print(f"{mag}: {d['model_id']} AUC {d['auc']:.3f} ({d['kind']}): {d['reason']}")
-            for r in d["comparisons"]:
+            for r in d.get("comparisons", []):
                 if r["difference"] is not None:
                     print(f"    {r['challenger']:28s} vs {d['incumbent']}: {r['difference']:+.3f} "
                           f"(95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}){' same folds' if r['same_folds'] else ''}")

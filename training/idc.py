@@ -63,21 +63,23 @@ def index_idc(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def patch_config(size: int) -> PreprocessConfig:
+def patch_config(size: int, arch: str = "efficientnet_lite2") -> PreprocessConfig:
     """How a patch becomes the network's input, the same in training and in the shipped card (inference follows it)."""
-    spec = arch_spec("efficientnet_lite2")
+    spec = arch_spec(arch)
     return PreprocessConfig((size, size), spec.mean, spec.std, interpolation="bicubic",
                             crop=f"none: the {PATCH}x{PATCH} patch is upsampled to {size}x{size}")
 
 
 @torch.inference_mode()
-def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, batch: int = 64) -> np.ndarray:
-    """(N, D) frozen ImageNet Lite2 embeddings of patches upsampled to size x size (models.preprocess, as at
-    inference); cached by content (weights sha256 + preprocessing + each patch's bytes)."""
-    model, rec = build_model("efficientnet_lite2", weights)
+def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, batch: int = 64,
+                   arch: str = "efficientnet_lite2") -> np.ndarray:
+    """(N, D) frozen embeddings (ImageNet Lite2 by default; any registered arch with its weights, e.g. the published
+    system's efficientnet_v2_s with --weights imagenet where torchvision can fetch them) of patches upsampled to
+    size x size (models.preprocess, as at inference); cached by content (weights + preprocessing + patch bytes)."""
+    model, rec = build_model(arch, weights)
     model.eval()
-    cfg = patch_config(size)
-    h = hashlib.sha256(f"idc|{rec.get('file_sha256', weights)}|{cfg}|pad-white".encode())
+    cfg = patch_config(size, arch)
+    h = hashlib.sha256(f"idc|{arch}|{rec.get('file_sha256', weights)}|{cfg}|pad-white".encode())
     for p in paths:
         h.update(hashlib.sha256(Path(p).read_bytes()).digest())
     cache = Path(cache_dir) / "features" / f"idc_{h.hexdigest()[:24]}.npy"
@@ -181,7 +183,7 @@ def markdown_table(res: dict) -> str:
 
 
 def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, split_seeds=(0, 1, 2), k: int = 5,
-                    n_boot: int = 1000, cache_dir: Path | None = None):
+                    n_boot: int = 1000, cache_dir: Path | None = None, arch: str = "efficientnet_lite2"):
     """Ship an IDC patch model: the frozen ImageNet Lite2 backbone with a logistic-regression head folded into its
     `fc`, temperature from the out-of-fold logits (guarded), and the patient-wise repeated CV as its evaluation."""
     import datetime as _dt
@@ -198,13 +200,13 @@ def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, 
 
     t0 = time.time()
     df = index_idc(data)
-    feats = patch_features(df["path"].tolist(), weights, size, Path(cache_dir or default_cache_dir()))
+    feats = patch_features(df["path"].tolist(), weights, size, Path(cache_dir or default_cache_dir()), arch=arch)
     y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
     cv = idc_cv(df, {size: feats}, split_seeds, k, n_boot)
     z, _ = out_of_fold_logits(feats, df, split_seeds, k)
     temp, temp_note = fit_temperature_guarded(z, y)
     weight, bias = fit_logistic_head(feats, y, sample_weights(y, pats), np.arange(len(df)), C=0.05)
-    model, rec = build_model("efficientnet_lite2", weights)
+    model, rec = build_model(arch, weights)
     with torch.no_grad():
         model.fc.weight.copy_(torch.from_numpy(weight).float().unsqueeze(0))
         model.fc.bias.fill_(float(bias))
@@ -218,14 +220,14 @@ def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, 
                   "logit": z, "p_idc": p}).to_csv(out / "predictions.csv", index=False)
     n_pos = int(df.loc[df["y"] == 1, "patient"].nunique())
     card = ModelCard(
-        model_id=f"{out.parent.name}/{out.name}", architecture="efficientnet_lite2", magnification="40X",
-        preprocess=patch_config(size), task_kind="idc",
+        model_id=f"{out.parent.name}/{out.name}", architecture=arch, magnification="40X",
+        preprocess=patch_config(size, arch), task_kind="idc",
         task="binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
              "IDC-positive (1) (invasive ductal carcinoma)",
         output="one logit; p_idc = sigmoid(logit / temperature)",
         init={**rec, "description": rec["description"] + " (frozen: only the logistic-regression head is trained)"},
         temperature=temp, weights_sha256=file_sha256(out / "model.safetensors"),
-        recipe={"name": "idc_frozen_lr", "description": f"frozen ImageNet Lite2 embedding of the patch upsampled to "
+        recipe={"name": "idc_frozen_lr", "description": f"frozen {arch} embedding ({rec['description']}) of the patch upsampled to "
                 f"{size}x{size}; logistic regression (C=0.05, patient- and class-balanced weights), folded into fc",
                 "temperature_fit": temp_note},
         hyperparameters={"C": 0.05, "input_size": size},

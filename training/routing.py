@@ -187,5 +187,6 @@ def idc_entry(root: Path) -> dict | None:
     reason = ("the only IDC patch model" if len(cards) == 1 else
               "already routed; several IDC models: compare them on the same folds before switching" if c.model_id == current
               else "the oldest of several IDC models (none was routed): compare them on the same folds before switching")
-    return {"model_id": c.model_id, "auc": auc.value, "auc_ci95": list(auc.ci95), "n_patients": c.data["patients"],
+    return {"model_id": c.model_id, "kind": "IDC patch model", "auc": auc.value, "auc_ci95": list(auc.ci95),
+            "n_patients": c.data["patients"],
             "card_sha256": file_sha256(f / "card.json"), "reason": reason}
