@@ -133,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--arch", default="efficientnet_lite2", choices=list_archs(backbones_only=True),
                    help="backbone (frozen); e.g. efficientnet_v2_s, the published IDC system's, with --weights FILE|imagenet")
     a.add_argument("--n-boot", type=int, default=1000)
+    a = sub.add_parser("distill-resnet50", help="ResNet-50 tile embedding distilled from frozen Lite2 (no labels), "
+                                                "then rule-1 CV of its frozen tile-mean features vs Lite2's")
+    a.add_argument("--data", required=True)
+    a.add_argument("--idc", default=None, help="IDC patch folder to distil on as well")
+    a.add_argument("--weights", default=None)
+    a.add_argument("--minutes", type=float, default=40.0, help="training time budget")
+    a.add_argument("--out", type=Path, required=True, help="student weights (.safetensors; a .json record beside)")
+    a.add_argument("--eval-out", type=Path, default=None, help="rule-1 comparison JSON")
+    a.add_argument("--n-boot", type=int, default=1000)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -309,6 +318,46 @@ def _run(args) -> int:
         a_ = card.metric_at("40X")
         print(f"{card.model_id}: patch AUC {a_.value:.3f} ({a_.ci95[0]:.3f}-{a_.ci95[1]:.3f}), temperature "
               f"{card.temperature:.2f}; wrote {args.out}")
+    elif args.cmd == "distill-resnet50":
+        from training.data import default_cache_dir, index_source
+        from training.distill import breakhis_tiles, distill, idc_pixels, save_student, student_tile_means
+        from training.frozen_cv import feature_sets_cv, frozen_features
+        from training.train import BASELINE_WEIGHTS, select_rows
+
+        weights = args.weights or str(BASELINE_WEIGHTS)
+        df = select_rows(index_source(args.data), ALL)
+        paths = df["path"].tolist()
+        _, teacher = frozen_features(paths, weights, default_cache_dir())
+        tiles_u8 = breakhis_tiles(paths)
+        sets = [(tiles_u8, teacher.reshape(-1, teacher.shape[-1]))]
+        n_idc = 0
+        if args.idc:
+            from training.idc import index_idc, patch_features
+
+            idf = index_idc(args.idc)
+            sets.append((idc_pixels(idf["path"].tolist()), patch_features(idf["path"].tolist(), weights, 224,
+                                                                         default_cache_dir())))
+            n_idc = len(idf)
+        m, rec = distill(sets, args.minutes)
+        rec.update(teacher=f"frozen ImageNet Lite2 ({weights})", breakhis_tiles=int(len(tiles_u8)), idc_patches=n_idc,
+                   labels_used="none (BreakHis frames of every CV fold, test patients included, are seen unlabelled)",
+                   command="python -m training " + " ".join(sys.argv[1:]))
+        save_student(m, args.out, rec)
+        print(json.dumps({k: rec[k] for k in ("steps", "epochs", "minutes", "loss_by_quarter", "compute")}))
+        if args.eval_out:
+            res = feature_sets_cv(df, {"lite2_tiles_mean": teacher.mean(1),
+                                       "resnet50_distilled_tiles_mean": student_tile_means(m, tiles_u8, len(df))},
+                                  "lite2_tiles_mean", n_boot=args.n_boot)
+            res["student"] = rec
+            res["command"] = rec["command"]
+            args.eval_out.parent.mkdir(parents=True, exist_ok=True)
+            args.eval_out.write_text(json.dumps(res, indent=1) + "\n")
+            for n, v in res["sets"].items():
+                a_ = v["summary"]["auc"]
+                d = v["vs_reference"]
+                print(f"{n:32s} frame AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f}) patient AUC "
+                      f"{v['summary']['patient_auc']['value']:.3f}" + (f"  vs Lite2 {d['difference']:+.3f} "
+                      f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d else ""))
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 

@@ -149,20 +149,59 @@ def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=
            "n_patients": {"benign": int(df.loc[y == 0, "patient"].nunique()),
                           "malignant": int(df.loc[y == 1, "patient"].nunique())}, "recipes": {}}
     for r in recipes:
-        z = oof[r].mean(0)
-        s = summarize(y, 1 / (1 + np.exp(-z)), pats, n_boot=n_boot, score=z)
-        fa = np.array(fold_aucs[r], float)
-        out["recipes"][r] = {
-            "per_fold_auc_mean": float(np.nanmean(fa)), "per_fold_auc_sd": float(np.nanstd(fa, ddof=1)),
-            "per_fold_auc_min": float(np.nanmin(fa)), "per_fold_auc_max": float(np.nanmax(fa)),
-            "pooled_auc_by_seed": [_safe_auc(y, oof[r][i]) for i in range(len(split_seeds))],
-            "summary": {m: asdict(metric(s, m)) for m in ("auc", "patient_auc", "patient_accuracy", "balanced_accuracy")},
-            "n_patients": s["n_patients"],
-            "per_magnification_auc": {g: _safe_auc(y[mags == g], z[mags == g]) for g in sorted(set(mags))},
-            "vs_whole_lr": (paired_auc_difference(y, z, oof["whole_lr"].mean(0), pats, n_boot=n_boot)
-                            if r != "whole_lr" and "whole_lr" in oof else None),
-        }
+        out["recipes"][r] = recipe_summary(y, pats, mags, oof[r], fold_aucs[r],
+                                           oof["whole_lr"] if r != "whole_lr" and "whole_lr" in oof else None, n_boot)
+        out["recipes"][r]["vs_whole_lr"] = out["recipes"][r].pop("vs_reference")
     return out
+
+
+def recipe_summary(y: np.ndarray, pats: np.ndarray, mags: np.ndarray, oof: np.ndarray, fold_aucs: list,
+                   reference_oof: np.ndarray | None, n_boot: int) -> dict:
+    """Rule 1's figures for one recipe from its (split seeds, N) out-of-fold logits: per-fold AUC spread, pooled AUC
+    per seed, and on the seed-averaged logits frame/patient figures with CIs, per magnification AUC, and the paired
+    AUC difference to a reference recipe on the same folds."""
+    from models.metrics import _safe_auc
+
+    z = oof.mean(0)
+    s = summarize(y, 1 / (1 + np.exp(-z)), pats, n_boot=n_boot, score=z)
+    fa = np.array(fold_aucs, float)
+    return {
+        "per_fold_auc_mean": float(np.nanmean(fa)), "per_fold_auc_sd": float(np.nanstd(fa, ddof=1)),
+        "per_fold_auc_min": float(np.nanmin(fa)), "per_fold_auc_max": float(np.nanmax(fa)),
+        "pooled_auc_by_seed": [_safe_auc(y, oof[i]) for i in range(len(oof))],
+        "summary": {m: asdict(metric(s, m)) for m in ("auc", "patient_auc", "patient_accuracy", "balanced_accuracy")},
+        "n_patients": s["n_patients"],
+        "per_magnification_auc": {g: _safe_auc(y[mags == g], z[mags == g]) for g in sorted(set(mags))},
+        "vs_reference": (paired_auc_difference(y, z, reference_oof.mean(0), pats, n_boot=n_boot)
+                         if reference_oof is not None else None),
+    }
+
+
+def feature_sets_cv(df: pd.DataFrame, sets: dict[str, np.ndarray], reference: str, split_seeds=(0, 1, 2), k: int = 5,
+                    n_boot: int = 1000) -> dict:
+    """Rule 1 for frozen feature sets (one frame = one vector) under logistic regression, on the very folds of
+    `repeated_cv`; each set compared to `reference` by a paired patient bootstrap."""
+    from models.metrics import _safe_auc
+
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    w = sample_weights(y, pats)
+    oof = {n: np.zeros((len(split_seeds), len(df))) for n in sets}
+    fold_aucs: dict[str, list] = {n: [] for n in sets}
+    for si, seed in enumerate(split_seeds):
+        fold = grouped_kfold(df, k, seed).to_numpy()
+        assert_patient_disjoint(pd.Series(pats), pd.Series(fold))
+        for j in range(k):
+            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
+            for n, f in sets.items():
+                oof[n][si, te] = _lr(f, y, w, tr, te)
+                fold_aucs[n].append(_safe_auc(y[te], oof[n][si, te]))
+    mags = df["magnification"].to_numpy()
+    return {"protocol": f"{len(split_seeds)} split seeds x {k} stratified patient-grouped folds (those of frozen-cv); "
+                        "logistic regression on each frozen feature set; summaries on seed-averaged logits",
+            "reference": reference, "n_images": int(len(df)),
+            "sets": {n: recipe_summary(y, pats, mags, oof[n], fold_aucs[n], oof[reference] if n != reference else None,
+                                       n_boot) for n in sets}}
 
 
 @torch.inference_mode()

@@ -1,0 +1,57 @@
+"""Feature distillation of a ResNet-50 from the frozen Lite2 (issue 18, item 6): the machinery, on tiny data."""
+import numpy as np
+import pandas as pd
+import torch
+
+from training.distill import distill, save_student, student_tile_means
+from training.frozen_cv import feature_sets_cv
+
+
+def test_distilled_student_is_saved_in_torchvision_keys_and_loads_as_resnet50_init(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 255, (12, 3, 64, 66), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 255, (8, 3, 64, 64), dtype=torch.uint8, generator=g)
+    ta, tb = np.random.default_rng(0).normal(size=(12, 1280)), np.random.default_rng(1).normal(size=(8, 1280))
+    m, rec = distill([(a, ta), (b, tb)], minutes=0.05, batch=4)
+    assert rec["steps"] > 0 and rec["images_seen"] > 0 and rec["loss_by_quarter"]
+    out = tmp_path / "student.safetensors"
+    save_student(m, out, rec)
+    assert (tmp_path / "student.json").is_file()
+    from models.archs import build_model
+
+    model, init = build_model("resnet50", str(out))  # --init FILE: the card names the file and its sha256
+    assert init["file_sha256"] and "student.safetensors" in init["description"]
+    sd = m.state_dict()
+    np.testing.assert_allclose(model.backbone[0].weight.detach().numpy(), sd["conv1.weight"].numpy())
+    f = student_tile_means(m, a, 2)  # 12 tiles = 2 frames x 6
+    assert f.shape == (2, 2048)
+
+
+def test_feature_sets_cv_compares_sets_on_the_same_patient_folds():
+    rng = np.random.default_rng(0)
+    n_pat, per = 20, 6
+    y = np.repeat(np.arange(n_pat) % 2, per)
+    df = pd.DataFrame({"patient": np.repeat(np.arange(n_pat), per).astype(str),
+                       "label": np.where(y == 1, "malignant", "benign"), "magnification": "100X"})
+    good = rng.normal(size=(len(y), 8)) + 1.5 * y[:, None]
+    noise = rng.normal(size=(len(y), 8))
+    res = feature_sets_cv(df, {"ref": noise, "good": good}, "ref", split_seeds=(0,), k=4, n_boot=50)
+    assert res["sets"]["ref"]["vs_reference"] is None
+    d = res["sets"]["good"]["vs_reference"]
+    assert d["difference"] > 0.2 and d["ci95"][0] > 0
+
+
+def test_repeated_cv_reports_rule_one_figures_against_whole_frame_lr():
+    from training.frozen_cv import repeated_cv
+
+    rng = np.random.default_rng(1)
+    n_pat, per = 20, 6
+    y = np.repeat(np.arange(n_pat) % 2, per)
+    df = pd.DataFrame({"patient": np.repeat(np.arange(n_pat), per).astype(str),
+                       "label": np.where(y == 1, "malignant", "benign"), "magnification": "100X"})
+    whole = rng.normal(size=(len(y), 8))
+    tiles = rng.normal(size=(len(y), 6, 8)) + 1.0 * y[:, None, None]
+    res = repeated_cv(df, whole, tiles, ("whole_lr", "tiles_mean_lr"), (0, 1), k=4, n_boot=50)
+    r = res["recipes"]["tiles_mean_lr"]
+    assert len(r["pooled_auc_by_seed"]) == 2 and r["vs_whole_lr"]["difference"] > 0
+    assert res["recipes"]["whole_lr"]["vs_whole_lr"] is None and "vs_reference" not in r
