@@ -127,21 +127,8 @@ def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=
     y = (df["label"] == "malignant").astype(int).to_numpy()
     pats = df["patient"].astype(str).to_numpy()
     w = sample_weights(y, pats)
-    oof = {r: np.zeros((len(split_seeds), len(df))) for r in recipes}
-    fold_aucs: dict[str, list] = {r: [] for r in recipes}
-    from models.metrics import _safe_auc
-
-    for si, seed in enumerate(split_seeds):
-        fold = grouped_kfold(df, k, seed).to_numpy()
-        assert_patient_disjoint(pd.Series(pats), pd.Series(fold))
-        for j in range(k):
-            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
-            assert not set(pats[te]) & set(pats[tr])
-            for r in recipes:
-                z = recipe_logits(r, whole, tiles, y, w, pats, df, tr, te, seed)
-                oof[r][si, te] = z
-                fold_aucs[r].append(_safe_auc(y[te], z))
-        log.info("split seed %d done", seed)
+    oof, fold_aucs = _repeated_oof(df, recipes, lambda r, tr, te, seed: recipe_logits(
+        r, whole, tiles, y, w, pats, df, tr, te, seed), split_seeds, k)
     mags = df["magnification"].to_numpy()
     out = {"protocol": f"{len(split_seeds)} split seeds x {k} stratified patient-grouped folds, identical for every "
                        "recipe; frozen ImageNet Lite2 features; summaries on the out-of-fold logits averaged over seeds",
@@ -153,6 +140,28 @@ def repeated_cv(df: pd.DataFrame, whole: np.ndarray, tiles: np.ndarray, recipes=
                                            oof["whole_lr"] if r != "whole_lr" and "whole_lr" in oof else None, n_boot)
         out["recipes"][r]["vs_whole_lr"] = out["recipes"][r].pop("vs_reference")
     return out
+
+
+def _repeated_oof(df: pd.DataFrame, names, fit_predict, split_seeds, k: int) -> tuple[dict, dict]:
+    """(split seeds, N) out-of-fold logits and per-fold AUCs of each name, over the same stratified patient-grouped
+    folds for every name; fit_predict(name, train_idx, test_idx, seed) -> test logits."""
+    from models.metrics import _safe_auc
+
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    oof = {n: np.zeros((len(split_seeds), len(df))) for n in names}
+    fold_aucs: dict[str, list] = {n: [] for n in names}
+    for si, seed in enumerate(split_seeds):
+        fold = grouped_kfold(df, k, seed).to_numpy()
+        assert_patient_disjoint(pd.Series(pats), pd.Series(fold))
+        for j in range(k):
+            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
+            assert not set(pats[te]) & set(pats[tr])
+            for n in names:
+                oof[n][si, te] = fit_predict(n, tr, te, seed)
+                fold_aucs[n].append(_safe_auc(y[te], oof[n][si, te]))
+        log.info("split seed %d done", seed)
+    return oof, fold_aucs
 
 
 def recipe_summary(y: np.ndarray, pats: np.ndarray, mags: np.ndarray, oof: np.ndarray, fold_aucs: list,
@@ -181,21 +190,10 @@ def feature_sets_cv(df: pd.DataFrame, sets: dict[str, np.ndarray], reference: st
                     n_boot: int = 1000) -> dict:
     """Rule 1 for frozen feature sets (one frame = one vector) under logistic regression, on the very folds of
     `repeated_cv`; each set compared to `reference` by a paired patient bootstrap."""
-    from models.metrics import _safe_auc
-
     y = (df["label"] == "malignant").astype(int).to_numpy()
     pats = df["patient"].astype(str).to_numpy()
     w = sample_weights(y, pats)
-    oof = {n: np.zeros((len(split_seeds), len(df))) for n in sets}
-    fold_aucs: dict[str, list] = {n: [] for n in sets}
-    for si, seed in enumerate(split_seeds):
-        fold = grouped_kfold(df, k, seed).to_numpy()
-        assert_patient_disjoint(pd.Series(pats), pd.Series(fold))
-        for j in range(k):
-            te, tr = np.flatnonzero(fold == j), np.flatnonzero(fold != j)
-            for n, f in sets.items():
-                oof[n][si, te] = _lr(f, y, w, tr, te)
-                fold_aucs[n].append(_safe_auc(y[te], oof[n][si, te]))
+    oof, fold_aucs = _repeated_oof(df, list(sets), lambda n, tr, te, seed: _lr(sets[n], y, w, tr, te), split_seeds, k)
     mags = df["magnification"].to_numpy()
     return {"protocol": f"{len(split_seeds)} split seeds x {k} stratified patient-grouped folds (those of frozen-cv); "
                         "logistic regression on each frozen feature set; summaries on seed-averaged logits",
