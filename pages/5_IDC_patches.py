@@ -86,11 +86,11 @@ if patients:
     a, b = st.columns(2)
     cells = dict(colorscale="Jet", zmin=0, zmax=1, hoverongaps=False)
     a.plotly_chart(go.Figure(go.Heatmap(z=heat, colorbar={"title": "p(IDC)"}, **cells)).update_layout(
-        title="p(IDC) per patch (blank: no patch uploaded)", yaxis={"autorange": "reversed", "scaleanchor": "x"},
-        height=420), width="stretch")
+        title="p(IDC) per patch (blank: no patch uploaded)", yaxis={"autorange": "reversed", "scaleanchor": "x", "title": "y (patches of 50 px)"},
+        xaxis_title="x (patches of 50 px)", height=420), width="stretch")
     b.plotly_chart(go.Figure(go.Heatmap(z=stated, colorbar={"title": "class"}, **cells)).update_layout(
-        title="class stated in the names (1 = IDC-positive)", yaxis={"autorange": "reversed", "scaleanchor": "x"},
-        height=420), width="stretch")
+        title="class stated in the names (1 = IDC-positive)", yaxis={"autorange": "reversed", "scaleanchor": "x", "title": "y (patches of 50 px)"},
+        xaxis_title="x (patches of 50 px)", height=420), width="stretch")
 
 st.subheader("Grad-CAM of one patch")
 ok = [r for r in results if r.p_idc is not None]
