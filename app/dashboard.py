@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.archs import file_sha256
-from models.card import ALL, MAGNIFICATIONS, CardError, Metric, ModelCard, metric
+from models.card import ALL, MAGNIFICATIONS, TASK_KINDS, CardError, Metric, ModelCard, metric
 from models.config import lite2_init_hint, models_root
 from models.inference import DefaultsError, list_model_folders, read_defaults
 
@@ -32,10 +32,10 @@ def train_command(magnification: str) -> str:
             f"--out magnif_models/{magnification}/efficientnet_lite2 && python -m training select-defaults")
 
 
-def scan_cards(root: str | Path | None = None) -> tuple[dict[str, ModelCard], list[str]]:
-    """One pass over the model folders: every valid card by model id, and one line per refused card."""
+def scan_cards(root: str | Path | None = None, task: str = "malignancy") -> tuple[dict[str, ModelCard], list[str]]:
+    """One pass over one task's model folders: every valid card by model id, and one line per refused card."""
     cards, problems = {}, []
-    for f in list_model_folders(root):
+    for f in list_model_folders(root, task):
         try:
             c = ModelCard.from_json(f / "card.json")
         except CardError as exc:
@@ -51,15 +51,9 @@ def load_cards(root: str | Path | None = None) -> dict[str, ModelCard]:
 
 
 def card_problems(root: str | Path | None = None) -> list[str]:
-    """One line per model folder (frame or IDC models) whose card was refused, so the pages can say which models
-    are hidden and why."""
-    problems = scan_cards(root)[1]
-    for f in list_model_folders(root, task="idc"):
-        try:
-            ModelCard.from_json(f / "card.json")
-        except CardError as exc:
-            problems.append(str(exc))
-    return problems
+    """One line per model folder (of every task) whose card was refused, so the pages can say which models are
+    hidden and why."""
+    return [p for task in TASK_KINDS for p in scan_cards(root, task)[1]]
 
 
 def idc_route(root: str | Path | None = None) -> dict | None:
@@ -308,7 +302,7 @@ def export_provenance(lm, magnification: str, tta: bool) -> dict:
 
     return {"analysed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "magnification": magnification, "tta": tta, "model_id": lm.model_id,
-            "weights_sha256": lm.card.weights_sha256, "card_sha256": file_sha256(Path(lm.folder) / "card.json")}
+            "weights_sha256": lm.card.weights_sha256, "card_sha256": lm.card_sha256}
 
 
 def performance_line(card: ModelCard, magnification: str) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from models.archs import HistoClassifier, build_model, file_sha256
-from models.card import ALL, MAGNIFICATIONS, ModelCard
+from models.card import ALL, MAGNIFICATIONS, TASK_KINDS, ModelCard
 from models.config import models_root
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, frame_to_tensor, load_image
@@ -59,6 +59,7 @@ class LoadedModel:
     folder: Path
     policy: ReferPolicy | None = None  # refer-when-unsure policy (refer.json), when fitted for this very card
     policy_note: str = ""  # why there is no policy (none fitted, fitted for another card, unreadable)
+    card_sha256: str = ""  # of card.json as loaded: hashed once here, reused by the policy check and every export
 
     @property
     def model_id(self) -> str:
@@ -179,10 +180,11 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedModel(card, model, folder, *load_policy(folder, card_path))
+    card_sha = file_sha256(card_path)
+    return LoadedModel(card, model, folder, *load_policy(folder, card_sha), card_sha256=card_sha)
 
 
-def load_policy(folder: Path, card_path: Path) -> tuple[ReferPolicy | None, str]:
+def load_policy(folder: Path, card_sha256: str) -> tuple[ReferPolicy | None, str]:
     """The refer policy fitted for this card, or None and why: a policy fitted for another version of the card, or
     one that cannot be read, is not used, and every decision then says so (never a silent fallback)."""
     try:
@@ -192,7 +194,7 @@ def load_policy(folder: Path, card_path: Path) -> tuple[ReferPolicy | None, str]
                      "checks not applied"
     if pol is None:
         return None, "no referral policy fitted for this model: band and out-of-distribution checks not applied"
-    if pol.card_sha256 and pol.card_sha256 != file_sha256(card_path):
+    if pol.card_sha256 and pol.card_sha256 != card_sha256:
         return None, "the referral policy was fitted for another version of this card and is not used: band and " \
                      "out-of-distribution checks not applied"
     return pol, ""
@@ -204,6 +206,8 @@ IDC_DIR = "idc"  # IDC patch models live in <root>/idc/<name>/, beside the frame
 def list_model_folders(root: str | Path | None = None, task: str = "malignancy") -> list[Path]:
     """Every `<MAG or all>/<name>/card.json` folder under root (task "idc": every `idc/<name>/`), sorted."""
     root = Path(root) if root else models_root()
+    if task not in TASK_KINDS:
+        raise ValueError(f"task must be one of {TASK_KINDS}, not {task!r}")
     parents = (IDC_DIR,) if task == "idc" else (*MAGNIFICATIONS, ALL)
     return sorted(p.parent for p in root.glob("*/*/card.json") if p.parent.parent.name in parents)
 
