@@ -27,12 +27,16 @@ def test_distilled_student_is_saved_in_torchvision_keys_and_loads_as_resnet50_in
     assert f.shape == (2, 2048)
 
 
+def _patients(n_pat: int = 20, per: int = 6) -> tuple[pd.DataFrame, np.ndarray]:
+    """Alternating benign/malignant patients with `per` frames each, and the frames' labels."""
+    y = np.repeat(np.arange(n_pat) % 2, per)
+    return pd.DataFrame({"patient": np.repeat(np.arange(n_pat), per).astype(str),
+                         "label": np.where(y == 1, "malignant", "benign"), "magnification": "100X"}), y
+
+
 def test_feature_sets_cv_compares_sets_on_the_same_patient_folds():
     rng = np.random.default_rng(0)
-    n_pat, per = 20, 6
-    y = np.repeat(np.arange(n_pat) % 2, per)
-    df = pd.DataFrame({"patient": np.repeat(np.arange(n_pat), per).astype(str),
-                       "label": np.where(y == 1, "malignant", "benign"), "magnification": "100X"})
+    df, y = _patients()
     good = rng.normal(size=(len(y), 8)) + 1.5 * y[:, None]
     noise = rng.normal(size=(len(y), 8))
     res = feature_sets_cv(df, {"ref": noise, "good": good}, "ref", split_seeds=(0,), k=4, n_boot=50)
@@ -45,10 +49,7 @@ def test_repeated_cv_reports_rule_one_figures_against_whole_frame_lr():
     from training.frozen_cv import repeated_cv
 
     rng = np.random.default_rng(1)
-    n_pat, per = 20, 6
-    y = np.repeat(np.arange(n_pat) % 2, per)
-    df = pd.DataFrame({"patient": np.repeat(np.arange(n_pat), per).astype(str),
-                       "label": np.where(y == 1, "malignant", "benign"), "magnification": "100X"})
+    df, y = _patients()
     whole = rng.normal(size=(len(y), 8))
     tiles = rng.normal(size=(len(y), 6, 8)) + 1.0 * y[:, None, None]
     res = repeated_cv(df, whole, tiles, ("whole_lr", "tiles_mean_lr"), (0, 1), k=4, n_boot=50)

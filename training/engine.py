@@ -131,16 +131,16 @@ def epoch_order(train_idx: np.ndarray, w_all: np.ndarray, balanced: bool, rng: n
     return rng.choice(train_idx, size=len(train_idx), replace=True, p=p), np.ones_like(w_all)
 
 
-def sample_weights(labels: np.ndarray, patients: np.ndarray) -> np.ndarray:
-    """Class- and patient-balanced weights: each class weighs half, each patient equally within its class."""
+def sample_weights(labels: np.ndarray, patients: np.ndarray, classes=(0, 1)) -> np.ndarray:
+    """Class- and patient-balanced weights: each class weighs the same, each patient equally within its class."""
     labels, patients = np.asarray(labels), np.asarray(patients).astype(str)
     w = np.zeros(len(labels))
-    for lab in (0, 1):
+    for lab in classes:
         m = labels == lab
         pats = np.unique(patients[m])
         for p in pats:
             mp = m & (patients == p)
-            w[mp] = 1.0 / (mp.sum() * len(pats) * 2)
+            w[mp] = 1.0 / (mp.sum() * len(pats) * len(classes))
     return w * len(labels)  # mean weight ~1
 
 

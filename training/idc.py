@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from models.archs import arch_spec, build_model
@@ -29,6 +28,7 @@ from models.idc import PATCH, pad_patch, parse_patch_name
 from models.preprocess import frame_to_tensor, load_image
 from models.metrics import _safe_auc, paired_auc_difference, summarize
 from training.engine import sample_weights
+from training.splits import stratified_group_folds
 
 log = logging.getLogger("training")
 
@@ -98,11 +98,7 @@ def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, b
 
 
 def idc_folds(df: pd.DataFrame, k: int, seed: int) -> np.ndarray:
-    fold = np.full(len(df), -1)
-    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
-    for i, (_, te) in enumerate(cv.split(np.zeros(len(df)), df["y"], df["patient"].astype(str))):
-        fold[te] = i
-    return fold
+    return stratified_group_folds(df["y"].to_numpy(), df["patient"].astype(str).to_numpy(), k, seed)
 
 
 def out_of_fold_logits(feats: np.ndarray, df: pd.DataFrame, split_seeds=(0, 1, 2), k: int = 5) -> tuple[np.ndarray, list]:

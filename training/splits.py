@@ -36,12 +36,17 @@ def grouped_kfold(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
     if k < 2:
         raise ValueError("grouped k-fold needs at least 2 patients of each label")
     y = (df["label"] == "malignant").astype(int).to_numpy()
-    groups = df["patient"].astype(str).to_numpy()
-    fold = np.full(len(df), -1)
+    return pd.Series(stratified_group_folds(y, df["patient"].astype(str).to_numpy(), k, seed), index=df.index,
+                     name="fold")
+
+
+def stratified_group_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per row: k folds stratified by y (binary or multi-class), no group split across folds."""
+    fold = np.full(len(y), -1)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for i, (_, te) in enumerate(cv.split(np.zeros(len(df)), y, groups)):
+    for i, (_, te) in enumerate(cv.split(np.zeros(len(y)), y, groups)):
         fold[te] = i
-    return pd.Series(fold, index=df.index, name="fold")
+    return fold
 
 
 def leave_one_patient_out(df: pd.DataFrame) -> pd.Series:

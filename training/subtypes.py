@@ -21,8 +21,11 @@ import logging
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
+
+from training.engine import sample_weights
+from training.splits import stratified_group_folds
 
 log = logging.getLogger("training")
 
@@ -41,18 +44,6 @@ def subtype_codes(df: pd.DataFrame) -> np.ndarray:
     return df["subtype"].map({s: i for i, s in enumerate(SUBTYPES)}).to_numpy()
 
 
-def _weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each patient weighs the same within its class and each class the same overall: a patient with 80 frames
-    must not outvote four patients with 5, and the commonest subtype must not drown the rare ones."""
-    key = pd.Series(groups).astype(str) + "|" + pd.Series(y).astype(str)
-    per_group = key.map(key.value_counts()).to_numpy(float)
-    w = 1.0 / per_group
-    for c in np.unique(y):
-        m = y == c
-        w[m] /= w[m].sum()
-    return w * len(y) / w.sum()
-
-
 def _fit_lr(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: np.ndarray):
     """A multinomial LR on standardised features; predict_proba spread over `classes` (absent ones get 0)."""
     sc = StandardScaler().fit(x)
@@ -63,7 +54,9 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: np.ndarra
             out[:, np.searchsorted(classes, present[0])] = 1.0
             return out
         return proba
-    lr = LogisticRegression(C=0.05, max_iter=2000).fit(sc.transform(x), y, sample_weight=_weights(y, groups))
+    # each patient weighs the same within its class and each class the same: a patient with 80 frames must not
+    # outvote four with 5, nor the commonest subtype drown the rare ones
+    lr = LogisticRegression(C=0.05, max_iter=2000).fit(sc.transform(x), y, sample_weight=sample_weights(y, groups, present))
 
     def proba(xt: np.ndarray) -> np.ndarray:
         out = np.zeros((len(xt), len(classes)))
@@ -163,16 +156,16 @@ def _bootstrap(codes: np.ndarray, prob: np.ndarray, patients: np.ndarray, testab
 
 
 def _folds(codes: np.ndarray, patients: np.ndarray, k: int, seed: int, leakage: bool) -> np.ndarray:
-    fold = np.full(len(codes), -1)
-    cv = (StratifiedKFold(k, shuffle=True, random_state=seed) if leakage
-          else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
     import warnings
 
     with warnings.catch_warnings():  # classes with fewer patients than folds: sklearn warns; we report it instead
         warnings.simplefilter("ignore", UserWarning)
-        for i, (_, te) in enumerate(cv.split(np.zeros(len(codes)), codes, None if leakage else patients)):
+        if not leakage:
+            return stratified_group_folds(codes, patients, k, seed)
+        fold = np.full(len(codes), -1)
+        for i, (_, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(codes)), codes)):
             fold[te] = i
-    return fold
+        return fold
 
 
 def out_of_fold(x: np.ndarray, codes: np.ndarray, patients: np.ndarray, strategy: str, split_seeds=(0, 1, 2),
