@@ -77,3 +77,18 @@ def _cached_patches(model_id: str, root: str, items: tuple):
 def cached_patches(model_id: str, items: tuple):
     """p(IDC) for one upload's patches, computed once per upload (moving to another patient only re-draws)."""
     return _cached_patches(model_id, current_root(), items)
+
+
+@st.cache_data(max_entries=32, ttl=3600, show_spinner=False)  # a 50x50 map each: tiny
+def _cached_patch_heatmap(model_id: str, root: str, name: str, data: bytes):
+    from models.gradcam import gradcam_heatmap
+    from models.idc import pad_patch
+    from models.preprocess import load_image
+
+    patch = pad_patch(load_image(data, name=name, min_side=1).image)
+    return patch, gradcam_heatmap(_cached_model(model_id, root), patch, "Grad-CAM", 1)
+
+
+def cached_patch_heatmap(model_id: str, name: str, data: bytes):
+    """(padded patch, Grad-CAM for IDC-positive), computed once per patch: choosing another patient only re-draws."""
+    return _cached_patch_heatmap(model_id, current_root(), name, data)

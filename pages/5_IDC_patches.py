@@ -5,12 +5,11 @@ import streamlit as st
 
 from app.dashboard import DISCLAIMER
 from app.idc import expand_uploads, region_of, results_table
-from app.ui_cache import cached_model, cached_patches
+from app.ui_cache import cached_model, cached_patch_heatmap, cached_patches
 from models.card import metric
-from models.gradcam import colour_scale, gradcam_heatmap, gradcam_overlay
-from models.idc import burden_with_ci, pad_patch
+from models.gradcam import colour_scale, gradcam_overlay
+from models.idc import burden_with_ci
 from models.inference import DefaultsError, default_model_id
-from models.preprocess import load_image
 
 st.set_page_config(page_title="IDC patches", page_icon="🧫", layout="wide")
 st.title("IDC patches")
@@ -96,8 +95,7 @@ st.subheader("Grad-CAM of one patch")
 ok = [r for r in results if r.p_idc is not None]
 pick = ok[st.selectbox("Patch", range(len(ok)), format_func=lambda i: ok[i].name, key="idc_pick")]
 data = dict(up.items)[pick.name]
-patch = pad_patch(load_image(data, name=pick.name, min_side=1).image)
-heat = gradcam_heatmap(lm, patch, "Grad-CAM", 1)
+patch, heat = cached_patch_heatmap(model_id, pick.name, data)
 big = patch.resize((250, 250), resample=0)
 c1, c2 = st.columns(2)
 c1.image(big, caption=f"{pick.name} (enlarged 5x)", width=250)
