@@ -64,6 +64,80 @@ def idc_route(root: str | Path | None = None) -> dict | None:
         return None
 
 
+def subtype_route(root: str | Path | None = None) -> dict | None:
+    """The subtype model's routing entry, or None (none trained, or the routing file unreadable)."""
+    try:
+        return read_defaults(root).get("subtype")
+    except DefaultsError:
+        return None
+
+
+def subtype_caveat(entry: dict) -> str:
+    """What must be read before any subtype: how weak the model is on patients it never saw."""
+    lo, hi = entry["balanced_accuracy_ci95"]
+    k = max(1, len(entry.get("testable_classes") or []))
+    return (f"Subtype model `{entry['model_id']}` ({entry['strategy']}): patient-grouped balanced accuracy "
+            f"{entry['balanced_accuracy']:.2f} ({lo:.2f}–{hi:.2f}) over the {k} subtypes with enough patients to "
+            f"test, where a guess scores {1 / k:.2f}, on {entry['n_patients']} patients in all. Read the subtype as a "
+            "weak hint, never as a diagnosis.")
+
+
+def subtype_for_frame(slm, p_subtype, p_malignant: float, decision: str):
+    """The subtype shown beside a frame's verdict: within the routed model's call (models.subtype), or None when the
+    frame was referred or not read (a subtype is never shown without a benign/malignant call)."""
+    from models.subtype import call_subtype, subtype_given_binary
+
+    if decision not in ("benign", "malignant") or p_malignant is None:
+        return None
+    return call_subtype(subtype_given_binary(p_subtype, p_malignant), decision == "malignant", slm.card)
+
+
+def subtype_call_rows(call) -> pd.DataFrame:
+    """The top 3 subtypes with their probabilities, for the Diagnose table."""
+    from models.subtype import subtype_label
+
+    return pd.DataFrame([{"subtype": subtype_label(s), "probability": p} for s, p in call.top3])
+
+
+def subtype_recall_line(call) -> str:
+    """The called class's patient-grouped CV recall with its CI and patients, or why there is none."""
+    from models.subtype import subtype_label
+
+    r = call.cv_recall
+    name = subtype_label(call.subtype)
+    if not r or r.get("value") is None:
+        return f"No cross-validated recall for {name} on the card."
+    tail = "" if r.get("testable") else " (too few patients to test: not averaged into the balanced accuracy)"
+    return (f"In patient-grouped CV the subtype model recognised {r['value']:.0%} of {name} frames (95% CI "
+            f"{r['ci95'][0]:.0%}–{r['ci95'][1]:.0%}; {r['n_patients']} patients){tail}.")
+
+
+def subtype_confusion(card: ModelCard, result: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(frame counts, row-normalised shares) of a subtype card's out-of-fold confusion matrix; rows = true subtype
+    labelled with its patients, columns = called subtype."""
+    from models.subtype import subtype_label
+
+    ev = card.evaluation["subtype_cv"]
+    res = ev["results"][result or card.evaluation["strategy"]]
+    rows = [f"{subtype_label(s)} ({ev['n_patients'][s]} pt)" for s in ev["classes"]]
+    counts = pd.DataFrame(res["confusion_counts"], index=rows, columns=[subtype_label(s) for s in ev["classes"]])
+    return counts, counts.div(counts.sum(1).replace(0, 1), axis=0)
+
+
+def subtype_results_table(card: ModelCard) -> pd.DataFrame:
+    """Every variant in the card's subtype CV (strategies, the routed parent, the image-wise leakage contrast)."""
+    def f(m):
+        return "—" if m["value"] is None else f"{m['value']:.2f} ({m['ci95'][0]:.2f}–{m['ci95'][1]:.2f})"
+
+    out = []
+    for name, r in card.evaluation["subtype_cv"]["results"].items():
+        m = r["metrics"]
+        out.append({"variant": name, "split": "image-wise (LEAKAGE)" if r["leakage"] else "patient-grouped",
+                    "balanced accuracy": f(m["balanced_accuracy"]), "macro-F1": f(m["macro_f1"]),
+                    "8-class accuracy": f(m["accuracy"]), "patient accuracy": f(m["patient_accuracy"])})
+    return pd.DataFrame(out)
+
+
 def route(magnification: str, root: str | Path | None = None) -> Route:
     """Which model serves a magnification, and what the user must be told about it."""
     try:

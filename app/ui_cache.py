@@ -92,3 +92,16 @@ def _cached_patch_heatmap(model_id: str, root: str, name: str, data: bytes):
 def cached_patch_heatmap(model_id: str, name: str, data: bytes):
     """(padded patch, Grad-CAM for IDC-positive), computed once per patch: choosing another patient only re-draws."""
     return _cached_patch_heatmap(model_id, current_root(), name, data)
+
+
+@st.cache_data(max_entries=64, ttl=3600, show_spinner=False)  # 8 numbers each
+def _cached_subtype(model_id: str, root: str, name: str, data: bytes):
+    from app.dashboard import decode_frame
+    from models.subtype import subtype_probabilities
+
+    return subtype_probabilities(_cached_model(model_id, root), [decode_frame(data, name)])[0]
+
+
+def cached_subtype(model_id: str, name: str, data: bytes):
+    """The subtype model's P(subtype) for one upload (its own parent head), computed once per frame."""
+    return _cached_subtype(model_id, current_root(), name, data)

@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("predict", help="p(malignant) per file, one CSV row each")
-    p.add_argument("--task", choices=["malignancy", "idc"], default="malignancy",
-                   help="malignancy: BreakHis frames (needs --magnification); idc: 50x50 IDC patches")
+    p.add_argument("--task", choices=["malignancy", "idc", "subtype"], default="malignancy",
+                   help="malignancy: BreakHis frames (needs --magnification; adds subtype columns when a subtype model "
+                        "is routed); idc: 50x50 IDC patches; subtype: the subtype model alone (its own benign/malignant head)")
+    p.add_argument("--no-subtype", action="store_true", help="malignancy: leave out the subtype columns")
     p.add_argument("--magnification", choices=MAGNIFICATIONS, default=None)
     p.add_argument("--model", help="model id (e.g. 100X/efficientnet_lite2) or a model folder; default: the registry's")
     p.add_argument("--root", type=Path, default=None, help="models root (default magnif_models/)")
@@ -55,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --magnification is required for --task malignancy (BreakHis frames)", file=sys.stderr)
         return 2
     try:
-        model_id = args.model or default_model_id(args.magnification if args.task == "malignancy" else "idc", root)
+        model_id = args.model or default_model_id(args.magnification if args.task == "malignancy" else args.task, root)
+        subtype_id = (default_model_id("subtype", root) if args.task == "malignancy" and not args.no_subtype else None)
     except DefaultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if model_id is None and args.task == "subtype":
+        print(f"error: no subtype model in {root}; train one with `python -m training train --task subtype --data "
+              f"../shared/data/breakhis --out {root}/subtype/efficientnet_lite2_subtype` then `python -m training "
+              f"select-defaults --root {root}`", file=sys.stderr)
         return 2
     if model_id is None and args.task == "idc":
         print(f"error: no IDC patch model in {root}; train one with `python -m training train-idc --data "
@@ -70,25 +78,84 @@ def main(argv: list[str] | None = None) -> int:
               f"{lite2_init_hint()} --out {root}/{args.magnification}/efficientnet_lite2` "
               f"then `python -m training select-defaults --root {root}`", file=sys.stderr)
         return 2
-    folder = Path(model_id) if Path(model_id, "card.json").is_file() else root / model_id
     try:
-        lm = load_model_folder(folder)
+        lm = _load(model_id, root)
+        slm = _load(subtype_id, root) if subtype_id else None
     except Exception as exc:  # integrity or missing files: say so, no traceback
-        print(f"error: cannot load model {model_id}: {exc}", file=sys.stderr)
+        print(f"error: cannot load model {exc}", file=sys.stderr)
         return 2
     if args.task == "idc":
         return _predict_idc(lm, args.files)
+    if args.task == "subtype":
+        return _predict_subtype(lm, args.files)
     if lm.card.task_kind != "malignancy":
-        print(f"error: {model_id} is an {lm.card.task_kind} model; use --task {lm.card.task_kind}", file=sys.stderr)
+        print(f"error: {model_id} is a {lm.card.task_kind} model; use --task {lm.card.task_kind}", file=sys.stderr)
         return 2
     rows = lm.predict_files(args.files, args.magnification, tta=args.tta)
-    w = csv.DictWriter(sys.stdout, fieldnames=["path", "magnification", "model_id", "p_malignant", "label", "decision",
-                                                "reason", "warning"])
+    cols = ["path", "magnification", "model_id", "p_malignant", "label", "decision", "reason", "warning"]
+    if slm is not None:
+        _add_subtypes(slm, rows)
+        cols[6:6] = ["subtype", "p_subtype", "subtype_model_id"]
+    w = csv.DictWriter(sys.stdout, fieldnames=cols)
     w.writeheader()
     for r in rows:
         r = dict(r)
         r["p_malignant"] = "" if r["p_malignant"] is None else repr(r["p_malignant"])
         w.writerow(r)
+    return 0
+
+
+def _load(model_id: str, root: Path):
+    folder = Path(model_id) if Path(model_id, "card.json").is_file() else root / model_id
+    try:
+        return load_model_folder(folder)
+    except Exception as exc:
+        raise RuntimeError(f"{model_id}: {exc}") from None
+
+
+def _add_subtypes(slm, rows: list[dict]) -> None:
+    """subtype and p_subtype within each row's benign/malignant call (models.subtype.subtype_given_binary); empty
+    where the frame was referred or could not be read: a subtype is never given without a call."""
+    from models.preprocess import load_image
+    from models.subtype import call_subtype, subtype_given_binary, subtype_probabilities
+
+    for r in rows:
+        r.update(subtype="", p_subtype="", subtype_model_id=slm.model_id)
+        if r["p_malignant"] is None or r["decision"] not in ("benign", "malignant"):
+            continue
+        ps = subtype_probabilities(slm, [load_image(r["path"], name=r["path"]).image])[0]
+        c = call_subtype(subtype_given_binary(ps, r["p_malignant"]), r["decision"] == "malignant")
+        r["subtype"], r["p_subtype"] = c.subtype, repr(c.p_subtype)
+
+
+def _predict_subtype(lm, files: list[str]) -> int:
+    """path, task, model_id, subtype, p_subtype, p_malignant (the subtype model's own parent), top3, warning."""
+    from models.preprocess import ImageError, load_image
+    from models.quality import check_quality
+    from models.subtype import BENIGN_SUBTYPES, call_subtype, subtype_probabilities
+
+    if lm.card.task_kind != "subtype":
+        print(f"error: {lm.model_id} is a {lm.card.task_kind} model, not a subtype model", file=sys.stderr)
+        return 2
+    w = csv.DictWriter(sys.stdout, fieldnames=["path", "task", "model_id", "subtype", "p_subtype", "p_malignant",
+                                                "top3", "warning"])
+    w.writeheader()
+    for f in files:
+        row = {"path": f, "task": "subtype", "model_id": lm.model_id, "subtype": "", "p_subtype": "",
+               "p_malignant": "", "top3": "", "warning": ""}
+        try:
+            li = load_image(f, name=f)
+        except ImageError as exc:
+            row["warning"] = str(exc)
+            w.writerow(row)
+            continue
+        notes = list(li.warnings) + check_quality(li.image).warnings  # no referral here: the QC warnings are said
+        p = subtype_probabilities(lm, [li.image], [notes])[0]
+        pm = float(p[len(BENIGN_SUBTYPES):].sum())
+        c = call_subtype(p, pm >= 0.5)
+        row.update(subtype=c.subtype, p_subtype=repr(c.p_subtype), p_malignant=repr(pm),
+                   top3="; ".join(f"{s} {v:.3f}" for s, v in c.top3), warning="; ".join(notes))
+        w.writerow(row)
     return 0
 
 

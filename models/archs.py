@@ -299,7 +299,14 @@ def _build_tiles(init: str, arch_config: dict | None, vit_init: str | None = Non
     spec = get_arch(cfg["backbone"])
     backbone = spec.make_backbone()
     record = _init_backbone(cfg["backbone"], backbone, init)
-    return TiledClassifier(backbone.float(), spec.feat_dim, cfg["pooling"]), record
+    model = TiledClassifier(backbone.float(), spec.feat_dim, cfg["pooling"])
+    if cfg.get("subtype_head"):  # a subtype model: mean-pooled tiles -> 8 log-probabilities (models.subtype)
+        from models.subtype import SUBTYPES, SubtypeHead
+
+        if cfg["pooling"] != "mean" or list(cfg.get("classes") or []) != list(SUBTYPES):
+            raise ValueError(f"a subtype head needs mean pooling and classes {list(SUBTYPES)} in that order")
+        model.head = SubtypeHead(spec.feat_dim, cfg["subtype_head"])
+    return model, record
 
 
 def _hybrid_spec(arch_config: dict | None) -> ArchSpec:

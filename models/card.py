@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 CARD_VERSION = 3
-TASK_KINDS = ("malignancy", "idc")  # what the model answers: benign/malignant frames, or IDC-positive patches
+# What the model answers: benign/malignant frames, IDC-positive patches, or the eight BreakHis subtypes of a frame.
+TASK_KINDS = ("malignancy", "idc", "subtype")
 # One magnification type for the whole code base: the four BreakHis objectives, and ALL for pooled models.
 MAGNIFICATIONS: tuple[str, ...] = ("40X", "100X", "200X", "400X")
 ALL = "all"
@@ -85,8 +86,8 @@ def metric(summary: dict | None, name: str = "auc") -> Metric | None:
     return Metric(float("nan") if v is None else float(v), tuple(m.get("ci95") or (float("nan"), float("nan"))))
 
 
-def io_format(pre: PreprocessConfig) -> tuple[dict, dict]:
-    """What the network reads and returns, derived from the preprocessing so the two can never disagree."""
+def io_format(pre: PreprocessConfig, task_kind: str = "malignancy", classes: list | None = None) -> tuple[dict, dict]:
+    """What the network reads and returns, derived from the preprocessing and task so they can never disagree."""
     h, w = pre.input_size
     tiles = pre.tiles
     n = (tiles or {}).get("grid", [1, 1])
@@ -95,6 +96,12 @@ def io_format(pre: PreprocessConfig) -> tuple[dict, dict]:
            "value_range": f"RGB scaled to {list(pre.value_range)}, then (x - mean) / std per channel",
            "source": "a BreakHis-style 700x460 H&E frame" + (", cut into native-resolution tiles" if tiles else
                                                                f", resized to {w}x{h}")}
+    if task_kind == "subtype":
+        k = len(classes or [])
+        out = {"dtype": "float32", "shape": ["B", k], "kind": "log_probability",
+               "probability": "p_subtype = exp(output); the rows sum to 1 over arch_config.classes, in that order",
+               "classes": list(classes or [])}
+        return inp, out
     out = {"dtype": "float32", "shape": ["B"], "kind": "logit",
            "probability": "p_malignant = sigmoid(logit / temperature)", "positive_class": "malignant (1)"}
     return inp, out
@@ -136,15 +143,17 @@ class ModelCard:
     )
     limitations: list[str] = field(default_factory=list)
     changelog: list[str] = field(default_factory=list)
-    task_kind: Literal["malignancy", "idc"] = "malignancy"  # card_version 3
+    task_kind: Literal["malignancy", "idc", "subtype"] = "malignancy"  # card_version 3 ("subtype" added, readable by v3)
     card_version: Literal[3] = CARD_VERSION
 
     def __post_init__(self) -> None:
-        inp, out = io_format(self.preprocess)
+        if self.task_kind == "subtype" and not (self.arch_config or {}).get("classes"):
+            raise ValueError("a subtype card names its classes in arch_config.classes")
+        inp, out = io_format(self.preprocess, self.task_kind, (self.arch_config or {}).get("classes"))
         if self.input_format and self.input_format != inp:
             raise ValueError(f"input_format {self.input_format} disagrees with preprocess (expected {inp})")
         if self.output_format and self.output_format != out:
-            raise ValueError("output_format disagrees with this card version's output (a logit)")
+            raise ValueError(f"output_format disagrees with this card's task ({self.task_kind}): expected {out}")
         self.input_format, self.output_format = inp, out
 
     def summary_at(self, magnification: str) -> dict | None:
@@ -178,7 +187,8 @@ class ModelCard:
 
     def to_dict(self) -> dict:
         """JSON-ready dict; the input/output format is derived afresh (preprocess may have been edited in code)."""
-        self.input_format, self.output_format = io_format(self.preprocess)
+        self.input_format, self.output_format = io_format(self.preprocess, self.task_kind,
+                                                          (self.arch_config or {}).get("classes"))
         return json.loads(json.dumps(asdict(self), default=_jsonable))
 
     def to_json(self, path: str | Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
 
 from models.archs import arch_spec
 from models.inference import LoadedModel, model_lock
@@ -32,6 +32,19 @@ def target_layer(lm: LoadedModel, branch: str = "cnn") -> torch.nn.Module:
     return lm.model.get_submodule(arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer)
 
 
+def cam_target(lm: LoadedModel, target_class: int):
+    """What the map explains: a malignancy or IDC model's one logit (class 1, or 0 = its negation); a subtype
+    model's log-probability of subtype `target_class` (index into models.subtype.SUBTYPES)."""
+    if lm.card.task_kind == "subtype":
+        k = len(lm.card.arch_config["classes"])
+        if not 0 <= target_class < k:
+            raise ValueError(f"{lm.model_id}: subtype index {target_class} is not in 0..{k - 1}")
+        return ClassifierOutputTarget(target_class)
+    if target_class not in (0, 1):
+        raise ValueError(f"{lm.model_id} has one logit: target class 0 or 1, not {target_class}")
+    return BinaryClassifierOutputTarget(target_class)
+
+
 def _vit_reshape(lm: LoadedModel):
     from models.hybrid import vit_token_reshape
 
@@ -40,7 +53,8 @@ def _vit_reshape(lm: LoadedModel):
 
 def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM", target_class: int = 1,
                     branch: str = "cnn") -> np.ndarray:
-    """(H, W) map in [0, 1] at the frame's own size, for class 1 (malignant) or 0 (benign).
+    """(H, W) map in [0, 1] at the frame's own size, for class 1 (malignant) or 0 (benign); for a subtype model,
+    for the subtype with index `target_class`.
 
     branch: 'cnn' (last CNN feature map), 'vit' (ViT branch tokens reshaped to their grid; hybrid only) or
     'combined' (the mean of the two maps, each already scaled to [0, 1]).
@@ -59,7 +73,7 @@ def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM",
     with model_lock(lm.model), torch.enable_grad():
         with CAM_METHODS[method](model=lm.model, target_layers=[target_layer(lm, branch)],
                                  reshape_transform=reshape) as cam:
-            grayscale = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(target_class)])[0]
+            grayscale = cam(input_tensor=x, targets=[cam_target(lm, target_class)])[0]
     heat = Image.fromarray(np.float32(grayscale)).resize(img.size, Image.BILINEAR)
     return np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
 
@@ -140,7 +154,7 @@ def _tiled_heatmap(lm: LoadedModel, img: Image.Image, method: str, target_class:
         with torch.enable_grad():
             for i, (top, left, bh, bw) in enumerate(t.boxes):
                 with CAM_METHODS[method](model=_OneTile(lm.model, h_all, i), target_layers=[layer]) as cam:
-                    g = cam(input_tensor=x[:, i], targets=[BinaryClassifierOutputTarget(target_class)])[0]
+                    g = cam(input_tensor=x[:, i], targets=[cam_target(lm, target_class)])[0]
                 tile_map = np.asarray(Image.fromarray(np.float32(g)).resize((bw, bh), Image.BILINEAR)) * rel[i]
                 region = heat[top:top + bh, left:left + bw]
                 np.maximum(region, tile_map[:region.shape[0], :region.shape[1]], out=region)

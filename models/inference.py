@@ -201,14 +201,17 @@ def load_policy(folder: Path, card_sha256: str) -> tuple[ReferPolicy | None, str
 
 
 IDC_DIR = "idc"  # IDC patch models live in <root>/idc/<name>/, beside the frame models' <MAG or all>/<name>/
+SUBTYPE_DIR = "subtype"  # subtype models in <root>/subtype/<name>/ (never routed as benign/malignant models)
+TASK_DIRS = {"idc": IDC_DIR, "subtype": SUBTYPE_DIR}
 
 
 def list_model_folders(root: str | Path | None = None, task: str = "malignancy") -> list[Path]:
-    """Every `<MAG or all>/<name>/card.json` folder under root (task "idc": every `idc/<name>/`), sorted."""
+    """Every `<MAG or all>/<name>/card.json` folder under root (task "idc": every `idc/<name>/`, "subtype": every
+    `subtype/<name>/`), sorted."""
     root = Path(root) if root else models_root()
     if task not in TASK_KINDS:
         raise ValueError(f"task must be one of {TASK_KINDS}, not {task!r}")
-    parents = (IDC_DIR,) if task == "idc" else (*MAGNIFICATIONS, ALL)
+    parents = (TASK_DIRS[task],) if task in TASK_DIRS else (*MAGNIFICATIONS, ALL)
     return sorted(p.parent for p in root.glob("*/*/card.json") if p.parent.parent.name in parents)
 
 
@@ -228,18 +231,34 @@ class DefaultsEntry:
 
 
 @with_config(ConfigDict(extra="allow"))
-@dataclass
-class IdcDefaultsEntry:
-    """The IDC patch model's routing entry (key "idc")."""
+@dataclass(kw_only=True)
+class _TaskEntry:
+    """What every single-model task's routing entry carries besides its model id and figure."""
 
-    model_id: Annotated[str, Field(pattern=r"^idc/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    auc: Annotated[float, Field(ge=0.0, le=1.0)]
     n_patients: Annotated[int, Field(ge=0)]
     card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
+@with_config(ConfigDict(extra="allow"))
+@dataclass(kw_only=True)
+class IdcDefaultsEntry(_TaskEntry):
+    """The IDC patch model's routing entry (key "idc")."""
+
+    model_id: Annotated[str, Field(pattern=r"^idc/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    auc: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+@with_config(ConfigDict(extra="allow"))
+@dataclass(kw_only=True)
+class SubtypeDefaultsEntry(_TaskEntry):
+    """The subtype model's routing entry (key "subtype"): balanced accuracy over the testable classes."""
+
+    model_id: Annotated[str, Field(pattern=r"^subtype/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    balanced_accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 _DEFAULTS = TypeAdapter(dict[Literal["40X", "100X", "200X", "400X"], DefaultsEntry])
-_IDC_DEFAULTS = TypeAdapter(IdcDefaultsEntry)
+_TASK_DEFAULTS = {IDC_DIR: TypeAdapter(IdcDefaultsEntry), SUBTYPE_DIR: TypeAdapter(SubtypeDefaultsEntry)}
 
 
 def read_defaults(root: str | Path | None = None) -> dict:
@@ -255,9 +274,10 @@ def read_defaults(root: str | Path | None = None) -> dict:
         if not isinstance(d, dict):
             raise DefaultsError(f"{path}: invalid routing file: top level: input should be a valid dictionary; re-run `python -m training "
                                 "select-defaults`")
-        _DEFAULTS.validate_python({k: v for k, v in d.items() if k != IDC_DIR})
-        if IDC_DIR in d:
-            _IDC_DEFAULTS.validate_python(d[IDC_DIR])
+        _DEFAULTS.validate_python({k: v for k, v in d.items() if k not in _TASK_DEFAULTS})
+        for key, adapter in _TASK_DEFAULTS.items():
+            if key in d:
+                adapter.validate_python(d[key])
     except ValidationError as exc:
         probs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'][0].lower() + e['msg'][1:]}" for e in exc.errors()[:4])
         raise DefaultsError(f"{path}: invalid routing file: {probs}; re-run `python -m training select-defaults`") from None
@@ -265,6 +285,6 @@ def read_defaults(root: str | Path | None = None) -> dict:
 
 
 def default_model_id(magnification: str, root: str | Path | None = None) -> str | None:
-    """Model id serving `magnification` (or "idc": the IDC patch model), or None when nothing is trained for it."""
+    """Model id serving `magnification` (or "idc" / "subtype": that task's model), or None when nothing serves it."""
     entry = read_defaults(root).get(magnification)
     return entry["model_id"] if entry else None

@@ -1,7 +1,8 @@
 """Home: what the tool is and is not, the model inventory, where to start (listed first by streamlit_app.py)."""
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, card_problems, idc_route, inventory, route, routing_evidence
+from app.dashboard import (DISCLAIMER, card_problems, idc_route, inventory, route, routing_evidence, subtype_caveat,
+                           subtype_route)
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
@@ -49,4 +50,7 @@ idc = idc_route()
 if idc:
     st.caption(f"IDC patch model: `{idc['model_id']}`, patch AUC {idc['auc']:.3f} ({idc['auc_ci95'][0]:.3f}–"
                f"{idc['auc_ci95'][1]:.3f}) on {idc['n_patients']} patients it never saw (patient-grouped CV).")
+sub = subtype_route()
+if sub:
+    st.caption("Diagnose also shows a subtype within each call. " + subtype_caveat(sub))
 st.caption(f"Magnifications: {', '.join(MAGNIFICATIONS)}. Data: BreakHis (Spanhol et al., IEEE TBME 2016).")

@@ -4,13 +4,15 @@ import io
 import streamlit as st
 
 from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_summary, decode_frame, export_provenance,
-                           heatmap_png, performance_line, png_data_url, results_frame, route)
+                           heatmap_png, performance_line, png_data_url, results_frame, route, subtype_call_rows,
+                           subtype_caveat, subtype_for_frame, subtype_recall_line, subtype_route)
 from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from app.history import save_case
-from app.ui_cache import cached_analysis, cached_heatmap, cached_model, history_store
+from app.ui_cache import cached_analysis, cached_heatmap, cached_model, cached_subtype, history_store
+from models.subtype import SUBTYPES, subtype_label
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")
@@ -166,3 +168,41 @@ st.image(colour_scale(700, 14), width="stretch",
 buf = io.BytesIO()
 overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
 st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")
+
+st.subheader("Subtype (research, weak)")
+sr = subtype_route()
+if sr is None:
+    st.info("No subtype model is routed: train one with `python -m training train --task subtype --data "
+            "../shared/data/breakhis --out magnif_models/subtype/efficientnet_lite2_subtype` and re-run "
+            "`python -m training select-defaults`.")
+    st.stop()
+st.warning(subtype_caveat(sr))
+try:
+    slm = cached_model(sr["model_id"])
+except Exception as exc:  # integrity failure or missing files: a message, not a traceback
+    st.error(f"Subtype model {sr['model_id']} could not be loaded: {exc}")
+    st.stop()
+call = subtype_for_frame(slm, cached_subtype(sr["model_id"], pick_file.name, pick_file.getvalue()), pick.p_malignant,
+                         pick.decision)
+if call is None:
+    st.info("No subtype for this frame: it was referred, so there is no benign/malignant call to place it in.")
+    st.stop()
+s1, s2 = st.columns([1, 2])
+s1.metric("Subtype (within the call above)", subtype_label(call.subtype), f"p = {call.p_subtype:.2f}",
+          delta_color="off", help="P(subtype) = P(benign or malignant) from the routed model x P(subtype | that call) "
+                                  "from the subtype model: the subtype always agrees with the verdict above. Not calibrated.")
+s1.caption(subtype_recall_line(call))
+s2.dataframe(subtype_call_rows(call), hide_index=True, width="stretch",
+             column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0,
+                                                                            format="%.2f")})
+s2.caption("Top 3 subtypes of the eight. The confusion matrix of the subtype model is on the Model metrics page.")
+if not st.toggle("Explain a subtype (Grad-CAM of the subtype model, per tile and stitched)", value=False,
+                 key="subtype_cam"):
+    st.stop()
+sub_target = st.selectbox("Subtype to explain", range(len(SUBTYPES)), index=SUBTYPES.index(call.subtype),
+                          format_func=lambda i: subtype_label(SUBTYPES[i]), key="subtype_target")
+with st.spinner(f"Computing {method} for {subtype_label(SUBTYPES[sub_target])}…"):
+    sub_heat = cached_heatmap(sr["model_id"], pick_file.name, pick_file.getvalue(), method, sub_target, "cnn")
+st.image(gradcam_overlay(frame, sub_heat, opacity), width="stretch")
+st.caption(f"{method} for the subtype '{subtype_label(SUBTYPES[sub_target])}', computed per tile and stitched "
+           f"({sr['model_id']}; same colour scale as above)")

@@ -6,13 +6,49 @@ import streamlit as st
 from models.card import ALL, MAGNIFICATIONS, metric
 from models.refer import ReferPolicy
 from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metric_name, metrics_table, model_folder,
-                           phases_table, robustness_rows, source_and_worst, train_command)
+                           phases_table, robustness_rows, scan_cards, source_and_worst, subtype_caveat, subtype_confusion,
+                           subtype_results_table, subtype_route, train_command)
 from models.metrics import patient_table
 from app.ui_cache import cached_cards
 
 st.set_page_config(page_title="Model metrics", page_icon="📈", layout="wide")
 st.title("Model metrics")
 st.caption(DISCLAIMER)
+task = st.radio("Task", ["benign / malignant", "subtype"], horizontal=True, key="metrics_task")
+if task == "subtype":
+    sr = subtype_route()
+    scards, problems = scan_cards(None, "subtype")
+    for p_ in problems:
+        st.error(p_)
+    if not scards:
+        st.error("No subtype model. Train one with:")
+        st.code("python -m training train --task subtype --data ../shared/data/breakhis --out "
+                "magnif_models/subtype/efficientnet_lite2_subtype && python -m training select-defaults", language="bash")
+        st.stop()
+    smid = st.selectbox("Subtype model", list(scards), key="metrics_subtype_model")
+    sc = scards[smid]
+    ev = sc.evaluation["subtype_cv"]
+    if sr:
+        st.warning(subtype_caveat(sr))
+    st.markdown(f"**{smid}** · {sc.evaluation['strategy']} · init: {sc.init.get('description')} · "
+                f"{ev['n_images']} frames, {ev['patients_total']} patients")
+    st.caption(ev["protocol"])
+    st.dataframe(subtype_results_table(sc), hide_index=True, width="stretch")
+    st.caption("Not testable (too few patients; shown, not averaged in): " + (
+        "; ".join(f"{k}: {v}" for k, v in ev["not_testable"].items()) or "none"))
+    variant = st.selectbox("Confusion matrix of", [k for k, r in ev["results"].items()],
+                           index=list(ev["results"]).index(sc.evaluation["strategy"]), key="metrics_subtype_variant")
+    counts, share = subtype_confusion(sc, variant)
+    fig = go.Figure(go.Heatmap(z=share.to_numpy(), x=list(share.columns), y=list(share.index), colorscale="Blues",
+                               zmin=0, zmax=1, text=counts.to_numpy(), texttemplate="%{text}",
+                               hovertemplate="true %{y}<br>called %{x}<br>share of the row %{z:.2f}<extra></extra>"))
+    fig.update_layout(title=f"Out-of-fold confusion matrix ({variant}): frame counts, coloured by share of the true "
+                            "subtype's frames", xaxis_title="called subtype", yaxis_title="true subtype (patients)",
+                      yaxis_autorange="reversed", height=520)
+    st.plotly_chart(fig, width="stretch")
+    st.dataframe(counts, width="stretch")
+    st.stop()
+
 cards = cached_cards()
 mag = st.selectbox("Magnification", ["all", *MAGNIFICATIONS], key="metrics_mag")
 avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == ALL and mag in c.per_magnification)]

@@ -112,8 +112,40 @@ def tiny_models_root(tmp_path_factory) -> Path:
     make_model_folder(root / "all" / "resnet50", "resnet50", "all", per_mag=["40X", "100X", "200X"], seed=2)
     make_model_folder(root / "all" / "hybrid", "hybrid", "all", per_mag=["40X", "100X"], seed=3, signal=0.05)
     make_idc_folder(root / "idc" / "efficientnet_lite2_idc")
+    make_subtype_folder(root / "subtype" / "efficientnet_lite2_subtype")
     select_defaults(root)
     return root
+
+
+def make_subtype_folder(out: Path) -> Path:
+    """A scratch hierarchical subtype model (tiles, mean pooling) whose card carries a subtype CV on synthetic
+    features (24 patients, three per subtype)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from models.archs import build_model, file_sha256
+    from models.card import ModelCard
+    from models.subtype import SUBTYPES
+    from training.frozen_cv import tile_preprocess_config
+    from training.subtypes import subtype_cv
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(5)
+    cfg = {"backbone": "efficientnet_lite2", "pooling": "mean", "subtype_head": "hierarchical", "classes": list(SUBTYPES)}
+    model, rec = build_model("tiles", "scratch", cfg)
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    rows = [{"patient": f"{s}{p}", "subtype": s} for s in SUBTYPES for p in range(3) for _ in range(4)]
+    x = np.array([rng.normal(0.5 * SUBTYPES.index(r["subtype"]), 1.0, 8) for r in rows])
+    cv = subtype_cv(pd.DataFrame(rows), x, split_seeds=(0,), k=3, n_boot=20)
+    card = ModelCard(model_id=f"subtype/{out.name}", architecture="tiles", magnification="all",
+                     preprocess=tile_preprocess_config(), arch_config=cfg, task_kind="subtype", init=rec,
+                     weights_sha256=file_sha256(out / "model.safetensors"), data={"patients": 24},
+                     evaluation={"protocol": cv["protocol"], "strategy": "hierarchical", "subtype_cv": cv})
+    card.to_json(out / "card.json")
+    return out
 
 
 def make_idc_folder(out: Path) -> Path:

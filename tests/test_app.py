@@ -290,3 +290,55 @@ def test_idc_page_without_a_model_says_how_to_train_one(tiny_root, tmp_path, mon
     monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(root))
     at = _app("pages/5_IDC_patches.py")
     assert "No IDC patch model" in _texts(at) and "train-idc" in _texts(at)
+
+
+def test_diagnose_shows_the_subtype_within_the_call_with_its_recall_and_gradcam():
+    from models.subtype import BENIGN_SUBTYPES, MALIGNANT_SUBTYPES, subtype_label
+
+    at = _app("pages/1_Diagnose.py")
+    at.file_uploader(key="uploads").set_value([("a.png", _png(_he_frame(8)), "image/png")]).run()
+    assert not at.exception, at.exception
+    assert "Subtype model `subtype/efficientnet_lite2_subtype`" in _texts(at) and "where a guess scores" in _texts(at)
+    verdict = next(m for m in at.metric if m.label.startswith("Prediction:"))
+    sub = next(m for m in at.metric if m.label.startswith("Subtype"))
+    side = MALIGNANT_SUBTYPES if verdict.label.endswith("malignant") else BENIGN_SUBTYPES
+    assert sub.value in [subtype_label(s) for s in side]  # the subtype agrees with the verdict beside it
+    top3 = at.dataframe[-1].value
+    assert len(top3) == 3 and list(top3.columns) == ["subtype", "probability"]
+    assert top3["probability"].is_monotonic_decreasing
+    assert "In patient-grouped CV the subtype model recognised" in _texts(at)
+    assert not any("for the subtype" in str(c.value) for c in at.caption)  # Grad-CAM only on demand
+    at.toggle(key="subtype_cam").set_value(True).run()
+    assert at.selectbox(key="subtype_target").value == next(
+        i for i, s in enumerate(BENIGN_SUBTYPES + MALIGNANT_SUBTYPES) if subtype_label(s) == sub.value)
+    at.selectbox(key="subtype_target").set_value(6).run()
+    assert not at.exception, at.exception
+    assert any("for the subtype 'mucinous carcinoma'" in str(c.value) for c in at.caption)
+
+
+def test_diagnose_gives_no_subtype_for_a_referred_frame():
+    at = _app("pages/1_Diagnose.py")
+    flat = Image.new("RGB", (700, 460), (120, 200, 90))
+    at.file_uploader(key="uploads").set_value([("flat.png", _png(flat), "image/png")]).run()
+    assert not at.exception, at.exception
+    assert "No subtype for this frame: it was referred" in _texts(at)
+    assert not any(m.label.startswith("Subtype") for m in at.metric)
+
+
+def test_metrics_page_shows_the_subtype_confusion_matrix_with_patient_counts():
+    at = _app("pages/2_Model_metrics.py")
+    at.radio(key="metrics_task").set_value("subtype").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="metrics_subtype_model").value == "subtype/efficientnet_lite2_subtype"
+    variants = at.dataframe[0].value
+    assert "image-wise (LEAKAGE)" in set(variants["split"]) and "hierarchical" in set(variants["variant"])
+    counts = at.dataframe[1].value
+    assert counts.shape == (8, 8) and counts.index[0] == "adenosis (3 pt)" and int(counts.to_numpy().sum()) == 96
+    at.selectbox(key="metrics_subtype_variant").set_value("flat (image-wise split: LEAKAGE)").run()
+    assert not at.exception, at.exception
+    assert "where a guess scores" in _texts(at)
+
+
+def test_home_states_how_weak_the_subtype_model_is():
+    at = _app("pages/0_Home.py")
+    assert "Diagnose also shows a subtype within each call" in _texts(at) and "balanced accuracy" in _texts(at)

@@ -28,7 +28,8 @@ def test_every_shipped_card_is_current_and_valid():
     for f in SHIPPED:
         c = ModelCard.from_json(f)
         assert c.card_version == CARD_VERSION, f
-        assert c.output_format["kind"] == "logit" and c.input_format["shape"][-2:] == list(c.preprocess.input_size)
+        kind = "log_probability" if c.task_kind == "subtype" else "logit"
+        assert c.output_format["kind"] == kind and c.input_format["shape"][-2:] == list(c.preprocess.input_size)
 
 
 def test_exported_schema_matches_the_code():
@@ -137,7 +138,7 @@ def test_a_bad_routing_file_is_one_clear_error(tmp_path, text, expect):
 
 
 def test_the_shipped_routing_file_is_valid():
-    assert set(read_defaults(ROOT / "magnif_models")) == {"40X", "100X", "200X", "400X", "idc"}
+    assert set(read_defaults(ROOT / "magnif_models")) == {"40X", "100X", "200X", "400X", "idc", "subtype"}
 
 
 def test_one_registry_serves_builders_and_clis():

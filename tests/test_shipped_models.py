@@ -59,10 +59,12 @@ def test_shipped_defaults_are_re_derived_from_the_cards_by_the_routing_rule():
     from training.routing import select_defaults
 
     shipped = json.loads((ROOT / "magnif_models" / "defaults.json").read_text())
-    assert set(shipped) == set(MAGNIFICATIONS) | {"idc"}
+    assert set(shipped) == set(MAGNIFICATIONS) | {"idc", "subtype"}
     again = select_defaults(ROOT / "magnif_models", write=False)
-    idc = shipped.pop("idc")
-    assert again["idc"]["model_id"] == idc["model_id"] and again["idc"]["card_sha256"] == idc["card_sha256"]
+    for task in ("idc", "subtype"):
+        e = shipped.pop(task)
+        assert again[task]["model_id"] == e["model_id"] and again[task]["card_sha256"] == e["card_sha256"], task
+    assert again["subtype"]["balanced_accuracy"] < 0.4  # the weak subtype model is routed with its weak figure
     for mag, entry in shipped.items():
         assert again[mag]["model_id"] == entry["model_id"], mag
         assert again[mag]["card_sha256"] == entry["card_sha256"], f"{mag}: card changed after routing"

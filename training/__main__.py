@@ -39,10 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", required=True)
     a = sub.add_parser("train", help="train, cross-validate and write a model folder")
     a.add_argument("--data", required=True)
-    a.add_argument("--magnification", required=True, choices=[*MAGNIFICATIONS, ALL])
-    a.add_argument("--arch", required=True, choices=[n for n in list_archs() if n != "tiles"],
-                   help="a registered architecture (models.archs.register_arch); tile models: train-tiles")
-    a.add_argument("--init", required=True, help="imagenet | scratch | path to .safetensors/.pth (hybrid: CNN branch)")
+    a.add_argument("--task", choices=["malignancy", "subtype"], default="malignancy",
+                   help="subtype: the eight BreakHis subtypes (frozen Lite2 native tiles + flat or hierarchical heads)")
+    a.add_argument("--strategy", choices=["flat", "hierarchical"], default="hierarchical", help="subtype: the heads")
+    a.add_argument("--parent-model", default=None,
+                   help="subtype: the routed malignancy model folder, to measure the subtype within its call as "
+                        "Diagnose shows it (its out-of-fold predictions.csv)")
+    a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2], help="subtype: CV split seeds")
+    a.add_argument("--magnification", default=None, choices=[*MAGNIFICATIONS, ALL],
+                   help="required for --task malignancy; subtype default: all")
+    a.add_argument("--arch", default=None, choices=[n for n in list_archs() if n != "tiles"],
+                   help="a registered architecture (models.archs.register_arch); tile models: train-tiles; "
+                        "required for --task malignancy")
+    a.add_argument("--init", default=None, help="imagenet | scratch | path to .safetensors/.pth (hybrid: CNN branch); "
+                   "required for --task malignancy; subtype: the Lite2 ImageNet weights file (default ../shared/weights)")
     a.add_argument("--cnn", default="efficientnet_lite2", choices=list_archs(backbones_only=True), help="hybrid: CNN branch")
     a.add_argument("--vit", default="hybrid", help="hybrid: ViT branch ('hybrid' = ViT on CNN tokens | vit_b_16)")
     a.add_argument("--vit-init", default=None, help="hybrid: imagenet | local ViT checkpoint (makes the branch a plain ViT)")
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=500)
+    a.add_argument("--parent-model", default=None, help="the routed malignancy model folder: adds the subtype within "
+                   "its out-of-fold call, as Diagnose shows it")
     a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("idc-cv", help="IDC patches: patient-wise repeated CV of frozen Lite2 features at input sizes")
     a.add_argument("--data", required=True, help="an IDC folder: manifest.csv, flat patch names, or <patient>/<0|1>/")
@@ -194,9 +206,27 @@ def _run(args) -> int:
             df["part"] = leave_one_patient_out(df)
         write_split_csv(df, args.out, ["part"])
         print(df.groupby(["part", "label"])["patient"].nunique().to_string())
+    elif args.cmd == "train" and args.task == "subtype":
+        from training.subtypes import train_subtype_model
+        from training.train import BASELINE_WEIGHTS
+
+        if args.arch not in (None, "efficientnet_lite2"):
+            print("error: --task subtype uses the frozen Lite2 tile recipe; --arch does not apply", file=sys.stderr)
+            return 2
+        card = train_subtype_model(args.data, args.out, args.init or str(BASELINE_WEIGHTS), args.strategy,
+                                   args.magnification or ALL, tuple(args.split_seeds), args.cv, args.n_boot,
+                                   args.parent_model, args.cache_dir)
+        ba = card.evaluation["subtype_cv"]["results"][args.strategy]["metrics"]["balanced_accuracy"]
+        print(f"{card.model_id}: {args.strategy} subtype model, patient-grouped balanced accuracy {ba['value']:.3f} "
+              f"({ba['ci95'][0]:.3f}-{ba['ci95'][1]:.3f}); wrote {args.out}")
     elif args.cmd == "train":
         from training.engine import FitConfig
         from training.train import run_train
+
+        missing = [f"--{n}" for n in ("magnification", "arch", "init") if getattr(args, n) is None]
+        if missing:
+            print(f"error: --task malignancy needs {' '.join(missing)}", file=sys.stderr)
+            return 2
 
         recipe = args.recipe or ("full" if args.init == "scratch" else "finetune")
         fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
@@ -282,12 +312,14 @@ def _run(args) -> int:
     elif args.cmd == "subtype-cv":
         from training.data import default_cache_dir, index_source
         from training.frozen_cv import frozen_features
-        from training.subtypes import markdown_tables, subtype_cv
+        from training.subtypes import markdown_tables, routed_parent, subtype_cv
         from training.train import BASELINE_WEIGHTS, select_rows
 
         df = select_rows(index_source(args.data), args.magnification)
         _, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
-        res = subtype_cv(df, tiles.mean(1), split_seeds=tuple(args.split_seeds), k=args.k, n_boot=args.n_boot)
+        parent = routed_parent(df, args.parent_model) if args.parent_model else None
+        res = subtype_cv(df, tiles.mean(1), split_seeds=tuple(args.split_seeds), k=args.k, n_boot=args.n_boot,
+                         parent=parent)
         res["command"] = "python -m training " + " ".join(sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1) + "\n")
@@ -375,7 +407,8 @@ def _run(args) -> int:
         from training.routing import select_defaults
 
         for mag, d in select_defaults(args.root).items():
-            print(f"{mag}: {d['model_id']} AUC {d['auc']:.3f} ({d['kind']}): {d['reason']}")
+            fig = (f"AUC {d['auc']:.3f}" if "auc" in d else f"balanced accuracy {d['balanced_accuracy']:.3f}")
+            print(f"{mag}: {d['model_id']} {fig} ({d['kind']}): {d['reason']}")
             for r in d.get("comparisons", []):
                 if r["difference"] is not None:
                     print(f"    {r['challenger']:28s} vs {d['incumbent']}: {r['difference']:+.3f} "

@@ -267,6 +267,17 @@ def scale_shift_cv(df: pd.DataFrame, means: np.ndarray, scales: tuple[float, ...
     return res
 
 
+def tile_preprocess_config() -> PreprocessConfig:
+    """The frozen Lite2 tile models' preprocessing (one place, so the MIL and subtype models cannot drift apart)."""
+    from models.archs import ARCHITECTURES
+    from models.tiles import GRID, REFERENCE_SIZE, TILE_SIZE
+
+    spec = ARCHITECTURES["efficientnet_lite2"]
+    return PreprocessConfig(TILE_SIZE, spec.mean, spec.std,
+                            crop=f"none: the frame is cut into a {GRID[0]}x{GRID[1]} grid of native-resolution tiles",
+                            tiles={"grid": list(GRID), "tile_size": list(TILE_SIZE), "reference_size": list(REFERENCE_SIZE)})
+
+
 def train_tile_model(data: str, out: Path, weights: str, magnification: str = "all", pooling: str = "attention",
                      k: int = 5, seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None) -> "ModelCard":
     """Ship a tile model (frozen ImageNet Lite2 per native tile + attention-MIL or mean-pool head).
@@ -281,10 +292,9 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
 
     from safetensors.torch import save_file
 
-    from models.archs import ARCHITECTURES, file_sha256
+    from models.archs import file_sha256
     from models.card import ModelCard
     from models.metrics import apply_temperature, fit_temperature_guarded
-    from models.tiles import GRID, REFERENCE_SIZE, TILE_SIZE
     from training.data import default_cache_dir, index_source
     from training.engine import quality_table
     from training.splits import write_split_csv
@@ -351,10 +361,7 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
                          "p_baseline": base})
     pred = pd.concat([pred, quality_table(df["path"].tolist())], axis=1)
     pred.to_csv(out / "predictions.csv", index=False)
-    spec = ARCHITECTURES["efficientnet_lite2"]
-    cfg = PreprocessConfig(TILE_SIZE, spec.mean, spec.std,
-                           crop=f"none: the frame is cut into a {GRID[0]}x{GRID[1]} grid of native-resolution tiles",
-                           tiles={"grid": list(GRID), "tile_size": list(TILE_SIZE), "reference_size": list(REFERENCE_SIZE)})
+    cfg = tile_preprocess_config()
     n = counts(df)
     card = ModelCard(
         model_id=f"{out.parent.name}/{out.name}", architecture="tiles", magnification=magnification, preprocess=cfg,

@@ -139,8 +139,9 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
     """Choose (and unless write=False, write defaults.json) by the rule above, with each magnification's evidence."""
     root = Path(root)
     folders = list_model_folders(root)
-    if not folders and not list_model_folders(root, task="idc"):
-        raise FileNotFoundError(f"{root}: no model folders (<MAG or all>/<model>/card.json, idc/<model>/) to route")
+    if not folders and not any(list_model_folders(root, task=t) for t in TASK_ENTRIES):
+        raise FileNotFoundError(f"{root}: no model folders (<MAG or all>/<model>/card.json, idc/<model>/, "
+                                "subtype/<model>/) to route")
     cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
     out = {}
     for mag in MAGNIFICATIONS:
@@ -163,30 +164,39 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
         out[mag] = {**public(best), "few_patients": n["benign"] + n["malignant"] < FEW_PATIENTS or min(n.values()) < 5,
                     "rule": RULE, "incumbent": d["incumbent"], "comparisons": d["comparisons"],
                     "candidates": [public(c) for c in cands], "reason": d["reason"]}
-    idc = idc_entry(root)
-    if idc:
-        out["idc"] = idc
+    for task in TASK_ENTRIES:
+        entry = task_entry(root, task)
+        if entry:
+            out[task] = entry
     if write:
         (root / DEFAULTS_FILE).write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
-def idc_entry(root: Path) -> dict | None:
-    """The IDC patch model's routing entry. With one IDC model it serves; with several, the one already routed
-    keeps serving (never the best of several on the folds it would be reported on), else the oldest card."""
-    folders = list_model_folders(root, task="idc")
+TASK_ENTRIES = ("idc", "subtype")  # tasks with one model each, routed under their own key
+
+
+def task_entry(root: Path, task: str) -> dict | None:
+    """The IDC patch model's or the subtype model's routing entry. With one model it serves; with several, the one
+    already routed keeps serving (never the best of several on the folds it would be reported on), else the oldest."""
+    folders = list_model_folders(root, task=task)
     if not folders:
         return None
     cards = [(f, ModelCard.from_json(f / "card.json")) for f in folders]
     try:
-        current = (json.loads((root / DEFAULTS_FILE).read_text()).get("idc") or {}).get("model_id")
+        current = (json.loads((root / DEFAULTS_FILE).read_text()).get(task) or {}).get("model_id")
     except (OSError, ValueError):
         current = None
     f, c = next(((f, c) for f, c in cards if c.model_id == current), min(cards, key=lambda fc: fc[1].created))
-    auc = c.metric_at(c.magnification)
-    reason = ("the only IDC patch model" if len(cards) == 1 else
-              "already routed; several IDC models: compare them on the same folds before switching" if c.model_id == current
-              else "the oldest of several IDC models (none was routed): compare them on the same folds before switching")
-    return {"model_id": c.model_id, "kind": "IDC patch model", "auc": auc.value, "auc_ci95": list(auc.ci95),
-            "n_patients": c.data["patients"],
-            "card_sha256": file_sha256(f / "card.json"), "reason": reason}
+    what = "IDC patch model" if task == "idc" else "subtype model"
+    reason = (f"the only {what}" if len(cards) == 1 else
+              f"already routed; several {what}s: compare them on the same folds before switching" if c.model_id == current
+              else f"the oldest of several {what}s (none was routed): compare them on the same folds before switching")
+    entry = {"model_id": c.model_id, "kind": what, "card_sha256": file_sha256(f / "card.json"), "reason": reason}
+    if task == "idc":
+        auc = c.metric_at(c.magnification)
+        return {**entry, "auc": auc.value, "auc_ci95": list(auc.ci95), "n_patients": c.data["patients"]}
+    ev = c.evaluation["subtype_cv"]
+    ba = ev["results"][c.evaluation["strategy"]]["metrics"]["balanced_accuracy"]
+    return {**entry, "balanced_accuracy": ba["value"], "balanced_accuracy_ci95": ba["ci95"],
+            "strategy": c.evaluation["strategy"], "n_patients": c.data["patients"], "testable_classes": ev["testable"]}

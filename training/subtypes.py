@@ -17,6 +17,8 @@ leakage, to show how much such splits inflate subtype scores.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,11 +31,11 @@ from training.splits import stratified_group_folds
 
 log = logging.getLogger("training")
 
-BENIGN_SUBTYPES = ("adenosis", "fibroadenoma", "phyllodes_tumor", "tubular_adenoma")
-MALIGNANT_SUBTYPES = ("ductal_carcinoma", "lobular_carcinoma", "mucinous_carcinoma", "papillary_carcinoma")
-SUBTYPES = BENIGN_SUBTYPES + MALIGNANT_SUBTYPES
+from models.subtype import BENIGN_SUBTYPES, MALIGNANT_SUBTYPES, SUBTYPES, subtype_given_binary, subtype_label
+
 MIN_TEST_PATIENTS = 3  # fewer: a tested patient leaves at most one of its class to learn from; reported, not averaged
 STRATEGIES = ("flat", "hierarchical")
+ROUTED_PARENT = "hierarchical, parent = routed model"
 
 
 def subtype_codes(df: pd.DataFrame) -> np.ndarray:
@@ -44,44 +46,85 @@ def subtype_codes(df: pd.DataFrame) -> np.ndarray:
     return df["subtype"].map({s: i for i, s in enumerate(SUBTYPES)}).to_numpy()
 
 
-def _fit_lr(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: np.ndarray):
-    """A multinomial LR on standardised features; predict_proba spread over `classes` (absent ones get 0)."""
-    sc = StandardScaler().fit(x)
+@dataclass
+class LinearHead:
+    """Softmax regression over `classes` on raw features (the standardisation folded in), so the same numbers can
+    be copied into a torch Linear; a class absent from the training rows gets bias -inf (probability 0)."""
+
+    weight: np.ndarray  # (K, D)
+    bias: np.ndarray  # (K,)
+
+    def log_proba(self, x: np.ndarray) -> np.ndarray:
+        z = x @ self.weight.T + self.bias
+        finite = np.isfinite(self.bias)
+        m = z[:, finite].max(1, keepdims=True)
+        return z - (m + np.log(np.exp(z[:, finite] - m).sum(1, keepdims=True)))
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        return np.exp(self.log_proba(x))
+
+
+def _fit_lr(x: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: np.ndarray) -> LinearHead:
+    """A multinomial LR on standardised features, returned as a LinearHead over `classes` (absent ones get 0)."""
+    k, d = len(classes), x.shape[1]
+    weight, bias = np.zeros((k, d)), np.full(k, -np.inf)
     present = np.unique(y)
     if len(present) == 1:
-        def proba(xt: np.ndarray) -> np.ndarray:
-            out = np.zeros((len(xt), len(classes)))
-            out[:, np.searchsorted(classes, present[0])] = 1.0
-            return out
-        return proba
+        bias[np.searchsorted(classes, present[0])] = 0.0
+        return LinearHead(weight, bias)
+    sc = StandardScaler().fit(x)
     # each patient weighs the same within its class and each class the same: a patient with 80 frames must not
     # outvote four with 5, nor the commonest subtype drown the rare ones
     lr = LogisticRegression(C=0.05, max_iter=2000).fit(sc.transform(x), y, sample_weight=sample_weights(y, groups, present))
+    coef, icpt = lr.coef_, lr.intercept_
+    if len(present) == 2:  # sklearn's binary LR: p1 = sigmoid(z) = softmax([0, z])[1]
+        coef, icpt = np.vstack([np.zeros(d), coef[0]]), np.array([0.0, icpt[0]])
+    rows = np.searchsorted(classes, lr.classes_)
+    weight[rows] = coef / sc.scale_
+    bias[rows] = icpt - (coef / sc.scale_) @ sc.mean_
+    return LinearHead(weight, bias)
 
-    def proba(xt: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(xt), len(classes)))
-        out[:, np.searchsorted(classes, lr.classes_)] = lr.predict_proba(sc.transform(xt))
-        return out
-    return proba
+
+@dataclass
+class SubtypeHeads:
+    """The fitted heads of one strategy: {"flat"} or {"parent", "benign", "malignant"}; call it for (N, 8) P(subtype)."""
+
+    strategy: str
+    heads: dict[str, LinearHead]
+
+    def __call__(self, xt: np.ndarray) -> np.ndarray:
+        if self.strategy == "flat":
+            return self.heads["flat"].proba(xt)
+        pp = self.heads["parent"].proba(xt)
+        return np.hstack([pp[:, :1] * self.heads["benign"].proba(xt), pp[:, 1:] * self.heads["malignant"].proba(xt)])
+
+    def load_into(self, head) -> None:
+        """Copy the heads into a models.subtype.SubtypeHead (every class must have been seen)."""
+        import torch
+
+        with torch.no_grad():
+            for name, h in self.heads.items():
+                if not np.isfinite(h.bias).all():
+                    raise ValueError(f"the {name} head never saw some of its classes; cannot ship it")
+                lin = getattr(head, name)
+                lin.weight.copy_(torch.from_numpy(h.weight).float())
+                lin.bias.copy_(torch.from_numpy(h.bias).float())
 
 
-def fit_subtype_model(x: np.ndarray, codes: np.ndarray, groups: np.ndarray, strategy: str):
-    """A function from features to (N, 8) subtype probabilities, fitted on (x, codes)."""
+def fit_subtype_model(x: np.ndarray, codes: np.ndarray, groups: np.ndarray, strategy: str) -> SubtypeHeads:
+    """The heads of `strategy` fitted on (x, codes); calling the result maps features to (N, 8) probabilities."""
     allc = np.arange(len(SUBTYPES))
     if strategy == "flat":
-        return _fit_lr(x, codes, groups, allc)
+        return SubtypeHeads("flat", {"flat": _fit_lr(x, codes, groups, allc)})
     if strategy != "hierarchical":
         raise ValueError(f"strategy must be one of {STRATEGIES}")
     nb = len(BENIGN_SUBTYPES)
     malignant = (codes >= nb).astype(int)
-    parent = _fit_lr(x, malignant, groups, np.array([0, 1]))
-    ben = _fit_lr(x[malignant == 0], codes[malignant == 0], groups[malignant == 0], allc[:nb])
-    mal = _fit_lr(x[malignant == 1], codes[malignant == 1], groups[malignant == 1], allc[nb:])
-
-    def proba(xt: np.ndarray) -> np.ndarray:
-        pp = parent(xt)
-        return np.hstack([pp[:, :1] * ben(xt), pp[:, 1:] * mal(xt)])
-    return proba
+    return SubtypeHeads("hierarchical", {
+        "parent": _fit_lr(x, malignant, groups, np.array([0, 1])),
+        "benign": _fit_lr(x[malignant == 0], codes[malignant == 0], groups[malignant == 0], allc[:nb]),
+        "malignant": _fit_lr(x[malignant == 1], codes[malignant == 1] - nb, groups[malignant == 1], allc[:len(MALIGNANT_SUBTYPES)]),
+    })
 
 
 def subtype_calls(prob: np.ndarray, hierarchical: bool) -> np.ndarray:
@@ -190,8 +233,11 @@ def _report(codes, prob, patients, testable, n_boot, hierarchical: bool) -> dict
 
 
 def subtype_cv(df: pd.DataFrame, x: np.ndarray, strategies=STRATEGIES, split_seeds=(0, 1, 2), k: int = 5,
-               n_boot: int = 500) -> dict:
-    """Both strategies, patient-grouped and (labelled leakage) image-wise, with class patient counts."""
+               n_boot: int = 500, parent: tuple[str, np.ndarray] | None = None) -> dict:
+    """Both strategies, patient-grouped and (labelled leakage) image-wise, with class patient counts.
+
+    parent: (model id, its out-of-fold p_malignant per row) of the routed benign/malignant model: adds the subtype
+    as the dashboard shows it, P(parent) from that model x the hierarchical model's P(subtype | parent)."""
     codes = subtype_codes(df)
     patients = df["patient"].astype(str).to_numpy()
     n_pat = {s: int(df.loc[df["subtype"] == s, "patient"].nunique()) for s in SUBTYPES}
@@ -213,11 +259,20 @@ def subtype_cv(df: pd.DataFrame, x: np.ndarray, strategies=STRATEGIES, split_see
             log.info("subtype CV: %s", name)
             prob = out_of_fold(x, codes, patients, strategy, split_seeds, k, leakage)
             hier = strategy == "hierarchical"
-            out["results"][name] = {"strategy": strategy, "leakage": leakage,
-                                    "metrics": _report(codes, prob, patients, testable, n_boot, hier),
-                                    "confusion_counts": np.histogram2d(codes, subtype_calls(prob, hier), bins=[
-                                        np.arange(len(SUBTYPES) + 1)] * 2)[0].astype(int).tolist()}
+            out["results"][name] = _result(strategy, leakage, codes, prob, patients, testable, n_boot, hier)
+            if parent is not None and hier and not leakage:
+                log.info("subtype CV: %s", ROUTED_PARENT)
+                routed = np.stack([subtype_given_binary(p, pm) for p, pm in zip(prob, parent[1])])
+                out["results"][ROUTED_PARENT] = {**_result(ROUTED_PARENT, False, codes, routed, patients, testable,
+                                                           n_boot, True), "parent_model": parent[0]}
     return out
+
+
+def _result(strategy: str, leakage: bool, codes, prob, patients, testable, n_boot: int, hier: bool) -> dict:
+    return {"strategy": strategy, "leakage": leakage,
+            "metrics": _report(codes, prob, patients, testable, n_boot, hier),
+            "confusion_counts": np.histogram2d(codes, subtype_calls(prob, hier), bins=[
+                np.arange(len(SUBTYPES) + 1)] * 2)[0].astype(int).tolist()}
 
 
 def markdown_tables(res: dict) -> str:
@@ -234,15 +289,125 @@ def markdown_tables(res: dict) -> str:
         lines.append(f"| {r['strategy']} | {'image-wise (leakage)' if r['leakage'] else 'patient-grouped'} | "
                      f"{f(m['balanced_accuracy'])} | {f(m['macro_f1'])} | {f(m['accuracy'])} | "
                      f"{f(m['binary_accuracy'])} | {f(m['patient_accuracy'])} |")
+    grouped = [name for name, r in res["results"].items() if not r["leakage"]]
     lines += ["", "Per class, patient-grouped (recall and precision with 95% CI; frames / patients):", "",
               "| subtype | patients | frames | " + " | ".join(
-                  f"{s} recall | {s} precision" for s in STRATEGIES) + " |",
-              "|---|---|---|" + "---|---|" * len(STRATEGIES)]
+                  f"{s} recall | {s} precision" for s in grouped) + " |",
+              "|---|---|---|" + "---|---|" * len(grouped)]
     for s in res["classes"]:
         cells = []
-        for strategy in STRATEGIES:
+        for strategy in grouped:
             m = res["results"][strategy]["metrics"]
             cells += [f(m[f"recall/{s}"]), f(m[f"precision/{s}"])]
         note = "" if s in res["testable"] else " (too few patients to test)"
         lines.append(f"| {s}{note} | {res['n_patients'][s]} | {res['n_frames'][s]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def routed_parent(df: pd.DataFrame, model_folder: str | Path) -> tuple[str, np.ndarray]:
+    """(model id, out-of-fold p_malignant per row of df) from a malignancy model's predictions.csv, matched by file
+    name; every frame must be there (a frame the model trained on without an out-of-fold prediction is refused)."""
+    from models.card import ModelCard
+
+    folder = Path(model_folder)
+    card = ModelCard.from_json(folder / "card.json")
+    if card.task_kind != "malignancy":
+        raise ValueError(f"{folder}: a {card.task_kind} model is not a benign/malignant parent")
+    path = folder / "predictions.csv"
+    pred = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if "cv_fold" not in pred or "p_malignant" not in pred:
+        raise ValueError(f"{path}: no out-of-fold p_malignant (columns cv_fold, p_malignant)")
+    by_name = pred.assign(name=pred["path"].map(lambda p: Path(p).name)).set_index("name")["p_malignant"]
+    names = df["path"].map(lambda p: Path(p).name)
+    missing = sorted(set(names) - set(by_name.index))
+    if missing:
+        raise ValueError(f"{folder}: no out-of-fold prediction for {len(missing)} frame(s), e.g. {missing[:2]}")
+    return card.model_id, by_name.loc[names].to_numpy(float)
+
+
+def train_subtype_model(data: str | Path, out: Path, weights: str, strategy: str = "hierarchical",
+                        magnification: str = "all", split_seeds=(0, 1, 2), k: int = 5, n_boot: int = 500,
+                        parent_model: str | Path | None = None, cache_dir: Path | None = None):
+    """Ship a subtype model: frozen ImageNet Lite2 per native tile, mean-pooled, the `strategy` heads (fitted on
+    every frame) folded into a models.subtype.SubtypeHead; its card carries the whole subtype CV (both strategies,
+    patient-grouped and the image-wise leakage contrast, and, given the routed model, the subtype as Diagnose shows it)."""
+    import datetime as _dt
+    import time
+
+    from safetensors.torch import save_file
+
+    from models.archs import build_model, file_sha256
+    from models.card import ModelCard
+    from training.data import default_cache_dir, index_source
+    from training.frozen_cv import frozen_features, tile_preprocess_config
+    from training.splits import write_split_csv
+    from training.train import git_commit, select_rows, versions
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}")
+    t0 = time.time()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    df = select_rows(index_source(data, cache_dir), magnification).reset_index(drop=True)
+    codes = subtype_codes(df)
+    absent = [s for i, s in enumerate(SUBTYPES) if i not in set(codes)]
+    if absent:
+        raise ValueError(f"no frames of {absent}: a subtype model needs every one of the eight classes")
+    _, tiles = frozen_features(df["path"].tolist(), weights, cache_dir)
+    x, pats = tiles.mean(1), df["patient"].astype(str).to_numpy()
+    parent = routed_parent(df, parent_model) if parent_model else None
+    cv = subtype_cv(df, x, split_seeds=split_seeds, k=k, n_boot=n_boot, parent=parent)
+    heads = fit_subtype_model(x, codes, pats, strategy)
+    arch_config = {"backbone": "efficientnet_lite2", "pooling": "mean", "subtype_head": strategy,
+                   "classes": list(SUBTYPES)}
+    model, rec = build_model("tiles", weights, arch_config)
+    heads.load_into(model.head)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({kk: (v.half() if v.is_floating_point() else v).contiguous() for kk, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    oof = out_of_fold(x, codes, pats, strategy, split_seeds, k)
+    write_split_csv(df.assign(part="train"), out / "split.csv", ["part"])
+    pred = pd.DataFrame({"path": df["path"], "patient": pats, "magnification": df["magnification"],
+                         "subtype": df["subtype"], **{f"p_{s}": oof[:, i] for i, s in enumerate(SUBTYPES)}})
+    pred.to_csv(out / "predictions.csv", index=False)
+    res = cv["results"][strategy]["metrics"]
+    ba = res["balanced_accuracy"]
+    chance = 1.0 / len(cv["testable"])
+    card = ModelCard(
+        model_id=f"{out.parent.name}/{out.name}", architecture="tiles", magnification=magnification,
+        preprocess=tile_preprocess_config(), arch_config=arch_config, task_kind="subtype",
+        task="the eight BreakHis subtypes of an H&E frame (benign: " + ", ".join(BENIGN_SUBTYPES) + "; malignant: "
+             + ", ".join(MALIGNANT_SUBTYPES) + ")",
+        output="8 log-probabilities over arch_config.classes; p_subtype = exp(output)",
+        init={**rec, "description": rec["description"] + " (frozen: only the subtype heads are trained)"},
+        weights_sha256=file_sha256(out / "model.safetensors"),
+        recipe={"name": f"subtype_{strategy}_frozen_tiles",
+                "description": f"frozen ImageNet Lite2 embedding of the frame's 2x3 native-resolution tiles, mean-pooled; "
+                               + ("one 8-class multinomial logistic regression" if strategy == "flat" else
+                                  "a benign/malignant logistic regression, a benign-subtype and a malignant-subtype one; "
+                                  "P(subtype) = P(parent) x P(subtype | parent)")
+                               + " (C=0.05, patient- and class-balanced weights), standardisation folded into the heads",
+                "probabilities": "not calibrated (no temperature): read them as a ranking, with the class's CV recall"},
+        hyperparameters={"C": 0.05, "strategy": strategy},
+        data={"source": str(data), "frames": int(len(df)), "patients": int(len(set(pats))),
+              "patients_per_class": cv["n_patients"], "frames_per_class": cv["n_frames"]},
+        split_file="predictions.csv",
+        evaluation={"protocol": cv["protocol"], "strategy": strategy, "subtype_cv": cv},
+        training_time_s=time.time() - t0, versions=versions(), git_commit=git_commit(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        intended_use="Research aid: which of the eight BreakHis subtypes a frame resembles, shown with each class's "
+                     "patient-grouped CV recall. Not a diagnosis; not validated for clinical use; weak on this sample.",
+        limitations=[
+            f"{len(set(pats))} patients in all; patients per class: "
+            + ", ".join(f"{subtype_label(s)} {n}" for s, n in cv["n_patients"].items())
+            + f". Classes with fewer than {MIN_TEST_PATIENTS} patients ({', '.join(map(subtype_label, cv['not_testable'])) or 'none'}) "
+              "could not be tested and are not averaged in.",
+            f"Patient-grouped balanced accuracy {ba['value']:.2f} ({ba['ci95'][0]:.2f}-{ba['ci95'][1]:.2f}) against "
+            f"{chance:.2f} by chance over the {len(cv['testable'])} testable classes: the subtype is barely better than "
+            "a guess on patients the model never saw; the image-wise (leaky) split scores far higher and is shown "
+            "only as a warning.",
+            "Probabilities are not calibrated.",
+            "The backbone is frozen ImageNet Lite2: only linear heads were trained."],
+        changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training train --task subtype --strategy {strategy}`"])
+    card.to_json(out / "card.json")
+    return card
