@@ -56,3 +56,44 @@ def test_repeated_cv_reports_rule_one_figures_against_whole_frame_lr():
     r = res["recipes"]["tiles_mean_lr"]
     assert len(r["pooled_auc_by_seed"]) == 2 and r["vs_whole_lr"]["difference"] > 0
     assert res["recipes"]["whole_lr"]["vs_whole_lr"] is None and "vs_reference" not in r
+
+
+def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
+    """Rule 1 for a trained recipe: runs with different --seed, their folds checked against frozen-cv's, compared
+    with the frozen recipes on identical folds; runs of different recipes or on other folds are refused."""
+    import pytest
+
+    from models.card import ModelCard
+    from tests.conftest import make_model_folder
+    from training.frozen_cv import trained_runs_cv
+    from training.splits import grouped_kfold
+
+    rng = np.random.default_rng(2)
+    df, y = _patients()
+    df["path"] = [f"/data/f{i}.png" for i in range(len(df))]
+    whole, tiles = rng.normal(size=(len(y), 8)), rng.normal(size=(len(y), 6, 8))
+    runs = []
+    for seed in (0, 1, 2):
+        f = make_model_folder(tmp_path / "all" / f"run{seed}", "efficientnet_lite2", "all", seed=seed)
+        c = ModelCard.from_json(f / "card.json")
+        c.hyperparameters = {"lr": 2e-4, "seed": seed}
+        c.evaluation["per_fold"] = [{"auc": 0.8, "temperature_fit": "fitted"}] * 4
+        c.to_json(f / "card.json")
+        pd.DataFrame({"path": [f"/elsewhere/f{i}.png" for i in range(len(df))],  # matched by file name
+                      "cv_fold": grouped_kfold(df, 4, seed).to_numpy(),
+                      "logit": 2.0 * y + rng.normal(0, 1, len(y))}).to_csv(f / "predictions.csv", index=False)
+        runs.append(f)
+    res = trained_runs_cv(df, runs, whole, tiles, n_boot=50, k=4)
+    r = res["recipe"]
+    assert res["seeds"] == [0, 1, 2] and len(r["pooled_auc_by_seed"]) == 3 and len(res["training_minutes_per_run"]) == 3
+    assert r["vs_whole_lr"]["difference"] > 0.2 and r["vs_whole_lr"]["ci95"][0] > 0  # signal vs noise features
+    assert set(res["references"]) == {"whole_lr", "tiles_mean_lr"} and "vs_tiles_mean_lr" in r
+    pd.read_csv(runs[2] / "predictions.csv").assign(cv_fold=grouped_kfold(df, 4, 7).to_numpy()).to_csv(
+        runs[2] / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match="not frozen-cv's folds"):
+        trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4)
+    c = ModelCard.from_json(runs[1] / "card.json")
+    c.hyperparameters["lr"] = 1e-3
+    c.to_json(runs[1] / "card.json")
+    with pytest.raises(ValueError, match="more than --seed"):
+        trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4)

@@ -110,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--recipes", nargs="+", default=None)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
+    a = sub.add_parser("repeats-cv", help="rule 1 for a trained recipe: runs of one train command with different "
+                                          "--seed, read back and compared on identical folds with frozen recipes")
+    a.add_argument("--data", required=True)
+    a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
+    a.add_argument("--weights", default=None)
+    a.add_argument("--runs", nargs="+", type=Path, required=True, help="model folders of the same recipe, one per seed")
+    a.add_argument("--k", type=int, default=5)
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("scale-cv", help="tile model vs scale shift: trained at one scale or scale-augmented, same folds")
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
@@ -273,6 +282,24 @@ def _run(args) -> int:
         for r in sel["candidates"]:
             print(f"{r['recipe']:10s} stain {r['stain']:8s} AUC {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})  {r['candidate']}")
         print(f"shipped: {sel['chosen']} -> {args.out}")
+    elif args.cmd == "repeats-cv":
+        from training.data import default_cache_dir, index_source
+        from training.frozen_cv import frozen_features, trained_runs_cv
+        from training.train import BASELINE_WEIGHTS, select_rows
+
+        df = select_rows(index_source(args.data), args.magnification)
+        whole, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
+        res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k)
+        res["command"] = "python -m training " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        r = res["recipe"]
+        print(f"{res['model_id']} over seeds {res['seeds']}: per-fold AUC {r['per_fold_auc_mean']:.3f} ± "
+              f"{r['per_fold_auc_sd']:.3f}; pooled by seed {[round(a, 3) for a in r['pooled_auc_by_seed']]}; seed-averaged "
+              f"AUC {r['summary']['auc']['value']:.3f}; vs whole LR {r['vs_whole_lr']['difference']:+.3f} "
+              f"({r['vs_whole_lr']['ci95'][0]:+.3f} to {r['vs_whole_lr']['ci95'][1]:+.3f}); vs tile-mean LR "
+              f"{r['vs_tiles_mean_lr']['difference']:+.3f} ({r['vs_tiles_mean_lr']['ci95'][0]:+.3f} to "
+              f"{r['vs_tiles_mean_lr']['ci95'][1]:+.3f})")
     elif args.cmd == "frozen-cv":
         from training.data import default_cache_dir
         from training.frozen_cv import RECIPES, frozen_features, repeated_cv
