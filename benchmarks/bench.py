@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.archs import ARCHITECTURES, build_model  # noqa: E402
 from models.gradcam import gradcam_heatmap  # noqa: E402
-from models.inference import load_model_folder  # noqa: E402
+from models.inference import default_model_id, load_model_folder  # noqa: E402
 from training.engine import augment, select_compute  # noqa: E402
 
 FRAME = ROOT.parent / "shared" / "data" / "breakhis_frames" / "200X"
@@ -117,6 +117,16 @@ def main() -> None:
           f"ratio {full / bare:.2f} (target <= 1.5)")
     print(f"first prediction with Grad-CAM (load + predict + heatmap): {res['first_prediction_with_gradcam_s']:.2f} s; "
           f"warm {res['warm_prediction_with_gradcam_ms']:.0f} ms (target < 1.5 s)")
+    sub_id = default_model_id("subtype", Path(args.model).resolve().parent.parent)
+    if sub_id and lm.card.task_kind == "malignancy":  # Diagnose also places the frame's subtype within the call
+        from models.subtype import subtype_probabilities
+
+        slm = load_model_folder(Path(args.model).resolve().parent.parent / sub_id)
+        both = median_ms(lambda: (lm.predict_files([frame], "200X"),
+                                  subtype_probabilities(slm, [load_image(frame).image])), args.repeats)
+        res.update(subtype_model=sub_id, predict_with_subtype_ms=both, predict_with_subtype_over_forward_ratio=both / bare)
+        print(f"predict path + subtype ({sub_id}): {both:.1f} ms, ratio to the bare forward {both / bare:.2f} "
+              "(target: the whole upload-to-prediction path < 1 s)")
 
     if not args.skip_training:
         res["train_ms_per_image"] = {}

@@ -99,6 +99,35 @@ def frozen_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def repeats_table(results: list[dict]) -> str:
+    """Trained recipes under rule 1 (`python -m training repeats-cv`), beside the frozen references on the same folds."""
+    lines = ["| recipe | runs (split seeds) | per-fold AUC mean ± SD (min–max) | pooled AUC by split seed | frame AUC (95% CI) | "
+             "patient AUC (95% CI) | patient accuracy (95% CI) | Δ vs whole-frame LR | Δ vs mean-tile LR | "
+             "temperature fallbacks | minutes per run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def d(x):
+        return f"{x['difference']:+.3f} ({x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})" if x else "—"
+
+    def row(name, seeds, v, vs_w, vs_t, fb, mins):
+        s = v["summary"]
+        return (f"| {name} | {seeds} | {v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f} ({v['per_fold_auc_min']:.2f}–"
+                f"{v['per_fold_auc_max']:.2f}) | {', '.join(f'{a:.3f}' for a in v['pooled_auc_by_seed'])} | {ci(s['auc'])} | "
+                f"{ci(s['patient_auc'])} | {ci(s['patient_accuracy'])} | {d(vs_w)} | {d(vs_t)} | {fb} | {mins} |")
+    for res in results:
+        r = res["recipe"]
+        seeds = ", ".join(map(str, res["seeds"]))
+        lines.append(row(f"{res['model_id']} ({res['architecture']}, trained)", seeds, r, r["vs_whole_lr"],
+                         r["vs_tiles_mean_lr"], res["folds_with_temperature_fallback"],
+                         ", ".join(f"{m:.0f}" for m in res["training_minutes_per_run"])))
+    if results:
+        for n, v in results[0]["references"].items():
+            lines.append(row(f"{n} (frozen Lite2, reference)", ", ".join(map(str, results[0]["seeds"])), v, None, None,
+                             "—", "< 1"))
+    n = results[0]["recipe"]["n_patients"] if results else {}
+    return "\n".join([f"{results[0]['n_images']} frames, {n.get('benign')} benign / {n.get('malignant')} malignant "
+                      f"patients. Protocol: {results[0]['protocol']}.", ""] + lines) if results else ""
+
+
 def model_table(folders: list[Path]) -> str:
     lines = ["| model | init | recipe | CV | per-fold AUC mean ± SD | frame AUC (95% CI) | patient AUC (95% CI) | "
              "patient accuracy (95% CI) | patients (b/m) | folds with temperature fallback | training time |",
@@ -144,6 +173,11 @@ def main() -> None:
     if a.frozen.is_file():
         print("### Frozen-feature recipes, repeated CV\n")
         print(frozen_table(json.loads(a.frozen.read_text())))
+        print()
+    reps = [json.loads(f.read_text()) for f in sorted(Path("benchmarks/results").glob("repeats_*.json"))]
+    if reps:
+        print("### Trained recipes, repeated CV (rule 1)\n")
+        print(repeats_table(reps))
         print()
     print("### Shipped models and candidates, their own CV run\n")
     print(model_table(a.models or list_model_folders(Path("magnif_models"))))
