@@ -188,10 +188,9 @@ if call is None:
     st.info("No subtype for this frame: it was referred, so there is no benign/malignant call to place it in.")
     st.stop()
 s1, s2 = st.columns([1, 2])
-s1.metric("Subtype (within the call above)", subtype_label(call.subtype), f"p = {call.p_subtype:.2f}",
-          delta_color="off", help="P(subtype) = P(benign or malignant) from the routed model x P(subtype | that call) "
+s1.metric("Subtype (within the call above)", subtype_label(call.subtype), help="P(subtype) = P(benign or malignant) from the routed model x P(subtype | that call) "
                                   "from the subtype model: the subtype always agrees with the verdict above. Not calibrated.")
-s1.caption(subtype_recall_line(call))
+s1.caption(f"p = {call.p_subtype:.2f} (not calibrated). " + subtype_recall_line(call))
 s2.dataframe(subtype_call_rows(call), hide_index=True, width="stretch",
              column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0,
                                                                             format="%.2f")})

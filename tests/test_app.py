@@ -306,7 +306,7 @@ def test_diagnose_shows_the_subtype_within_the_call_with_its_recall_and_gradcam(
     top3 = at.dataframe[-1].value
     assert len(top3) == 3 and list(top3.columns) == ["subtype", "probability"]
     assert top3["probability"].is_monotonic_decreasing
-    assert "In patient-grouped CV the subtype model recognised" in _texts(at)
+    assert "(not calibrated). In patient-grouped CV the subtype model recognised" in _texts(at)
     assert not any("for the subtype" in str(c.value) for c in at.caption)  # Grad-CAM only on demand
     at.toggle(key="subtype_cam").set_value(True).run()
     assert at.selectbox(key="subtype_target").value == next(

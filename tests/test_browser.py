@@ -91,6 +91,14 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.get_by_text("Grad-CAM for class").first.wait_for()
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "diagnose.png"), full_page=True)
+    # below the heatmap: the subtype within the call, with its caveat, top 3 and the class's CV recall
+    sub = page.get_by_text("Subtype (within the call above)")
+    sub.wait_for()
+    sub.scroll_into_view_if_needed()
+    page.get_by_text("where a guess scores").first.wait_for()
+    page.get_by_text("In patient-grouped CV the subtype model recognised").wait_for()
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(ARTIFACTS / "diagnose_subtype.png"))
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Model_metrics")
