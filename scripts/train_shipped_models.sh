@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every model in magnif_models/ from ../shared/data/breakhis (the only data used), then the
 # leakage demonstration and the validation-driven defaults. About 4 hours on 2 AVX2 CPU cores (fp32).
-#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|select]
+#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|tasks|select]
 # Every run splits its out-of-fold figures by QC and (single-magnification models) predicts held-out patients'
 # frames at the other magnifications; --tta-eval also scores the same fold models with 8-view TTA.
 set -euo pipefail
@@ -72,6 +72,24 @@ if [[ $only == all || $only == generalisation ]]; then
   # then the shipped tile model (frozen Lite2 per native tile + attention-MIL), same 5 folds as above.
   "$PY" -m training frozen-cv --data "$DATA" --out benchmarks/results/frozen_cv.json
   "$PY" -m training train-tiles --data "$DATA" --pooling attention --out magnif_models/all/efficientnet_lite2_tiles_mil
+  # Rule 1 for the routed recipe: the same command with --seed 1 and 2 (other folds and training seeds; 33-62 min each
+  # with bf16), read back on frozen-cv's folds beside the frozen recipes.
+  for s in 1 2; do
+    run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
+        --colour-aug hed --balanced-sampling --cv 5 --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
+  done
+  "$PY" -m training repeats-cv --data "$DATA" --runs magnif_models/all/efficientnet_lite2_finetuned \
+      build/repeats/all/efficientnet_lite2_finetuned_seed1 build/repeats/all/efficientnet_lite2_finetuned_seed2 \
+      --out benchmarks/results/repeats_lite2_finetuned.json
+fi
+if [[ $only == all || $only == tasks ]]; then
+  # Issue 17: IDC patches and the eight subtypes (frozen Lite2; minutes with cached features).
+  "$PY" -m training idc-cv --data ../shared/data/idc --sizes 112 224 --out benchmarks/results/idc_cv.json
+  "$PY" -m training train-idc --data ../shared/data/idc --out magnif_models/idc/efficientnet_lite2_idc --size 224
+  "$PY" -m training subtype-cv --data "$DATA" --parent-model magnif_models/all/efficientnet_lite2_finetuned \
+      --out benchmarks/results/subtype_cv.json
+  "$PY" -m training train --task subtype --strategy hierarchical --data "$DATA" \
+      --parent-model magnif_models/all/efficientnet_lite2_finetuned --n-boot 500 --out magnif_models/subtype/efficientnet_lite2_subtype
 fi
 "$PY" -m training leakage-demo --data "$DATA" --magnification 100X --out magnif_models/leakage_demo_100X.json
 "$PY" -m training rescore magnif_models/*/*/   # QC figures and the temperature guard for cards trained before them

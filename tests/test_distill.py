@@ -76,7 +76,7 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     for seed in (0, 1, 2):
         f = make_model_folder(tmp_path / "all" / f"run{seed}", "efficientnet_lite2", "all", seed=seed)
         c = ModelCard.from_json(f / "card.json")
-        c.hyperparameters = {"lr": 2e-4, "seed": seed}
+        c.hyperparameters = {"lr": 2e-4, "seed": seed, "eval_tta": seed == 0}  # TTA scoring is evaluation only
         c.evaluation["per_fold"] = [{"auc": 0.8, "temperature_fit": "fitted"}] * 4
         c.to_json(f / "card.json")
         pd.DataFrame({"path": [f"/elsewhere/f{i}.png" for i in range(len(df))],  # matched by file name

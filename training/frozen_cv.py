@@ -407,7 +407,8 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
     mags = df["magnification"].to_numpy()
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
     cards = [ModelCard.from_json(Path(f) / "card.json") for f in folders]
-    recipe_of = lambda c: {kk: v for kk, v in c.hyperparameters.items() if kk != "seed"}  # noqa: E731
+    # what may differ between repeats: the seed, and eval_tta (8-view TTA scoring of the same fold models: evaluation only)
+    recipe_of = lambda c: {kk: v for kk, v in c.hyperparameters.items() if kk not in ("seed", "eval_tta")}  # noqa: E731
     if any(recipe_of(c) != recipe_of(cards[0]) or c.architecture != cards[0].architecture for c in cards):
         raise ValueError("the runs differ in more than --seed: not repeats of one recipe")
     seeds = [int(c.hyperparameters["seed"]) for c in cards]
