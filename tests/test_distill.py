@@ -73,10 +73,11 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     df["path"] = [f"/data/f{i}.png" for i in range(len(df))]
     whole, tiles = rng.normal(size=(len(y), 8)), rng.normal(size=(len(y), 6, 8))
     runs = []
-    for seed in (0, 1, 2):
-        f = make_model_folder(tmp_path / "all" / f"run{seed}", "efficientnet_lite2", "all", seed=seed)
+    for seed, train_seed in ((0, None), (1, None), (2, None), (0, 5)):  # the last: another training seed, seed 0's folds
+        f = make_model_folder(tmp_path / "all" / f"run{seed}_{train_seed}", "efficientnet_lite2", "all", seed=seed)
         c = ModelCard.from_json(f / "card.json")
-        c.hyperparameters = {"lr": 2e-4, "seed": seed, "eval_tta": seed == 0}  # TTA scoring is evaluation only
+        c.hyperparameters = {"lr": 2e-4, "seed": seed, "eval_tta": seed == 0,  # TTA scoring is evaluation only
+                             **({"train_seed": train_seed} if train_seed is not None else {})}
         c.evaluation["per_fold"] = [{"auc": 0.8, "temperature_fit": "fitted"}] * 4
         c.to_json(f / "card.json")
         pd.DataFrame({"path": [f"/elsewhere/f{i}.png" for i in range(len(df))],  # matched by file name
@@ -85,9 +86,18 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
         runs.append(f)
     res = trained_runs_cv(df, runs, whole, tiles, n_boot=50, k=4)
     r = res["recipe"]
-    assert res["seeds"] == [0, 1, 2] and len(r["pooled_auc_by_seed"]) == 3 and len(res["training_minutes_per_run"]) == 3
+    assert res["seeds"] == [0, 1, 2] and len(r["pooled_auc_by_seed"]) == 3 and len(res["training_minutes_per_run"]) == 4
+    assert res["run_seeds"] == [[0, 0], [1, 1], [2, 2], [0, 5]]
+    spread = res["training_seed_spread"]
+    assert list(spread) == ["0"] and spread["0"]["train_seeds"] == [0, 5] and len(spread["0"]["pooled_auc"]) == 2
     assert r["vs_whole_lr"]["difference"] > 0.2 and r["vs_whole_lr"]["ci95"][0] > 0  # signal vs noise features
     assert set(res["references"]) == {"whole_lr", "tiles_mean_lr"} and "vs_tiles_mean_lr" in r
+    c = ModelCard.from_json(runs[3] / "card.json")
+    c.hyperparameters["train_seed"] = 0  # now a second run of (0, 0)
+    c.to_json(runs[3] / "card.json")
+    with pytest.raises(ValueError, match="repeated"):
+        trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4)
+    runs = runs[:3]
     pd.read_csv(runs[2] / "predictions.csv").assign(cv_fold=grouped_kfold(df, 4, 7).to_numpy()).to_csv(
         runs[2] / "predictions.csv", index=False)
     with pytest.raises(ValueError, match="not frozen-cv's folds"):
@@ -95,5 +105,5 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     c = ModelCard.from_json(runs[1] / "card.json")
     c.hyperparameters["lr"] = 1e-3
     c.to_json(runs[1] / "card.json")
-    with pytest.raises(ValueError, match="more than --seed"):
+    with pytest.raises(ValueError, match="more than --seed/--train-seed"):
         trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4)

@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -73,3 +74,23 @@ def test_cross_validated_training_writes_out_of_fold_card(official_archive, tmp_
     again = rescore(out, n_boot=20)  # every figure is reproducible from predictions.csv
     assert again.evaluation["overall"]["metrics"] == card.evaluation["overall"]["metrics"]
     assert again.baseline["overall"]["metrics"]["auc"] == card.baseline["overall"]["metrics"]["auc"]
+
+
+
+@pytest.mark.slow
+@needs_shared
+def test_train_seed_varies_training_on_fixed_folds(official_archive, tmp_path):
+    """--train-seed (rule 1's training-seed repeats): same folds and inner splits as --seed, another network."""
+    fc = FitConfig(recipe="finetune", head_epochs=3, finetune_epochs=1, finetune_stages=1, batch_size=4)
+    runs = {}
+    for ts in (None, 3):
+        out = tmp_path / "all" / f"t{ts}"
+        card = run_train(str(official_archive), "all", "efficientnet_lite2", str(LITE2), out, fc, cv=3, n_boot=20,
+                         cache_dir=tmp_path / "cache", train_seed=ts, cross_magnification=False)
+        runs[ts] = card, pd.read_csv(out / "predictions.csv", dtype={"patient": str})
+    (c0, p0), (c3, p3) = runs[None], runs[3]
+    assert c0.hyperparameters["seed"] == c0.hyperparameters["train_seed"] == 0
+    assert c3.hyperparameters["seed"] == 0 and c3.hyperparameters["train_seed"] == 3
+    assert (p3["cv_fold"].to_numpy() == p0["cv_fold"].to_numpy()).all()
+    assert [f["val_patients"] for f in c3.evaluation["per_fold"]] == [f["val_patients"] for f in c0.evaluation["per_fold"]]
+    assert not np.allclose(p3["logit"], p0["logit"])

@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="draw training frames by class/patient weight (unweighted loss) instead of weighting the loss")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--patience", type=int, default=3)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="split seed (folds, inner splits); also the training seed "
+                   "unless --train-seed is given")
+    a.add_argument("--train-seed", type=int, default=None,
+                   help="training seed (network init, data order, augmentation) on the folds of --seed: repeats a "
+                        "from-scratch recipe over training seeds on fixed folds (default: --seed)")
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--cache-dir", type=Path, default=None)
     a.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--data", required=True)
     a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
     a.add_argument("--weights", default=None)
-    a.add_argument("--runs", nargs="+", type=Path, required=True, help="model folders of the same recipe, one per seed")
+    a.add_argument("--runs", nargs="+", type=Path, required=True, help="model folders of the same recipe, one per (--seed, --train-seed)")
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
@@ -238,18 +242,20 @@ def _run(args) -> int:
             return 2
 
         recipe = args.recipe or ("full" if args.init == "scratch" else "finetune")
+        train_seed = args.seed if args.train_seed is None else args.train_seed
         fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
                        finetune_stages=args.finetune_stages, batch_size=args.batch_size, patience=args.patience,
-                       seed=args.seed, colour_augmentation=args.colour_aug, balanced_sampling=args.balanced_sampling,
+                       seed=train_seed, colour_augmentation=args.colour_aug, balanced_sampling=args.balanced_sampling,
                        **({"lr_full": args.lr, "lr_finetune": args.lr} if args.lr else {}))
         from training.hybrid import HybridConfig
 
         hc = HybridConfig(p1_epochs=args.p1_epochs, p2_epochs=args.p2_epochs, p3_epochs=args.p3_epochs,
-                          batch_size=args.batch_size, seed=args.seed)
+                          batch_size=args.batch_size, seed=train_seed)
         card = run_train(args.data, args.magnification, args.arch, args.init, args.out, fc, cv=args.cv, seed=args.seed,
                          n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation,
                          arch_config={"cnn": args.cnn, "vit": args.vit}, vit_init=args.vit_init, stain=args.stain,
-                         eval_tta=args.tta_eval, hc=hc, cross_magnification=not args.no_cross_magnification)
+                         eval_tta=args.tta_eval, hc=hc, cross_magnification=not args.no_cross_magnification,
+                         train_seed=train_seed)
         print(_card_line(card) + f"; baseline AUC {_fmt(metric(card.baseline.get('overall')))}")
     elif args.cmd == "evaluate":
         from training.evaluate import evaluate_model
@@ -300,6 +306,9 @@ def _run(args) -> int:
               f"({r['vs_whole_lr']['ci95'][0]:+.3f} to {r['vs_whole_lr']['ci95'][1]:+.3f}); vs tile-mean LR "
               f"{r['vs_tiles_mean_lr']['difference']:+.3f} ({r['vs_tiles_mean_lr']['ci95'][0]:+.3f} to "
               f"{r['vs_tiles_mean_lr']['ci95'][1]:+.3f})")
+        for ss, t in res["training_seed_spread"].items():
+            print(f"  split seed {ss}, training seeds {t['train_seeds']}: pooled AUC "
+                  f"{[round(x, 3) for x in t['pooled_auc']]} (sd {t['sd']:.3f})")
     elif args.cmd == "frozen-cv":
         from training.data import default_cache_dir
         from training.frozen_cv import RECIPES, frozen_features, repeated_cv

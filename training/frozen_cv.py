@@ -396,25 +396,32 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
 
 def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, tiles: np.ndarray, n_boot: int = 1000,
                     k: int = 5) -> dict:
-    """Rule 1 for a trained recipe: the same `train` command run once per --seed (split seed = --seed, each fold's
-    training seed = --seed + fold), read back from each run's out-of-fold predictions.csv. Each run must hold the
-    frozen-cv folds of its seed (checked), so the seed-averaged logits are compared, frame by frame on identical
-    folds, with the frozen whole-frame and mean-tile logistic regressions by paired patient bootstraps."""
+    """Rule 1 for a trained recipe: the same `train` command run once per (--seed, --train-seed), read back from each
+    run's out-of-fold predictions.csv. --seed draws the folds (each run must hold the frozen-cv folds of its seed:
+    checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds and
+    their logits are averaged within that split seed. The split-seed-averaged logits are compared, frame by frame on
+    identical folds, with the frozen whole-frame and mean-tile logistic regressions by paired patient bootstraps."""
     from models.card import ModelCard
+    from models.metrics import _safe_auc
 
     y = (df["label"] == "malignant").astype(int).to_numpy()
     pats = df["patient"].astype(str).to_numpy()
     mags = df["magnification"].to_numpy()
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
     cards = [ModelCard.from_json(Path(f) / "card.json") for f in folders]
-    # what may differ between repeats: the seed, and eval_tta (8-view TTA scoring of the same fold models: evaluation only)
-    recipe_of = lambda c: {kk: v for kk, v in c.hyperparameters.items() if kk not in ("seed", "eval_tta")}  # noqa: E731
+    # what may differ between repeats: the seeds, and eval_tta (8-view TTA scoring of the same fold models: evaluation only)
+    recipe_of = lambda c: {kk: v for kk, v in c.hyperparameters.items()  # noqa: E731
+                           if kk not in ("seed", "train_seed", "eval_tta")}
     if any(recipe_of(c) != recipe_of(cards[0]) or c.architecture != cards[0].architecture for c in cards):
-        raise ValueError("the runs differ in more than --seed: not repeats of one recipe")
+        raise ValueError("the runs differ in more than --seed/--train-seed: not repeats of one recipe")
     seeds = [int(c.hyperparameters["seed"]) for c in cards]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"repeated seeds {seeds}: each run needs its own --seed")
-    oof, fold_aucs, temp_fallbacks, minutes = np.zeros((len(cards), len(df))), [], 0, []
+    # cards written before --train-seed existed trained with their split seed
+    train_seeds = [int(c.hyperparameters.get("train_seed", c.hyperparameters["seed"])) for c in cards]
+    pairs = list(zip(seeds, train_seeds))
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"repeated (split seed, training seed) pairs {pairs}: each run needs its own seeds")
+    split_seeds = sorted(set(seeds))
+    run_oof, fold_aucs, temp_fallbacks, minutes = np.zeros((len(cards), len(df))), [], 0, []
     for i, (f, c) in enumerate(zip(folders, cards)):
         pred = pd.read_csv(Path(f) / "predictions.csv")
         pred.index = pred["path"].map(lambda p: Path(p).name)
@@ -422,21 +429,33 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
         expect = grouped_kfold(df, k, seeds[i]).to_numpy()
         if not (pred["cv_fold"].to_numpy() == expect).all():
             raise ValueError(f"{f}: its folds are not frozen-cv's folds for seed {seeds[i]}")
-        oof[i] = pred["logit"].to_numpy(float)
+        run_oof[i] = pred["logit"].to_numpy(float)
         folds = c.evaluation.get("per_fold", [])
         fold_aucs += [x["auc"] for x in folds]
         temp_fallbacks += sum("fallback" in str(x.get("temperature_fit", "")) for x in folds)
         minutes.append(round(c.training_time_s / 60, 1))
+    # one row per split seed: the mean logit over that split seed's training seeds
+    oof = np.stack([run_oof[[i for i, s in enumerate(seeds) if s == ss]].mean(0) for ss in split_seeds])
+    spread = {}
+    for ss in split_seeds:
+        rows = [i for i, s in enumerate(seeds) if s == ss]
+        if len(rows) > 1:
+            aucs = [_safe_auc(y, run_oof[i]) for i in rows]
+            spread[str(ss)] = {"train_seeds": [train_seeds[i] for i in rows], "pooled_auc": aucs,
+                               "sd": float(np.std(aucs, ddof=1)), "range": float(max(aucs) - min(aucs))}
     w = sample_weights(y, pats)
     ref, ref_aucs = _repeated_oof(df, ["whole_lr", "tiles_mean_lr"], lambda n, tr, te, seed: _lr(
-        whole if n == "whole_lr" else tiles.mean(1), y, w, tr, te), tuple(seeds), k)
-    out = {"protocol": f"{len(seeds)} runs of one `train` command with --seed {seeds} (split seed = --seed; fold "
-                       f"f trains with seed --seed + f), {k} stratified patient-grouped folds each, identical to "
-                       "frozen-cv's folds for those seeds; summaries on the seed-averaged out-of-fold logits; paired "
+        whole if n == "whole_lr" else tiles.mean(1), y, w, tr, te), tuple(split_seeds), k)
+    out = {"protocol": f"{len(cards)} runs of one `train` command, split seeds {split_seeds} (--seed draws the folds; "
+                       f"fold f trains with --train-seed + f, default --seed + f), {k} stratified patient-grouped folds "
+                       "each, identical to frozen-cv's folds for those seeds; logits averaged over training seeds "
+                       "within a split seed, summaries on the split-seed-averaged out-of-fold logits; paired "
                        "patient-bootstrap AUC differences on the same frames and folds",
-           "runs": [str(f) for f in folders], "seeds": seeds, "model_id": cards[0].model_id,
+           "runs": [str(f) for f in folders], "seeds": split_seeds, "run_seeds": [list(p) for p in pairs],
+           "model_id": cards[0].model_id,
            "architecture": cards[0].architecture, "hyperparameters": recipe_of(cards[0]), "n_images": int(len(df)),
            "training_minutes_per_run": minutes, "folds_with_temperature_fallback": f"{temp_fallbacks}/{len(fold_aucs)}",
+           "training_seed_spread": spread,
            "recipe": recipe_summary(y, pats, mags, oof, fold_aucs, ref["whole_lr"], n_boot)}
     out["recipe"]["vs_whole_lr"] = out["recipe"].pop("vs_reference")
     out["recipe"]["vs_tiles_mean_lr"] = paired_auc_difference(y, oof.mean(0), ref["tiles_mean_lr"].mean(0), pats,

@@ -7,7 +7,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -211,13 +211,14 @@ def score_other(model, data: TrainingSet, other: OtherFrames, sc: Scores, idx: n
 
 
 def fit_with_inner_validation(recipe: Recipe, data: TrainingSet, train_idx: np.ndarray, seed: int, desc: str,
-                              eval_tta: bool):
+                              eval_tta: bool, train_seed: int | None = None):
     """Fit on a training set's inner-train patients; early stopping and the (guarded) temperature come from its
-    inner-validation patients."""
+    inner-validation patients. `seed` draws the inner split, `train_seed` (default: `seed`) the network's init."""
     part = inner_split(data.df.iloc[train_idx], seed).to_numpy()
     tr, va = train_idx[part == "train"], train_idx[part == "val"]
-    model = recipe.fresh_model(seed)
-    res = recipe.fit(model, data, tr, va, seed, desc)
+    train_seed = seed if train_seed is None else train_seed
+    model = recipe.fresh_model(train_seed)
+    res = recipe.fit(model, data, tr, va, train_seed, desc)
     model.load_state_dict(res.state)
     temp, res.temperature_note = fit_temperature_guarded(res.val_logits, data.y[va])
     temp_tta = fit_temperature_guarded(recipe.tta_logits(model, res, data, va, twin=True), data.y[va])[0] if eval_tta else None
@@ -225,8 +226,11 @@ def fit_with_inner_validation(recipe: Recipe, data: TrainingSet, train_idx: np.n
 
 
 def cross_validate(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Scores, k: int, seed: int,
-                   b_feats: np.ndarray | None) -> list[dict]:
-    """Stratified patient-grouped k-fold CV: every frame is scored by the fold model that never saw its patient."""
+                   b_feats: np.ndarray | None, train_seed: int | None = None) -> list[dict]:
+    """Stratified patient-grouped k-fold CV: every frame is scored by the fold model that never saw its patient.
+    `seed` draws the folds; fold f's network starts from `train_seed` + f (default `seed` + f), so training seeds
+    can vary on fixed folds."""
+    train_seed = seed if train_seed is None else train_seed
     y, patients = data.y, data.patients
     sc.fold = grouped_kfold(data.df, k, seed).to_numpy()
     per_fold = []
@@ -234,7 +238,8 @@ def cross_validate(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Sc
         te, trv = np.flatnonzero(sc.fold == f), np.flatnonzero(sc.fold != f)
         assert_patient_disjoint(pd.Series(patients[np.r_[trv, te]]),
                                 pd.Series(["train"] * len(trv) + ["test"] * len(te)))
-        model, res, temp, temp_tta, va = fit_with_inner_validation(recipe, data, trv, seed + f, f"fold{f}", sc.eval_tta)
+        model, res, temp, temp_tta, va = fit_with_inner_validation(recipe, data, trv, seed + f, f"fold{f}", sc.eval_tta,
+                                                                   train_seed + f)
         score_frames(model, recipe, res, data, sc, te, temp, temp_tta)
         score_other(model, data, other, sc, other.of_patients(patients[te]), temp, temp_tta,
                     f"fold {f} model (patient held out)")
@@ -326,8 +331,13 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
               seed: int = 0, n_boot: int = 1000, cache_dir: Path | None = None, model_id: str | None = None,
               baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None,
               arch_config: dict | None = None, vit_init: str | None = None, stain: str = "none", eval_tta: bool = False,
-              hc: HybridConfig | None = None, cross_magnification: bool = True) -> ModelCard:
-    """Cross-validate (or hold out), refit on all patients, and write the model folder with its card."""
+              hc: HybridConfig | None = None, cross_magnification: bool = True,
+              train_seed: int | None = None) -> ModelCard:
+    """Cross-validate (or hold out), refit on all patients, and write the model folder with its card. `seed` draws
+    the folds and splits; `train_seed` (default `seed`) the networks' init and data order."""
+    if train_seed is not None:
+        fc = replace(fc, seed=train_seed)  # the fit's data order and augmentation follow the training seed too
+    train_seed = seed if train_seed is None else train_seed
     t_start = time.time()
     out = Path(out)
     arch_config = hybrid_config(arch_config, vit_init) if arch == "hybrid" else {}
@@ -339,23 +349,23 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     ts, index, skipped = load_training_set(data, magnification, cfg, compute, cache_dir, stain)
     df = ts.df
     _, init_record = build_model(arch, init, arch_config or None, vit_init)  # provenance; every fit builds its own
-    recipe: Recipe = (HybridRecipe(arch, init, arch_config, vit_init, hc=hc or HybridConfig(seed=seed)) if arch == "hybrid"
+    recipe: Recipe = (HybridRecipe(arch, init, arch_config, vit_init, hc=hc or HybridConfig(seed=train_seed)) if arch == "hybrid"
                       else NetworkRecipe(arch, init, arch_config, vit_init, fc=fc))
     other = OtherFrames.load(index, magnification, cfg, cross_magnification)
     b_feats = baseline_features(ts, baseline_init)
     sc = Scores(len(df), len(other.df), eval_tta)
     per_fold: list[dict] = []
     if cv and cv > 1:
-        per_fold = cross_validate(recipe, ts, other, sc, cv, seed, b_feats)
+        per_fold = cross_validate(recipe, ts, other, sc, cv, seed, b_feats, train_seed)
         protocol = (f"{sc.fold.max() + 1}-fold stratified patient-grouped cross-validation; out-of-fold predictions "
                     "of patients never seen by their fold's model are the test set; temperature fitted per fold on "
                     "inner validation patients")
-        final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, seed)
+        final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, train_seed)
         part = np.full(len(df), "train")
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
-        final_model, final_res, final_temp, temp_tta_final, schedule = hold_out(recipe, ts, other, sc, part, seed, b_feats)
+        final_model, final_res, final_temp, temp_tta_final, schedule = hold_out(recipe, ts, other, sc, part, train_seed, b_feats)
     assert_patient_disjoint(pd.Series(ts.patients), pd.Series(sc.fold if cv and cv > 1 else part))
     pred, cross = write_folder(out, ts, other, sc, part, final_model, final_temp, temp_tta_final, n_boot, seed)
 
@@ -372,7 +382,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         recipe={"name": recipe.name, "final_model_schedule": schedule,
                 "compute": compute.reason, **({"phases_per_fold": [f["phases"] for f in per_fold]} if hybrid else {}),
                 "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
-        hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "stain": stain, "eval_tta": eval_tta},
+        hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "train_seed": train_seed, "stain": stain, "eval_tta": eval_tta},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
