@@ -91,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if lm.card.task_kind != "malignancy":
         print(f"error: {model_id} is a {lm.card.task_kind} model; use --task {lm.card.task_kind}", file=sys.stderr)
         return 2
-    rows = lm.predict_files(args.files, args.magnification, tta=args.tta)
+    rows = lm.predict_files(args.files, args.magnification, tta=args.tta,
+                            each=(lambda r, im: _add_subtype(slm, r, im)) if slm is not None else None)
     cols = ["path", "magnification", "model_id", "p_malignant", "label", "decision", "reason", "warning"]
     if slm is not None:
-        _add_subtypes(slm, rows)
+        for r in rows:  # unreadable files never reach `each`
+            r.setdefault("subtype", "")
+            r.setdefault("p_subtype", "")
+            r.setdefault("subtype_model_id", slm.model_id)
         cols[6:6] = ["subtype", "p_subtype", "subtype_model_id"]
     w = csv.DictWriter(sys.stdout, fieldnames=cols)
     w.writeheader()
@@ -113,19 +117,17 @@ def _load(model_id: str, root: Path):
         raise RuntimeError(f"{model_id}: {exc}") from None
 
 
-def _add_subtypes(slm, rows: list[dict]) -> None:
-    """subtype and p_subtype within each row's benign/malignant call (models.subtype.subtype_given_binary); empty
-    where the frame was referred or could not be read: a subtype is never given without a call."""
-    from models.preprocess import load_image
+def _add_subtype(slm, r: dict, image) -> None:
+    """subtype and p_subtype within the row's benign/malignant call (models.subtype.subtype_given_binary), from the
+    image predict_files already decoded; empty where the frame was referred: a subtype is never given without a call."""
     from models.subtype import call_subtype, subtype_given_binary, subtype_probabilities
 
-    for r in rows:
-        r.update(subtype="", p_subtype="", subtype_model_id=slm.model_id)
-        if r["p_malignant"] is None or r["decision"] not in ("benign", "malignant"):
-            continue
-        ps = subtype_probabilities(slm, [load_image(r["path"], name=r["path"]).image])[0]
-        c = call_subtype(subtype_given_binary(ps, r["p_malignant"]), r["decision"] == "malignant")
-        r["subtype"], r["p_subtype"] = c.subtype, repr(c.p_subtype)
+    r.update(subtype="", p_subtype="", subtype_model_id=slm.model_id)
+    if r["p_malignant"] is None or r["decision"] not in ("benign", "malignant"):
+        return
+    ps = subtype_probabilities(slm, [image])[0]
+    c = call_subtype(subtype_given_binary(ps, r["p_malignant"]), r["decision"] == "malignant")
+    r["subtype"], r["p_subtype"] = c.subtype, repr(c.p_subtype)
 
 
 def _predict_subtype(lm, files: list[str]) -> int:

@@ -6,7 +6,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterable, Literal, Sequence
+from typing import Annotated, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -120,8 +120,9 @@ class LoadedModel:
         return "malignant" if p >= self.card.threshold else "benign"
 
     def predict_files(self, paths: Iterable[str], magnification: str, batch_size: int = 16,
-                      tta: bool = False) -> list[dict]:
-        """One result row per input, in order; a bad file gets an empty probability and its reason."""
+                      tta: bool = False, each: Callable[[dict, Image.Image], None] | None = None) -> list[dict]:
+        """One result row per input, in order; a bad file gets an empty probability and its reason. `each(row, image)`
+        runs once per decoded frame after its decision, so a caller adds to a row without decoding the file again."""
         rows: list[dict] = []
         pending: list[tuple[int, Image.Image, object]] = []
 
@@ -136,6 +137,8 @@ class LoadedModel:
                 rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
                 d = self.decide(im, float(p), q, o)
                 rows[i]["decision"], rows[i]["reason"] = d.decision, d.reason
+                if each is not None:
+                    each(rows[i], im)
             pending.clear()
 
         for path in paths:

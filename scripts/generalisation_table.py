@@ -123,6 +123,12 @@ def repeats_table(results: list[dict]) -> str:
         for n, v in results[0]["references"].items():
             lines.append(row(f"{n} (frozen Lite2, reference)", ", ".join(map(str, results[0]["seeds"])), v, None, None,
                              "—", "< 1"))
+    for res in results:
+        for ss, t in res.get("training_seed_spread", {}).items():
+            lines.append("")
+            lines.append(f"Training seeds on split seed {ss}'s folds ({res['model_id']}): pooled out-of-fold AUC "
+                         + ", ".join(f"{a:.3f} (training seed {ts})" for a, ts in zip(t["pooled_auc"], t["train_seeds"]))
+                         + f"; SD {t['sd']:.3f}, range {t['range']:.3f}. Split seed {ss}'s row above averages their logits.")
     n = results[0]["recipe"]["n_patients"] if results else {}
     return "\n".join([f"{results[0]['n_images']} frames, {n.get('benign')} benign / {n.get('malignant')} malignant "
                       f"patients. Protocol: {results[0]['protocol']}.", ""] + lines) if results else ""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every model in magnif_models/ from ../shared/data/breakhis (the only data used), then the
 # leakage demonstration and the validation-driven defaults. About 4 hours on 2 AVX2 CPU cores (fp32).
-#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|tasks|select]
+#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|repeats|tasks|select]
 # Every run splits its out-of-fold figures by QC and (single-magnification models) predicts held-out patients'
 # frames at the other magnifications; --tta-eval also scores the same fold models with 8-view TTA.
 set -euo pipefail
@@ -81,6 +81,35 @@ if [[ $only == all || $only == generalisation ]]; then
   "$PY" -m training repeats-cv --data "$DATA" --runs magnif_models/all/efficientnet_lite2_finetuned \
       build/repeats/all/efficientnet_lite2_finetuned_seed1 build/repeats/all/efficientnet_lite2_finetuned_seed2 \
       --out benchmarks/results/repeats_lite2_finetuned.json
+fi
+if [[ $only == all || $only == repeats ]]; then
+  # Rule 1 for the other trained candidates: each one's shipped recipe at 5 folds (frozen-cv's folds), split seeds
+  # 0-2; the from-scratch ResNet-50s also over training seeds 0-2 on split seed 0's folds (--train-seed). Runs go to
+  # the git-ignored build/repeats/; minutes per run are in each results JSON.
+  R=build/repeats
+  for m in 100X all; do
+    for s in 0 1 2; do
+      run --magnification $m --arch resnet50 --init scratch --cv 5 --epochs 5 --patience 4 --seed $s --out $R/$m/resnet50_seed$s
+    done
+    for t in 1 2; do
+      run --magnification $m --arch resnet50 --init scratch --cv 5 --epochs 5 --patience 4 --seed 0 --train-seed $t \
+          --out $R/$m/resnet50_seed0_train$t
+    done
+  done
+  "$PY" -m training repeats-cv --data "$DATA" --magnification 100X --name "100X/resnet50 recipe (scratch)" \
+      --runs $R/100X/resnet50_seed{0,1,2} $R/100X/resnet50_seed0_train{1,2} --out benchmarks/results/repeats_resnet50_100X.json
+  "$PY" -m training repeats-cv --data "$DATA" --name "all/resnet50 recipe (scratch)" \
+      --runs $R/all/resnet50_seed{0,1,2} $R/all/resnet50_seed0_train{1,2} --out benchmarks/results/repeats_resnet50_all.json
+  for s in 0 1 2; do
+    run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --cv 5 --epochs 4 --seed $s --out $R/100X/efficientnet_lite2_seed$s
+  done
+  "$PY" -m training repeats-cv --data "$DATA" --magnification 100X --name "100X/efficientnet_lite2 recipe (ImageNet, fine-tuned)" \
+      --runs $R/100X/efficientnet_lite2_seed{0,1,2} --out benchmarks/results/repeats_lite2_100X.json
+  for s in 0 1 2; do
+    run --magnification all --arch hybrid --init "$LITE2" --cv 5 --seed $s --out $R/all/hybrid_seed$s
+  done
+  "$PY" -m training repeats-cv --data "$DATA" --name "all/hybrid recipe (ImageNet CNN + scratch ViT)" \
+      --runs $R/all/hybrid_seed{0,1,2} --out benchmarks/results/repeats_hybrid_all.json
 fi
 if [[ $only == all || $only == tasks ]]; then
   # Issue 17: IDC patches and the eight subtypes (frozen Lite2; minutes with cached features).

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--magnification", default=ALL, choices=[*MAGNIFICATIONS, ALL])
     a.add_argument("--weights", default=None)
     a.add_argument("--runs", nargs="+", type=Path, required=True, help="model folders of the same recipe, one per (--seed, --train-seed)")
+    a.add_argument("--name", default=None, help="the recipe's name in the tables (default: the first run's model_id)")
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
@@ -296,6 +297,8 @@ def _run(args) -> int:
         df = select_rows(index_source(args.data), args.magnification)
         whole, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
         res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k)
+        if args.name:
+            res["model_id"] = args.name
         res["command"] = "python -m training " + " ".join(sys.argv[1:])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1) + "\n")
