@@ -10,7 +10,7 @@ import pandas as pd
 
 from models.archs import file_sha256
 from models.card import ALL, MAGNIFICATIONS, TASK_KINDS, CardError, Metric, ModelCard, metric
-from models.config import lite2_init_hint, models_root
+from models.config import lite2_init_hint, models_root, results_dir
 from models.inference import DefaultsError, list_model_folders, read_defaults
 
 FEW_PATIENTS = 20  # fewer patients than this behind a number: labelled "few patients"
@@ -252,6 +252,53 @@ def routing_evidence(magnification: str, root: str | Path | None = None) -> pd.D
                                                                           f"{r['n_patients']['malignant']}" if r.get("n_patients") else ""),
                      "displaces": r.get("displaces", False)})
     return pd.DataFrame(rows)
+
+
+def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataFrame:
+    """Rule 1 for the trained recipes (`python -m training repeats-cv`, benchmarks/results/repeats_*.json) whose
+    frames include this magnification, beside the frozen references on the same folds: how far one run's figure
+    moves with the split and training seeds."""
+    rows, seen = [], set()
+    for f in sorted(Path(root or results_dir()).glob("repeats_*.json")):
+        try:
+            res = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        subset = res.get("magnification", ALL)
+        if subset not in (ALL, magnification):
+            continue
+        frames = "all magnifications" if subset == ALL else f"{subset} only"
+
+        def row(name, v, vs_tiles, runs, fallbacks):
+            s = v["summary"]
+            n = v["n_patients"]
+            at = v.get("per_magnification_auc", {}).get(magnification)
+            return {"recipe": name, "frames": frames, "runs": runs,
+                    "per-fold AUC mean ± SD (min–max)": f"{v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f} "
+                                                        f"({v['per_fold_auc_min']:.2f}–{v['per_fold_auc_max']:.2f})",
+                    "pooled AUC by split seed": ", ".join(f"{a:.3f}" for a in v["pooled_auc_by_seed"]),
+                    "seed-averaged AUC (95% CI)": _fmt_ci(_metric_of(s["auc"])),
+                    f"AUC at {magnification}": f"{at:.3f}" if at is not None else "n/a",
+                    "patient AUC (95% CI)": _fmt_ci(_metric_of(s["patient_auc"])),
+                    "Δ AUC vs frozen mean-tile LR (95% CI)": (f"{vs_tiles['difference']:+.3f} ({vs_tiles['ci95'][0]:+.3f} "
+                                                              f"to {vs_tiles['ci95'][1]:+.3f})" if vs_tiles else "—"),
+                    "temperature fallbacks": fallbacks, "patients (b/m)": f"{n['benign']}/{n['malignant']}"}
+        r = res["recipe"]
+        spread = res.get("training_seed_spread", {})
+        runs = (f"{len(res['runs'])} runs: split seeds {', '.join(map(str, res['seeds']))}"
+                + "".join(f"; training seeds {', '.join(map(str, t['train_seeds']))} on split seed {ss} "
+                          f"(pooled AUC SD {t['sd']:.3f})" for ss, t in spread.items()))
+        rows.append(row(res["model_id"], r, r.get("vs_tiles_mean_lr"), runs, res["folds_with_temperature_fallback"]))
+        for name, v in res.get("references", {}).items():
+            if (subset, name) not in seen:
+                seen.add((subset, name))
+                rows.append(row(f"{name} (frozen Lite2, reference)", v, None,
+                                f"split seeds {', '.join(map(str, res['seeds']))}", "—"))
+    return pd.DataFrame(rows)
+
+
+def _metric_of(d: dict) -> Metric:
+    return Metric(d["value"], tuple(d["ci95"]))
 
 
 def source_and_worst(pred: pd.DataFrame, threshold: float = 0.5, n_worst: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,7 +1,7 @@
 """Where things live: every machine path comes from here, overridable by environment variables.
 
 The defaults match the project layout (shipped models beside the code, the shared data and weights in ../shared);
-a lab that keeps them elsewhere sets BREAKHIS_MODELS_DIR, BREAKHIS_SHARED, BREAKHIS_DATA or BREAKHIS_LITE2_WEIGHTS.
+a lab that keeps them elsewhere sets BREAKHIS_MODELS_DIR, BREAKHIS_RESULTS_DIR, BREAKHIS_SHARED, BREAKHIS_DATA or BREAKHIS_LITE2_WEIGHTS.
 """
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def models_root() -> Path:
     """Shipped model folders and defaults.json (BREAKHIS_MODELS_DIR)."""
     return Path(os.environ.get("BREAKHIS_MODELS_DIR", REPO_ROOT / "magnif_models"))
+
+
+def results_dir() -> Path:
+    """The measured results the README's tables come from (benchmarks/results; BREAKHIS_RESULTS_DIR)."""
+    return Path(os.environ.get("BREAKHIS_RESULTS_DIR", REPO_ROOT / "benchmarks" / "results"))
 
 
 def shared_dir() -> Path:

@@ -4,7 +4,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
-from app.dashboard import DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, route, routing_evidence
+from app.dashboard import (DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, repeats_rows, route,
+                           routing_evidence)
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay
 from app.ui_cache import cached_analysis, cached_cards, cached_heatmap, cached_model
 
@@ -60,6 +61,15 @@ if not ev.empty:
     st.dataframe(ev, hide_index=True, width="stretch")
     st.caption("Each challenger's AUC advantage over the pretrained incumbent on the same out-of-fold frames, with a "
                "paired patient-bootstrap 95% CI; a challenger displaces the incumbent only when the whole CI is above zero.")
+
+rep = repeats_rows(mag)
+if not rep.empty:
+    with st.expander(f"How much each recipe's figure moves: repeated CV (rule 1) on frames including {mag}"):
+        st.dataframe(rep, hide_index=True, width="stretch")
+        st.caption("Each trained recipe re-run with other split seeds (other folds) and, from scratch, other training "
+                   "seeds, read back on the folds of the frozen references (`python -m training repeats-cv`; "
+                   "README, Generalisation). The table above shows one run per model; here is how far such a figure "
+                   "moves. On 38 patients differences inside these spreads are noise.")
 
 st.subheader("All chosen models on the same image")
 cm1, cm2 = st.columns(2)

@@ -133,6 +133,33 @@ def test_compare_page_runs_models_side_by_side():
     assert not at.success and "refer it to the pathologist" in _texts(at) and "**refer**" in _texts(at)
 
 
+def test_compare_shows_how_far_each_recipe_moves_under_repeated_cv(tmp_path):
+    """Rule 1 on the Compare page: a trained recipe's repeats (split and training seeds) beside the frozen
+    references, only where its frames include the magnification."""
+    import json
+
+    from app.dashboard import repeats_rows
+
+    summ = {"auc": {"value": 0.67, "ci95": [0.4, 0.85]}, "patient_auc": {"value": 0.7, "ci95": [0.5, 0.9]}}
+    v = {"per_fold_auc_mean": 0.67, "per_fold_auc_sd": 0.2, "per_fold_auc_min": 0.2, "per_fold_auc_max": 0.94,
+         "pooled_auc_by_seed": [0.64, 0.63, 0.58], "summary": summ, "n_patients": {"benign": 9, "malignant": 19},
+         "per_magnification_auc": {"100X": 0.67}}
+    res = {"model_id": "100X/resnet50 recipe", "magnification": "100X", "seeds": [0, 1, 2], "runs": ["a"] * 5,
+           "folds_with_temperature_fallback": "7/25", "recipe": {**v, "vs_tiles_mean_lr": {"difference": 0.05,
+                                                                                              "ci95": [-0.4, 0.26]}},
+           "training_seed_spread": {"0": {"train_seeds": [0, 1, 2], "pooled_auc": [0.64, 0.6, 0.7], "sd": 0.05,
+                                          "range": 0.1}},
+           "references": {"tiles_mean_lr": v}}
+    (tmp_path / "repeats_x.json").write_text(json.dumps(res))
+    t = repeats_rows("100X", tmp_path)
+    assert list(t["recipe"]) == ["100X/resnet50 recipe", "tiles_mean_lr (frozen Lite2, reference)"]
+    assert "training seeds 0, 1, 2 on split seed 0" in t.loc[0, "runs"] and t.loc[0, "frames"] == "100X only"
+    assert t.loc[0, "Δ AUC vs frozen mean-tile LR (95% CI)"].startswith("+0.050 (-0.400")
+    assert repeats_rows("40X", tmp_path).empty  # 100X-only frames say nothing about 40X
+    at = _app("pages/3_Compare_models.py")  # the shipped results: the routed recipe's repeats are shown
+    assert any("seed-averaged AUC (95% CI)" in d.value.columns for d in at.dataframe)
+
+
 def test_compare_agreement_counts_calls_only():
     from app.dashboard import FrameResult, compare_agreement
 

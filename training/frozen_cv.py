@@ -449,10 +449,11 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
     out = {"protocol": f"{len(cards)} runs of one `train` command, split seeds {split_seeds} (--seed draws the folds; "
                        f"fold f trains with --train-seed + f, default --seed + f), {k} stratified patient-grouped folds "
                        "each, identical to frozen-cv's folds for those seeds; logits averaged over training seeds "
-                       "within a split seed, summaries on the split-seed-averaged out-of-fold logits; paired "
+                       "within a split seed, summaries on the split-seed-averaged out-of-fold logits (per-fold AUCs: every run's "
+                       "folds); paired "
                        "patient-bootstrap AUC differences on the same frames and folds",
            "runs": [str(f) for f in folders], "seeds": split_seeds, "run_seeds": [list(p) for p in pairs],
-           "model_id": cards[0].model_id,
+           "model_id": cards[0].model_id, "magnification": cards[0].magnification,
            "architecture": cards[0].architecture, "hyperparameters": recipe_of(cards[0]), "n_images": int(len(df)),
            "training_minutes_per_run": minutes, "folds_with_temperature_fallback": f"{temp_fallbacks}/{len(fold_aucs)}",
            "training_seed_spread": spread,
