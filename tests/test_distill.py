@@ -82,7 +82,9 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
         c.to_json(f / "card.json")
         pd.DataFrame({"path": [f"/elsewhere/f{i}.png" for i in range(len(df))],  # matched by file name
                       "cv_fold": grouped_kfold(df, 4, seed).to_numpy(),
-                      "logit": 2.0 * y + rng.normal(0, 1, len(y))}).to_csv(f / "predictions.csv", index=False)
+                      # the extra training seed's run is made anti-informative: it must not leak into the summary
+                      "logit": (-2.0 if train_seed else 2.0) * y + rng.normal(0, 1, len(y))}).to_csv(
+            f / "predictions.csv", index=False)
         runs.append(f)
     res = trained_runs_cv(df, runs, whole, tiles, n_boot=50, k=4)
     r = res["recipe"]
@@ -90,6 +92,9 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     assert res["run_seeds"] == [[0, 0], [1, 1], [2, 2], [0, 5]]
     spread = res["training_seed_spread"]
     assert list(spread) == ["0"] and spread["0"]["train_seeds"] == [0, 5] and len(spread["0"]["pooled_auc"]) == 2
+    # one run per split seed in the summary (as every recipe has); the other training seed only in the spread
+    assert r["pooled_auc_by_seed"][0] == spread["0"]["pooled_auc"][0] > 0.8 and spread["0"]["pooled_auc"][1] < 0.2
+    assert res["folds_with_temperature_fallback"] == "0/12"
     assert r["vs_whole_lr"]["difference"] > 0.2 and r["vs_whole_lr"]["ci95"][0] > 0  # signal vs noise features
     assert set(res["references"]) == {"whole_lr", "tiles_mean_lr"} and "vs_tiles_mean_lr" in r
     c = ModelCard.from_json(runs[3] / "card.json")

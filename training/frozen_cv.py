@@ -398,8 +398,8 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
                     k: int = 5) -> dict:
     """Rule 1 for a trained recipe: the same `train` command run once per (--seed, --train-seed), read back from each
     run's out-of-fold predictions.csv. --seed draws the folds (each run must hold the frozen-cv folds of its seed:
-    checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds and
-    their logits are averaged within that split seed. The split-seed-averaged logits are compared, frame by frame on
+    checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds,
+    reported apart from the summary (one run per split seed, as for every recipe). The split-seed-averaged logits are compared, frame by frame on
     identical folds, with the frozen whole-frame and mean-tile logistic regressions by paired patient bootstraps."""
     from models.card import ModelCard
     from models.metrics import _safe_auc
@@ -421,7 +421,7 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"repeated (split seed, training seed) pairs {pairs}: each run needs its own seeds")
     split_seeds = sorted(set(seeds))
-    run_oof, fold_aucs, temp_fallbacks, minutes = np.zeros((len(cards), len(df))), [], 0, []
+    run_oof, run_fold_aucs, run_fallbacks, minutes = np.zeros((len(cards), len(df))), [], [], []
     for i, (f, c) in enumerate(zip(folders, cards)):
         pred = pd.read_csv(Path(f) / "predictions.csv")
         pred.index = pred["path"].map(lambda p: Path(p).name)
@@ -431,31 +431,39 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
             raise ValueError(f"{f}: its folds are not frozen-cv's folds for seed {seeds[i]}")
         run_oof[i] = pred["logit"].to_numpy(float)
         folds = c.evaluation.get("per_fold", [])
-        fold_aucs += [x["auc"] for x in folds]
-        temp_fallbacks += sum("fallback" in str(x.get("temperature_fit", "")) for x in folds)
+        run_fold_aucs.append([x["auc"] for x in folds])
+        run_fallbacks.append(sum("fallback" in str(x.get("temperature_fit", "")) for x in folds))
         minutes.append(round(c.training_time_s / 60, 1))
-    # one row per split seed: the mean logit over that split seed's training seeds
-    oof = np.stack([run_oof[[i for i, s in enumerate(seeds) if s == ss]].mean(0) for ss in split_seeds])
+    # One run per split seed in the main summary (training seed = split seed where there is one), as every other
+    # recipe has: averaging several training seeds' logits would be an ensemble the others do not get.
+    primary = [min((i for i, s in enumerate(seeds) if s == ss), key=lambda i: (train_seeds[i] != ss, train_seeds[i]))
+               for ss in split_seeds]
+    oof = run_oof[primary]
+    fold_aucs = [a for i in primary for a in run_fold_aucs[i]]
+    temp_fallbacks = f"{sum(run_fallbacks[i] for i in primary)}/{len(fold_aucs)}"
     spread = {}
     for ss in split_seeds:
         rows = [i for i, s in enumerate(seeds) if s == ss]
         if len(rows) > 1:
             aucs = [_safe_auc(y, run_oof[i]) for i in rows]
             spread[str(ss)] = {"train_seeds": [train_seeds[i] for i in rows], "pooled_auc": aucs,
-                               "sd": float(np.std(aucs, ddof=1)), "range": float(max(aucs) - min(aucs))}
+                               "per_fold_auc_mean": [float(np.nanmean(run_fold_aucs[i])) for i in rows],
+                               "temperature_fallbacks": [run_fallbacks[i] for i in rows],
+                               "sd": float(np.std(aucs, ddof=1)), "range": float(max(aucs) - min(aucs)),
+                               "ensemble_auc": _safe_auc(y, run_oof[rows].mean(0))}
     w = sample_weights(y, pats)
     ref, ref_aucs = _repeated_oof(df, ["whole_lr", "tiles_mean_lr"], lambda n, tr, te, seed: _lr(
         whole if n == "whole_lr" else tiles.mean(1), y, w, tr, te), tuple(split_seeds), k)
     out = {"protocol": f"{len(cards)} runs of one `train` command, split seeds {split_seeds} (--seed draws the folds; "
                        f"fold f trains with --train-seed + f, default --seed + f), {k} stratified patient-grouped folds "
-                       "each, identical to frozen-cv's folds for those seeds; logits averaged over training seeds "
-                       "within a split seed, summaries on the split-seed-averaged out-of-fold logits (per-fold AUCs: every run's "
-                       "folds); paired "
-                       "patient-bootstrap AUC differences on the same frames and folds",
+                       "each, identical to frozen-cv's folds for those seeds; one run per split seed in the summaries "
+                       "(its training seed = the split seed), on the split-seed-averaged out-of-fold logits like every "
+                       "recipe here; further training seeds on a split seed's folds reported as that split seed's "
+                       "training-seed spread; paired patient-bootstrap AUC differences on the same frames and folds",
            "runs": [str(f) for f in folders], "seeds": split_seeds, "run_seeds": [list(p) for p in pairs],
            "model_id": cards[0].model_id, "magnification": cards[0].magnification,
            "architecture": cards[0].architecture, "hyperparameters": recipe_of(cards[0]), "n_images": int(len(df)),
-           "training_minutes_per_run": minutes, "folds_with_temperature_fallback": f"{temp_fallbacks}/{len(fold_aucs)}",
+           "training_minutes_per_run": minutes, "folds_with_temperature_fallback": temp_fallbacks,
            "training_seed_spread": spread,
            "recipe": recipe_summary(y, pats, mags, oof, fold_aucs, ref["whole_lr"], n_boot)}
     out["recipe"]["vs_whole_lr"] = out["recipe"].pop("vs_reference")
