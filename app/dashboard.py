@@ -297,6 +297,36 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+# Where each shipped trained candidate's rule-1 figure lives (3 split seeds x 5 folds): its own recipe re-run by
+# repeats-cv, or, for frozen-feature models, the frozen-cv recipe the model is (seed 0's pooled AUC equals the card's).
+RULE1_SOURCES: dict[str, tuple[str, str | None]] = {
+    "all/efficientnet_lite2_finetuned": ("repeats_lite2_finetuned.json", None),
+    "all/efficientnet_lite2": ("frozen_cv.json", "whole_lr"),
+    "all/efficientnet_lite2_tiles_mil": ("frozen_cv.json", "tiles_mil"),
+    "all/resnet50": ("repeats_resnet50_all.json", None),
+    "all/hybrid": ("repeats_hybrid_all.json", None),
+    "100X/efficientnet_lite2": ("repeats_lite2_100X.json", None),
+    "100X/resnet50": ("repeats_resnet50_100X.json", None),
+}
+
+
+def rule1_summary(model_id: str, root: str | Path | None = None) -> dict | None:
+    """A shipped model's recipe under rule 1: split-seed-averaged AUC and patient AUC with CIs, per-fold spread,
+    pooled AUC per split seed and the source file; None where it was not measured."""
+    if model_id not in RULE1_SOURCES:
+        return None
+    name, recipe = RULE1_SOURCES[model_id]
+    try:
+        res = json.loads((Path(root or results_dir()) / name).read_text())
+    except (OSError, ValueError):
+        return None
+    v = res["recipes"][recipe] if recipe else res["recipe"]
+    return {"source": name + (f" ({recipe})" if recipe else ""), "auc": _metric_of(v["summary"]["auc"]),
+            "patient_auc": _metric_of(v["summary"]["patient_auc"]), "pooled_auc_by_seed": v["pooled_auc_by_seed"],
+            "per_fold": f"{v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f}",
+            "split_seeds": len(v["pooled_auc_by_seed"]), "n_patients": v["n_patients"]}
+
+
 def _metric_of(d: dict) -> Metric:
     return Metric(d["value"], tuple(d["ci95"]))
 

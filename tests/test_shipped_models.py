@@ -22,6 +22,23 @@ def test_models_are_shipped_within_budget():
     assert size < 200 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
 
 
+def test_every_shipped_candidate_is_re_evaluated_under_rule_1():
+    """Issue 18, rule 1: each shipped malignancy model's recipe has 3 split seeds x 5 folds on record (its own
+    re-runs, or the frozen-cv recipe it is), with CIs and patient counts; the frozen models' seed-0 run is the card's."""
+    from app.dashboard import rule1_summary
+
+    for folder in FOLDERS:
+        card = ModelCard.from_json(folder / "card.json")
+        if card.task_kind != "malignancy":
+            continue
+        r = rule1_summary(card.model_id, ROOT / "benchmarks" / "results")
+        assert r is not None, f"{card.model_id}: no repeated-CV figure (rule 1)"
+        assert r["split_seeds"] == 3 and r["auc"].ci95[0] < r["auc"].value < r["auc"].ci95[1]
+        assert r["n_patients"] == card.overall["n_patients"]
+        if card.recipe.get("name") == "logreg":  # the frozen-cv whole-frame LR is this very model
+            assert r["pooled_auc_by_seed"][0] == pytest.approx(card.overall["metrics"]["auc"]["value"], abs=0.005)
+
+
 def test_hybrid_is_shipped_with_its_phases_and_tta_figures():
     card = ModelCard.from_json(ROOT / "magnif_models" / "all" / "hybrid" / "card.json")
     assert card.architecture == "hybrid" and card.recipe["phases_per_fold"]
