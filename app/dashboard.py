@@ -269,6 +269,9 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
             continue
         frames = "all magnifications" if subset == ALL else f"{subset} only"
 
+        def d(x):
+            return f"{x['difference']:+.3f} ({x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})" if x else "—"
+
         def row(name, v, vs_tiles, runs, fallbacks):
             s = v["summary"]
             n = v["n_patients"]
@@ -280,8 +283,8 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
                     "seed-averaged AUC (95% CI)": _fmt_ci(_metric_of(s["auc"])),
                     f"AUC at {magnification}": f"{at:.3f}" if at is not None else "n/a",
                     "patient AUC (95% CI)": _fmt_ci(_metric_of(s["patient_auc"])),
-                    "Δ AUC vs frozen mean-tile LR (95% CI)": (f"{vs_tiles['difference']:+.3f} ({vs_tiles['ci95'][0]:+.3f} "
-                                                              f"to {vs_tiles['ci95'][1]:+.3f})" if vs_tiles else "—"),
+                    "Δ AUC vs frozen mean-tile LR (95% CI)": d(vs_tiles),
+                    "Δ AUC vs the routed recipe (95% CI)": d(v.get("vs_incumbent")),
                     "temperature fallbacks": fallbacks, "patients (b/m)": f"{n['benign']}/{n['malignant']}"}
         r = res["recipe"]
         spread = res.get("training_seed_spread", {})

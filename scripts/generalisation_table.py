@@ -103,22 +103,23 @@ def repeats_table(results: list[dict]) -> str:
     """Trained recipes under rule 1 (`python -m training repeats-cv`), beside the frozen references on the same folds."""
     lines = ["| recipe | runs (split seeds) | per-fold AUC mean ± SD (min–max) | pooled AUC by split seed | frame AUC (95% CI) | "
              "patient AUC (95% CI) | patient accuracy (95% CI) | Δ vs whole-frame LR | Δ vs mean-tile LR | "
-             "temperature fallbacks | minutes per run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ vs the routed recipe | temperature fallbacks | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def d(x):
         return f"{x['difference']:+.3f} ({x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})" if x else "—"
 
-    def row(name, seeds, v, vs_w, vs_t, fb, mins):
+    def row(name, seeds, v, vs_w, vs_t, fb, mins, vs_i=None):
         s = v["summary"]
         return (f"| {name} | {seeds} | {v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f} ({v['per_fold_auc_min']:.2f}–"
                 f"{v['per_fold_auc_max']:.2f}) | {', '.join(f'{a:.3f}' for a in v['pooled_auc_by_seed'])} | {ci(s['auc'])} | "
-                f"{ci(s['patient_auc'])} | {ci(s['patient_accuracy'])} | {d(vs_w)} | {d(vs_t)} | {fb} | {mins} |")
+                f"{ci(s['patient_auc'])} | {ci(s['patient_accuracy'])} | {d(vs_w)} | {d(vs_t)} | {d(vs_i)} | {fb} | {mins} |")
     for res in results:
         r = res["recipe"]
         seeds = ", ".join(map(str, res["seeds"]))
-        lines.append(row(f"{res['model_id']} ({res['architecture']}, trained)", seeds, r, r["vs_whole_lr"],
+        lines.append(row(res["model_id"], seeds, r, r["vs_whole_lr"],
                          r["vs_tiles_mean_lr"], res["folds_with_temperature_fallback"],
-                         ", ".join(f"{m:.0f}" for m in res["training_minutes_per_run"])))
+                         ", ".join(f"{m:.0f}" for m in res["training_minutes_per_run"]), r.get("vs_incumbent")))
     if results:
         for n, v in results[0]["references"].items():
             lines.append(row(f"{n} (frozen Lite2, reference)", ", ".join(map(str, results[0]["seeds"])), v, None, None,
@@ -135,6 +136,27 @@ def repeats_table(results: list[dict]) -> str:
     n = results[0]["recipe"]["n_patients"] if results else {}
     return "\n".join([f"{results[0]['n_images']} frames, {n.get('benign')} benign / {n.get('malignant')} malignant "
                       f"patients. Protocol: {results[0]['protocol']}.", ""] + lines) if results else ""
+
+
+def rule1_candidates_table(folders: list[Path]) -> str:
+    """Every shipped malignancy model beside its recipe's rule-1 figure (app.dashboard.RULE1_SOURCES)."""
+    from app.dashboard import rule1_summary
+
+    lines = ["| shipped model | its single run: frame AUC | rule 1: frame AUC over 3 split seeds (95% CI) | "
+             "patient AUC (95% CI) | per-fold AUC mean ± SD | pooled AUC by split seed | source |",
+             "|---|---|---|---|---|---|---|"]
+    for f in folders:
+        c = ModelCard.from_json(f / "card.json")
+        if c.task_kind != "malignancy":
+            continue
+        r = rule1_summary(c.model_id)
+        one = metric(c.overall)
+        if r is None:
+            lines.append(f"| {c.model_id} | {one.value:.3f} | not measured | | | | |")
+            continue
+        lines.append(f"| {c.model_id} | {one.value:.3f} | {ci(_d(r['auc']))} | {ci(_d(r['patient_auc']))} | "
+                     f"{r['per_fold']} | {', '.join(f'{a:.3f}' for a in r['pooled_auc_by_seed'])} | {r['source']} |")
+    return "\n".join(lines)
 
 
 def model_table(folders: list[Path]) -> str:
@@ -189,6 +211,9 @@ def main() -> None:
         for r in reps:  # one table per subset of frames (the references are fitted on the same frames)
             print(repeats_table([r]))
             print()
+    print("### Every shipped candidate under rule 1\n")
+    print(rule1_candidates_table(a.models or list_model_folders(Path("magnif_models"))))
+    print()
     print("### Shipped models and candidates, their own CV run\n")
     print(model_table(a.models or list_model_folders(Path("magnif_models"))))
 

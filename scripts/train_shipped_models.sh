@@ -78,8 +78,8 @@ if [[ $only == all || $only == generalisation ]]; then
     run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
         --colour-aug hed --balanced-sampling --cv 5 --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
   done
-  "$PY" -m training repeats-cv --data "$DATA" --runs magnif_models/all/efficientnet_lite2_finetuned \
-      build/repeats/all/efficientnet_lite2_finetuned_seed1 build/repeats/all/efficientnet_lite2_finetuned_seed2 \
+  "$PY" -m training repeats-cv --data "$DATA" --name "all/efficientnet_lite2_finetuned recipe (routed; ImageNet, fine-tuned)" \
+      --runs magnif_models/all/efficientnet_lite2_finetuned build/repeats/all/efficientnet_lite2_finetuned_seed1 build/repeats/all/efficientnet_lite2_finetuned_seed2 \
       --out benchmarks/results/repeats_lite2_finetuned.json
 fi
 if [[ $only == all || $only == repeats ]]; then
@@ -98,7 +98,8 @@ if [[ $only == all || $only == repeats ]]; then
   done
   "$PY" -m training repeats-cv --data "$DATA" --magnification 100X --name "100X/resnet50 recipe (scratch)" \
       --runs $R/100X/resnet50_seed{0,1,2} $R/100X/resnet50_seed0_train{1,2} --out benchmarks/results/repeats_resnet50_100X.json
-  "$PY" -m training repeats-cv --data "$DATA" --name "all/resnet50 recipe (scratch)" \
+  INC="magnif_models/all/efficientnet_lite2_finetuned $R/all/efficientnet_lite2_finetuned_seed1 $R/all/efficientnet_lite2_finetuned_seed2"
+  "$PY" -m training repeats-cv --data "$DATA" --name "all/resnet50 recipe (scratch)" --incumbent-runs $INC \
       --runs $R/all/resnet50_seed{0,1,2} $R/all/resnet50_seed0_train{1,2} --out benchmarks/results/repeats_resnet50_all.json
   for s in 0 1 2; do
     run --magnification 100X --arch efficientnet_lite2 --init "$LITE2" --cv 5 --epochs 4 --seed $s --out $R/100X/efficientnet_lite2_seed$s
@@ -108,7 +109,7 @@ if [[ $only == all || $only == repeats ]]; then
   for s in 0 1 2; do
     run --magnification all --arch hybrid --init "$LITE2" --cv 5 --seed $s --out $R/all/hybrid_seed$s
   done
-  "$PY" -m training repeats-cv --data "$DATA" --name "all/hybrid recipe (ImageNet CNN + scratch ViT)" \
+  "$PY" -m training repeats-cv --data "$DATA" --name "all/hybrid recipe (ImageNet CNN + scratch ViT)" --incumbent-runs $INC \
       --runs $R/all/hybrid_seed{0,1,2} --out benchmarks/results/repeats_hybrid_all.json
 fi
 if [[ $only == all || $only == tasks ]]; then

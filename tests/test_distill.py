@@ -95,6 +95,11 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     # one run per split seed in the summary (as every recipe has); the other training seed only in the spread
     assert r["pooled_auc_by_seed"][0] == spread["0"]["pooled_auc"][0] > 0.8 and spread["0"]["pooled_auc"][1] < 0.2
     assert res["folds_with_temperature_fallback"] == "0/12"
+    # against an incumbent recipe's runs on the same split seeds: paired on identical folds (itself: exactly zero)
+    same = trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4, incumbent=runs[:3])["recipe"]["vs_incumbent"]
+    assert same["difference"] == 0 and same["incumbent"] == res["model_id"]
+    with pytest.raises(ValueError, match="not the same folds"):
+        trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4, incumbent=runs[:2])
     assert r["vs_whole_lr"]["difference"] > 0.2 and r["vs_whole_lr"]["ci95"][0] > 0  # signal vs noise features
     assert set(res["references"]) == {"whole_lr", "tiles_mean_lr"} and "vs_tiles_mean_lr" in r
     c = ModelCard.from_json(runs[3] / "card.json")

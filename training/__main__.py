@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--weights", default=None)
     a.add_argument("--runs", nargs="+", type=Path, required=True, help="model folders of the same recipe, one per (--seed, --train-seed)")
     a.add_argument("--name", default=None, help="the recipe's name in the tables (default: the first run's model_id)")
+    a.add_argument("--incumbent-runs", nargs="+", type=Path, default=None,
+                   help="the routed incumbent recipe's runs on the same split seeds: adds the paired AUC difference")
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=1000)
     a.add_argument("--out", type=Path, required=True)
@@ -296,7 +298,7 @@ def _run(args) -> int:
 
         df = select_rows(index_source(args.data), args.magnification)
         whole, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
-        res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k)
+        res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k, args.incumbent_runs)
         if args.name:
             res["model_id"] = args.name
         res["command"] = "python -m training " + " ".join(sys.argv[1:])
@@ -309,6 +311,9 @@ def _run(args) -> int:
               f"({r['vs_whole_lr']['ci95'][0]:+.3f} to {r['vs_whole_lr']['ci95'][1]:+.3f}); vs tile-mean LR "
               f"{r['vs_tiles_mean_lr']['difference']:+.3f} ({r['vs_tiles_mean_lr']['ci95'][0]:+.3f} to "
               f"{r['vs_tiles_mean_lr']['ci95'][1]:+.3f})")
+        if "vs_incumbent" in r:
+            v = r["vs_incumbent"]
+            print(f"  vs the incumbent {v['incumbent']}: {v['difference']:+.3f} ({v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f})")
         for ss, t in res["training_seed_spread"].items():
             print(f"  split seed {ss}, training seeds {t['train_seeds']}: pooled AUC "
                   f"{[round(x, 3) for x in t['pooled_auc']]} (sd {t['sd']:.3f})")

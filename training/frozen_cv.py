@@ -394,19 +394,12 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
     return card
 
 
-def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, tiles: np.ndarray, n_boot: int = 1000,
-                    k: int = 5) -> dict:
-    """Rule 1 for a trained recipe: the same `train` command run once per (--seed, --train-seed), read back from each
-    run's out-of-fold predictions.csv. --seed draws the folds (each run must hold the frozen-cv folds of its seed:
-    checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds,
-    reported apart from the summary (one run per split seed, as for every recipe). The split-seed-averaged logits are compared, frame by frame on
-    identical folds, with the frozen whole-frame and mean-tile logistic regressions by paired patient bootstraps."""
+def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5) -> dict:
+    """Runs of one `train` command with different seeds, checked (same recipe, distinct seeds, frozen-cv's folds) and
+    read back: per-run out-of-fold logits on df's rows, per-fold AUCs, temperature fallbacks, and the primary run
+    of each split seed (training seed = split seed where there is one)."""
     from models.card import ModelCard
-    from models.metrics import _safe_auc
 
-    y = (df["label"] == "malignant").astype(int).to_numpy()
-    pats = df["patient"].astype(str).to_numpy()
-    mags = df["magnification"].to_numpy()
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
     cards = [ModelCard.from_json(Path(f) / "card.json") for f in folders]
     # what may differ between repeats: the seeds, and eval_tta (8-view TTA scoring of the same fold models: evaluation only)
@@ -434,11 +427,33 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
         run_fold_aucs.append([x["auc"] for x in folds])
         run_fallbacks.append(sum("fallback" in str(x.get("temperature_fit", "")) for x in folds))
         minutes.append(round(c.training_time_s / 60, 1))
-    # One run per split seed in the main summary (training seed = split seed where there is one), as every other
+    # One run per split seed in the summary (training seed = split seed where there is one), as every other
     # recipe has: averaging several training seeds' logits would be an ensemble the others do not get.
     primary = [min((i for i, s in enumerate(seeds) if s == ss), key=lambda i: (train_seeds[i] != ss, train_seeds[i]))
                for ss in split_seeds]
-    oof = run_oof[primary]
+    return {"cards": cards, "recipe": recipe_of(cards[0]), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
+            "split_seeds": split_seeds, "run_oof": run_oof, "run_fold_aucs": run_fold_aucs,
+            "run_fallbacks": run_fallbacks, "minutes": minutes, "primary": primary, "oof": run_oof[primary]}
+
+
+def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, tiles: np.ndarray, n_boot: int = 1000,
+                    k: int = 5, incumbent: list[Path] | None = None) -> dict:
+    """Rule 1 for a trained recipe: the same `train` command run once per (--seed, --train-seed), read back from each
+    run's out-of-fold predictions.csv. --seed draws the folds (each run must hold the frozen-cv folds of its seed:
+    checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds,
+    reported apart from the summary (one run per split seed, as for every recipe). The split-seed-averaged logits are
+    compared, frame by frame on identical folds, with the frozen whole-frame and mean-tile logistic regressions and,
+    given its runs on the same split seeds, the routed incumbent's recipe, by paired patient bootstraps."""
+    from models.metrics import _safe_auc
+
+    y = (df["label"] == "malignant").astype(int).to_numpy()
+    pats = df["patient"].astype(str).to_numpy()
+    mags = df["magnification"].to_numpy()
+    rr = read_repeat_runs(df, folders, k)
+    cards, seeds, train_seeds, pairs, split_seeds = rr["cards"], rr["seeds"], rr["train_seeds"], rr["pairs"], rr["split_seeds"]
+    run_oof, run_fold_aucs, run_fallbacks, minutes, primary = (rr["run_oof"], rr["run_fold_aucs"], rr["run_fallbacks"],
+                                                                rr["minutes"], rr["primary"])
+    oof = rr["oof"]
     fold_aucs = [a for i in primary for a in run_fold_aucs[i]]
     temp_fallbacks = f"{sum(run_fallbacks[i] for i in primary)}/{len(fold_aucs)}"
     spread = {}
@@ -462,7 +477,7 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
                        "training-seed spread; paired patient-bootstrap AUC differences on the same frames and folds",
            "runs": [str(f) for f in folders], "seeds": split_seeds, "run_seeds": [list(p) for p in pairs],
            "model_id": cards[0].model_id, "magnification": cards[0].magnification,
-           "architecture": cards[0].architecture, "hyperparameters": recipe_of(cards[0]), "n_images": int(len(df)),
+           "architecture": cards[0].architecture, "hyperparameters": rr["recipe"], "n_images": int(len(df)),
            "training_minutes_per_run": minutes, "folds_with_temperature_fallback": temp_fallbacks,
            "training_seed_spread": spread,
            "recipe": recipe_summary(y, pats, mags, oof, fold_aucs, ref["whole_lr"], n_boot)}
@@ -470,4 +485,10 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
     out["recipe"]["vs_tiles_mean_lr"] = paired_auc_difference(y, oof.mean(0), ref["tiles_mean_lr"].mean(0), pats,
                                                               n_boot=n_boot)
     out["references"] = {n: recipe_summary(y, pats, mags, ref[n], ref_aucs[n], None, n_boot) for n in ref}
+    if incumbent:
+        inc = read_repeat_runs(df, incumbent, k)
+        if inc["split_seeds"] != split_seeds:
+            raise ValueError(f"the incumbent's split seeds {inc['split_seeds']} are not {split_seeds}: not the same folds")
+        out["recipe"]["vs_incumbent"] = {"incumbent": inc["cards"][0].model_id, "runs": [str(f) for f in incumbent],
+                                         **paired_auc_difference(y, oof.mean(0), inc["oof"].mean(0), pats, n_boot=n_boot)}
     return out
