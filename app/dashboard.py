@@ -313,6 +313,13 @@ RULE1_SOURCES: dict[str, tuple[str, str | None]] = {
 }
 
 
+# Rule 1 asks for 3 split seeds x 5 folds; where fewer ran, the reason travels with the figure (README, Compare).
+RULE1_SHORTFALL: dict[str, str] = {
+    "all/hybrid": "2 split seeds x 5 folds, not 3: one run costs about 20 min of the 2 CPU cores and the third did "
+                  "not fit the session",
+}
+
+
 def rule1_summary(model_id: str, root: str | Path | None = None) -> dict | None:
     """A shipped model's recipe under rule 1: split-seed-averaged AUC and patient AUC with CIs, per-fold spread,
     pooled AUC per split seed and the source file; None where it was not measured."""
@@ -327,7 +334,8 @@ def rule1_summary(model_id: str, root: str | Path | None = None) -> dict | None:
     return {"source": name + (f" ({recipe})" if recipe else ""), "auc": _metric_of(v["summary"]["auc"]),
             "patient_auc": _metric_of(v["summary"]["patient_auc"]), "pooled_auc_by_seed": v["pooled_auc_by_seed"],
             "per_fold": f"{v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f}",
-            "split_seeds": len(v["pooled_auc_by_seed"]), "n_patients": v["n_patients"]}
+            "split_seeds": len(v["pooled_auc_by_seed"]), "n_patients": v["n_patients"],
+            "shortfall": RULE1_SHORTFALL.get(model_id, "")}
 
 
 def _metric_of(d: dict) -> Metric:

@@ -42,7 +42,9 @@ for mid in chosen:
         row[k] = m.fmt() if (m := metric(s, k)) else "n/a"
     row["auc with TTA"] = metric(t).fmt() if t else "not measured"
     r1 = rule1_summary(mid)
-    row["recipe's AUC over 3 split seeds (all its frames)"] = r1["auc"].fmt() if r1 else "not measured"
+    row["recipe's AUC over 3 split seeds (all its frames)"] = (
+        (r1["auc"].fmt() + (f" [{r1['split_seeds']} split seeds only]" if r1["split_seeds"] < 3 else "")) if r1
+        else "not measured")
     row["patients (b/m)"] = f"{s['n_patients']['benign']}/{s['n_patients']['malignant']}"
     rows.append(row)
     cv = curves(model_folder(mid))

@@ -155,7 +155,8 @@ def rule1_candidates_table(folders: list[Path]) -> str:
             lines.append(f"| {c.model_id} | {one.value:.3f} | not measured | | | | |")
             continue
         lines.append(f"| {c.model_id} | {one.value:.3f} | {ci(_d(r['auc']))} | {ci(_d(r['patient_auc']))} | "
-                     f"{r['per_fold']} | {', '.join(f'{a:.3f}' for a in r['pooled_auc_by_seed'])} | {r['source']} |")
+                     f"{r['per_fold']} | {', '.join(f'{a:.3f}' for a in r['pooled_auc_by_seed'])} | {r['source']}"
+                     + (f" ({r['shortfall']})" if r["shortfall"] else "") + " |")
     return "\n".join(lines)
 
 
