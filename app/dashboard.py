@@ -314,10 +314,7 @@ RULE1_SOURCES: dict[str, tuple[str, str | None]] = {
 
 
 # Rule 1 asks for 3 split seeds x 5 folds; where fewer ran, the reason travels with the figure (README, Compare).
-RULE1_SHORTFALL: dict[str, str] = {
-    "all/hybrid": "2 split seeds x 5 folds, not 3: one run costs about 20 min of the 2 CPU cores and the third did "
-                  "not fit the session",
-}
+RULE1_SHORTFALL: dict[str, str] = {}
 
 
 def rule1_summary(model_id: str, root: str | Path | None = None) -> dict | None:
