@@ -176,6 +176,11 @@ def _fmt_ci(m: Metric | None) -> str:
     return f"{m.value:.3f} ({lo:.3f}–{hi:.3f})"
 
 
+def _fmt_diff(x: dict | None) -> str:
+    """A paired AUC difference with its 95% CI, as routing and the repeats write it."""
+    return f"{x['difference']:+.3f} ({x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})" if x else "—"
+
+
 def _n(s: dict | None) -> str:
     n = (s or {}).get("n_patients")
     return f"{n['benign']}/{n['malignant']}" if n else ""
@@ -244,10 +249,9 @@ def routing_evidence(magnification: str, root: str | Path | None = None) -> pd.D
         d = {}
     rows = []
     for r in d.get("comparisons", []):
-        diff, ci = r.get("difference"), r.get("ci95")
+        diff = r.get("difference")
         rows.append({"challenger": r["challenger"], "vs incumbent": d.get("incumbent"),
-                     "AUC advantage (95% CI)": f"{diff:+.3f} ({ci[0]:+.3f} to {ci[1]:+.3f})" if diff is not None else
-                     r.get("note", "not comparable"),
+                     "AUC advantage (95% CI)": _fmt_diff(r) if diff is not None else r.get("note", "not comparable"),
                      "same folds": r.get("same_folds"), "patients (b/m)": (f"{r['n_patients']['benign']}/"
                                                                           f"{r['n_patients']['malignant']}" if r.get("n_patients") else ""),
                      "displaces": r.get("displaces", False)})
@@ -269,9 +273,6 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
             continue
         frames = "all magnifications" if subset == ALL else f"{subset} only"
 
-        def d(x):
-            return f"{x['difference']:+.3f} ({x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})" if x else "—"
-
         def row(name, v, vs_tiles, runs, fallbacks):
             s = v["summary"]
             n = v["n_patients"]
@@ -283,8 +284,8 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
                     "seed-averaged AUC (95% CI)": _fmt_ci(_metric_of(s["auc"])),
                     f"AUC at {magnification}": f"{at:.3f}" if at is not None else "n/a",
                     "patient AUC (95% CI)": _fmt_ci(_metric_of(s["patient_auc"])),
-                    "Δ AUC vs frozen mean-tile LR (95% CI)": d(vs_tiles),
-                    "Δ AUC vs the routed recipe (95% CI)": d(v.get("vs_incumbent")),
+                    "Δ AUC vs frozen mean-tile LR (95% CI)": _fmt_diff(vs_tiles),
+                    "Δ AUC vs the routed recipe (95% CI)": _fmt_diff(v.get("vs_incumbent")),
                     "temperature fallbacks": fallbacks, "patients (b/m)": f"{n['benign']}/{n['malignant']}"}
         r = res["recipe"]
         spread = res.get("training_seed_spread", {})
