@@ -203,12 +203,17 @@ def _case(args) -> int:
                 fr = frames[i]
                 fr.model_id, fr.p_malignant = mid, row["p_malignant"]
                 fr.decision, fr.reason = row["decision"], row["reason"] or row["warning"]
+                fr.kind = row.get("decision_kind", "")
                 fr.note = "; ".join(x for x in (fr.note, row["warning"]) if x)
     except (DefaultsError, CardError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     thresholds = {lm.card.threshold for lm in models.values()} or {0.5}
-    v = case_verdict(frames, threshold=thresholds.pop() if len(thresholds) == 1 else 0.5)
+    # One case policy when one model judges the case (every magnification routed to it); several models' frames
+    # have no jointly fitted policy, and the verdict then says the older CI rule applied.
+    policies = {lm.model_id: lm.case_policy for lm in models.values()}
+    policy = next(iter(policies.values())) if len(policies) == 1 else None
+    v = case_verdict(frames, threshold=thresholds.pop() if len(thresholds) == 1 else 0.5, policy=policy)
     figures = {mid: {k: (metric(lm.card.overall, k).value if metric(lm.card.overall, k) else None)
                      for k in ("patient_auc", "patient_accuracy", "auc")} for mid, lm in models.items()}
     print(json.dumps({**v.to_dict(), "models": sorted(models), "model_cv_figures": figures,

@@ -42,6 +42,11 @@ class HistoClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x))).squeeze(1)
 
+    def logit_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logit and the pooled embedding from one forward pass (prediction + OOD score at once)."""
+        f = self.features(x)
+        return self.fc(self.dropout(f)).squeeze(1), f
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -309,6 +314,24 @@ def _build_tiles(init: str, arch_config: dict | None, vit_init: str | None = Non
     return model, record
 
 
+def _ensemble_spec(arch_config: dict | None) -> ArchSpec:
+    """A seed ensemble preprocesses as its members do; its CAM layer is each member's (models.gradcam reads all)."""
+    member = arch_spec((arch_config or {}).get("member_arch", "efficientnet_lite2"), (arch_config or {}).get("member_config"))
+    return replace(member, name="seed_ensemble", builder=_build_ensemble, spec_for=_ensemble_spec)
+
+
+def _build_ensemble(init: str, arch_config: dict | None, vit_init: str | None = None) -> tuple[nn.Module, dict]:
+    """K members of `member_arch` (weights: each member's own file, loaded by models.inference)."""
+    from models.ensemble import SeedEnsemble
+
+    cfg = arch_config or {}
+    members = cfg.get("members") or []
+    if not members or cfg.get("member_arch") in (None, "seed_ensemble"):
+        raise ValueError("a seed_ensemble arch_config names member_arch and lists its members")
+    built = [build_model(cfg["member_arch"], init, cfg.get("member_config"))[0] for _ in members]
+    return SeedEnsemble(built), {"init": init, "description": f"{len(members)} members of {cfg['member_arch']}"}
+
+
 def _hybrid_spec(arch_config: dict | None) -> ArchSpec:
     from models.hybrid import DEFAULT_HYBRID
 
@@ -389,3 +412,7 @@ def _init_vit(vit: nn.Module, name: str, vit_init: str | None) -> dict:
 # Composite architectures, registered like every other: their preprocessing comes from their backbone's spec.
 register_arch(replace(_hybrid_spec(None), builder=_build_hybrid, spec_for=_hybrid_spec))
 register_arch(replace(_tiles_spec(None), builder=_build_tiles, spec_for=_tiles_spec))
+# A seed ensemble (models.ensemble) is a composite like the hybrid: not a backbone, registered after them.
+register_arch(ArchSpec("seed_ensemble", 0, "", LITE_MEAN, LITE_STD, (230, 350), builder=_build_ensemble,
+                       spec_for=_ensemble_spec))
+

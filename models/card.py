@@ -109,6 +109,19 @@ def io_format(pre: PreprocessConfig, task_kind: str = "malignancy", classes: lis
 
 @with_config(_FORBID)
 @dataclass
+class MagnificationCalibration:
+    """One magnification's own temperature, with where it came from."""
+
+    temperature: Annotated[float, Field(ge=TEMPERATURE_BOUNDS[0], le=TEMPERATURE_BOUNDS[1])]
+    source: str
+    n_patients: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):  # read like the JSON it came from
+        return getattr(self, key)
+
+
+@with_config(_FORBID)
+@dataclass
 class ModelCard:
     model_id: str
     architecture: str
@@ -122,6 +135,10 @@ class ModelCard:
     output_format: dict = field(default_factory=dict)
     temperature: Annotated[float, Field(ge=TEMPERATURE_BOUNDS[0], le=TEMPERATURE_BOUNDS[1])] = 1.0
     threshold: Annotated[float, Field(ge=THRESHOLD_BOUNDS[0], le=THRESHOLD_BOUNDS[1])] = 0.5
+    # A pooled model's calibration per magnification (issue 25): {"40X": {"temperature": T, "source": why}}; a
+    # magnification absent here uses `temperature` (fewer than 5 out-of-fold patients per class there).
+    temperature_by_magnification: dict[Literal["40X", "100X", "200X", "400X"], "MagnificationCalibration"] = \
+        field(default_factory=dict)
     weights_file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "model.safetensors"
     weights_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     weights_dtype: Literal["float16", "float32", "bfloat16"] = "float16"

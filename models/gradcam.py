@@ -26,6 +26,14 @@ def cam_branches(lm: LoadedModel) -> list[str]:
     return list(CAM_BRANCHES) if lm.card.architecture == "hybrid" else ["cnn"]
 
 
+def target_layers(lm: LoadedModel, branch: str = "cnn") -> list[torch.nn.Module]:
+    """The layers a map reads: one, or for a seed ensemble each member's (pytorch-grad-cam averages their maps)."""
+    if lm.card.architecture == "seed_ensemble":
+        layer = arch_spec(lm.card.architecture, lm.card.arch_config).cam_layer
+        return [m.get_submodule(layer) for m in lm.model.members]
+    return [target_layer(lm, branch)]
+
+
 def target_layer(lm: LoadedModel, branch: str = "cnn") -> torch.nn.Module:
     if branch == "vit":
         return lm.model.vit.blocks[-1].norm1 if hasattr(lm.model.vit, "blocks") else lm.model.vit.vit.encoder.layers[-1].ln_1
@@ -71,7 +79,7 @@ def gradcam_heatmap(lm: LoadedModel, img: Image.Image, method: str = "Grad-CAM",
     x = lm.preprocess(img).unsqueeze(0)
     reshape = _vit_reshape(lm) if branch == "vit" else None
     with model_lock(lm.model), torch.enable_grad():
-        with CAM_METHODS[method](model=lm.model, target_layers=[target_layer(lm, branch)],
+        with CAM_METHODS[method](model=lm.model, target_layers=target_layers(lm, branch),
                                  reshape_transform=reshape) as cam:
             grayscale = cam(input_tensor=x, targets=[cam_target(lm, target_class)])[0]
     heat = Image.fromarray(np.float32(grayscale)).resize(img.size, Image.BILINEAR)

@@ -65,6 +65,28 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.card.model_id
 
+    @property
+    def case_policy(self):
+        """The case-level policy fitted with this model's refer policy (models.case.CasePolicy), or None."""
+        from models.case import CasePolicy
+
+        return CasePolicy.from_dict(self.policy.case_policy) if self.policy is not None else None
+
+    def temperature_for(self, magnification: str | None = None) -> float:
+        """The calibration temperature at a magnification: the card's own for it where it was fitted on enough
+        out-of-fold patients (card.temperature_by_magnification), else the pooled one."""
+        entry = (self.card.temperature_by_magnification or {}).get(magnification or "")
+        return float(entry["temperature"]) if entry else self.card.temperature
+
+    def calibration_note(self, magnification: str | None = None) -> str:
+        """Which temperature applies at this magnification, and why (the Diagnose page says it)."""
+        entry = (self.card.temperature_by_magnification or {}).get(magnification or "")
+        if entry:
+            return f"temperature {entry['temperature']:.2f} fitted for {magnification} ({entry['source']})"
+        if self.card.temperature_by_magnification:
+            return f"pooled temperature {self.card.temperature:.2f} (no per-magnification fit for {magnification})"
+        return f"temperature {self.card.temperature:.2f} (one for every magnification)"
+
     def decide(self, img: Image.Image, p: float, qc, ood_score: float | None = None) -> Decision:
         """benign | malignant | refer, with the reason (models.refer); the OOD distance is computed if not given."""
         if ood_score is None:
@@ -82,15 +104,16 @@ class LoadedModel:
         with model_lock(self.model):
             return tta_logits(self.model, x) if tta else self.model(x).double().numpy()
 
-    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
-        """Calibrated p(malignant) for a preprocessed batch."""
-        return apply_temperature(self.logits(batch, tta), self.card.temperature)
+    def probabilities(self, batch: torch.Tensor, tta: bool = False, magnification: str | None = None) -> np.ndarray:
+        """Calibrated p(malignant) for a preprocessed batch (the magnification's temperature where the card has one)."""
+        return apply_temperature(self.logits(batch, tta), self.temperature_for(magnification))
 
     def preprocess(self, img: Image.Image, notes: list[str] | None = None) -> torch.Tensor:
         return frame_to_tensor(img, self.card.preprocess, notes)
 
     def predict_images(self, images: Sequence[Image.Image], batch_size: int = 16, tta: bool = False,
-                       notes: Sequence[list[str]] | None = None, embeddings: list | None = None) -> np.ndarray:
+                       notes: Sequence[list[str]] | None = None, embeddings: list | None = None,
+                       magnification: str | None = None) -> np.ndarray:
         """Calibrated p(malignant) for RGB PIL frames; preprocessing notes (stain failures) go to notes[i].
 
         With `embeddings` (a list to fill) and a referral policy, each frame's OOD distance is appended too; for a
@@ -99,18 +122,18 @@ class LoadedModel:
         if self.card.preprocess.tiles:
             batch_size = 1  # frames of unusual size give other tile counts: one bag at a time
         want_ood = embeddings is not None and self.policy is not None and self.policy.ood is not None
-        one_pass = want_ood and not tta and isinstance(self.model, HistoClassifier)
+        one_pass = want_ood and not tta and hasattr(self.model, "logit_and_features")
+        temperature = self.temperature_for(magnification)
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.stack([self.preprocess(im, n) for im, n in zip(images[i:i + batch_size], notes[i:i + batch_size])])
             if one_pass:
                 with model_lock(self.model), torch.inference_mode():
-                    f = self.model.features(x.float())
-                    z = self.model.fc(f).squeeze(1).double().numpy()
-                out.append(apply_temperature(z, self.card.temperature))
+                    z, f = self.model.logit_and_features(x.float())
+                out.append(apply_temperature(z.double().numpy(), temperature))
                 embeddings.extend(self.policy.ood.score(f.double().numpy()))
                 continue
-            out.append(self.probabilities(x, tta))
+            out.append(self.probabilities(x, tta, magnification))
             if want_ood:
                 with model_lock(self.model):
                     embeddings.extend(self.policy.ood.score(embed(self.model, x.float())))
@@ -129,21 +152,22 @@ class LoadedModel:
         def flush() -> None:
             notes: list[list[str]] = [[] for _ in pending]
             ood: list = []
-            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes, ood)
+            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes, ood, magnification)
             ood = ood or [None] * len(pending)
             for (i, im, q), p, n, o in zip(pending, probs, notes, ood):
                 rows[i]["p_malignant"] = float(p)
                 rows[i]["label"] = self.label_for(float(p))
                 rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
                 d = self.decide(im, float(p), q, o)
-                rows[i]["decision"], rows[i]["reason"] = d.decision, d.reason
+                rows[i]["decision"], rows[i]["reason"], rows[i]["decision_kind"] = d.decision, d.reason, d.kind
                 if each is not None:
                     each(rows[i], im)
             pending.clear()
 
         for path in paths:
             row = {"path": path, "magnification": magnification, "model_id": self.model_id,
-                   "p_malignant": None, "label": "", "decision": "refer", "reason": "", "warning": ""}
+                   "p_malignant": None, "label": "", "decision": "refer", "reason": "", "warning": "",
+                   "decision_kind": "unreadable"}
             rows.append(row)
             try:
                 loaded = load_image(path, name=path)
@@ -180,8 +204,24 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
                 f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…; "
                 "refusing to load modified or corrupt weights")
     model, _ = build_model(card.architecture, "scratch", card.arch_config or None)  # weights: our own file below
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state, strict=True)
+    members = (card.arch_config or {}).get("members") if card.architecture == "seed_ensemble" else None
+    if members:
+        # a seed ensemble: every member's file is verified against the sha256 the card lists for it, then loaded
+        for i, m in enumerate(members):
+            name = str(m.get("weights_file", ""))
+            if not name or "/" in name or "\\" in name or name.startswith("."):
+                raise ModelIntegrityError(f"{folder}: member {i} names no plain weights file ({name!r})")
+            path = folder / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: ensemble member {i} weights file missing")
+            if verify and file_sha256(path) != m.get("weights_sha256"):
+                raise ModelIntegrityError(f"{path}: sha256 does not match the card's for member {i}; refusing to load "
+                                          "modified or corrupt weights")
+            state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+            model.members[i].load_state_dict(state, strict=True)
+    else:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        model.load_state_dict(state, strict=True)
     model.eval()
     card_sha = file_sha256(card_path)
     return LoadedModel(card, model, folder, *load_policy(folder, card_sha), card_sha256=card_sha)

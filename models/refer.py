@@ -19,10 +19,22 @@ from PIL import Image
 POLICY_FILE, OOD_FILE = "refer.json", "ood.npz"
 
 
+# Why a frame was (or was not) called, as a machine key beside the sentence. A case counts the frames the model
+# called and the frames it referred only as uncertain (EVIDENCE_KINDS: their probability carries signal); frames
+# refused by quality control, the out-of-distribution score or the decoder never count toward a case.
+DECISION_KINDS = ("call", "band", "qc", "not_he", "ood", "unreadable")
+EVIDENCE_KINDS = ("call", "band")
+
+
 @dataclass(frozen=True)
 class Decision:
     decision: str  # "benign" | "malignant" | "refer"
     reason: str
+    kind: str = "call"  # one of DECISION_KINDS
+
+    @property
+    def counts_toward_case(self) -> bool:
+        return self.kind in EVIDENCE_KINDS
 
 
 @dataclass
@@ -67,6 +79,7 @@ class ReferPolicy:
     n_frames: int = 0
     n_patients: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    case_policy: dict = field(default_factory=dict)  # models.case.CasePolicy fields + its validation (fit-refer)
     ood: OODScorer | None = None
 
     @classmethod
@@ -98,17 +111,17 @@ def decide(p: float | None, threshold: float, qc_failures: list[str], qc_out_of_
            ood_score: float | None, policy: ReferPolicy | None, no_policy_reason: str = "") -> Decision:
     """The decision and its reason, checked in order of how little the probability can be trusted."""
     if p is None:
-        return Decision("refer", "no prediction (the file could not be analysed)")
+        return Decision("refer", "no prediction (the file could not be analysed)", "unreadable")
     if qc_failures:
-        return Decision("refer", "quality control failed (" + ", ".join(qc_failures) + ")")
+        return Decision("refer", "quality control failed (" + ", ".join(qc_failures) + ")", "qc")
     if qc_out_of_distribution:
-        return Decision("refer", "not an H&E histology frame by colour or texture")
+        return Decision("refer", "not an H&E histology frame by colour or texture", "not_he")
     if policy is not None and policy.ood is not None and ood_score is not None and ood_score > policy.ood.threshold:
         return Decision("refer", f"unlike the training frames (distance {ood_score:.0f} > {policy.ood.threshold:.0f}, "
-                                 f"the {policy.ood_quantile:.0%} quantile of held-out training frames)")
+                                 f"the {policy.ood_quantile:.0%} quantile of held-out training frames)", "ood")
     if policy is not None and policy.band[0] <= p <= policy.band[1]:
         return Decision("refer", f"uncertain: p = {p:.2f} lies in the band {policy.band[0]:.2f}-{policy.band[1]:.2f} "
-                                 f"where out-of-fold accuracy falls below {policy.target_accuracy:.0%}")
+                                 f"where out-of-fold accuracy falls below {policy.target_accuracy:.0%}", "band")
     label = "malignant" if p >= threshold else "benign"
     return Decision(label, "" if policy is not None else no_policy_reason or
                     "no referral policy fitted for this model: band and out-of-distribution checks not applied")

@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, required=True, help="student weights (.safetensors; a .json record beside)")
     a.add_argument("--eval-out", type=Path, default=None, help="rule-1 comparison JSON")
     a.add_argument("--n-boot", type=int, default=1000)
+    a = sub.add_parser("calibrate-magnifications", help="a pooled model's per-magnification temperatures, into its card")
+    a.add_argument("--model", required=True)
+    a = sub.add_parser("build-ensemble", help="seed ensemble of runs of one train command on the same folds: one model")
+    a.add_argument("--runs", nargs="+", required=True, help="model folders of the runs (same folds, other --train-seed)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--model-id", default=None)
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -434,6 +440,14 @@ def _run(args) -> int:
                 print(f"{n:32s} frame AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f}) patient AUC "
                       f"{v['summary']['patient_auc']['value']:.3f}" + (f"  vs Lite2 {d['difference']:+.3f} "
                       f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d else ""))
+    elif args.cmd == "calibrate-magnifications":
+        from training.refer import calibrate_magnifications
+
+        print(json.dumps(calibrate_magnifications(args.model), indent=1))
+    elif args.cmd == "build-ensemble":
+        from training.ensemble import build_ensemble
+
+        print(json.dumps(build_ensemble(args.runs, args.out, args.model_id), indent=1))
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 

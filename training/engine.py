@@ -52,18 +52,54 @@ def autocast(compute: Compute):
     return torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16, enabled=compute.bf16)
 
 
-def cache_images(df: pd.DataFrame, cfg: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
-    """Decode each frame once through the inference path; returns uint8 (N,3,H,W), kept rows, skipped."""
-    tensors, keep, skipped = [], [], []
-    for i, path in enumerate(tqdm(df["path"].tolist(), desc="decode", leave=False)):
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_images(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: Path | None = None
+                 ) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
+    """Decode each frame once through the inference path; returns uint8 (N,3,H,W), kept rows, skipped.
+
+    With `cache_dir`, the decoded and resized frames are stored as one uint8 tensor file keyed by the sha256 of
+    every file's bytes (in order) and the preprocessing, so a rerun (another seed, fold or recipe on the same data)
+    skips decoding; a file replaced in place changes the key, and a file that fails to decode is never cached.
+    """
+    paths = df["path"].tolist()
+    path = None
+    if cache_dir is not None:
         try:
-            tensors.append(frame_to_uint8(load_image(path).image, cfg))
+            key = hashlib.sha256("\n".join([str(cfg)] + [file_sha256(p) for p in paths]).encode()).hexdigest()[:24]
+            path = Path(cache_dir) / "frames" / f"{key}.pt"
+        except OSError:  # an unreadable file: decode below reports it with its reason
+            path = None
+        if path is not None and path.is_file():
+            try:
+                images = torch.load(path, weights_only=True)
+                if images.dtype == torch.uint8 and len(images) == len(paths):
+                    log.info("decoded frames read from the cache %s", path.name)
+                    return images, np.arange(len(paths)), []
+            except Exception as exc:  # a damaged cache entry is rebuilt, never trusted
+                log.warning("frame cache %s unreadable (%s): decoding again", path, exc)
+    tensors, keep, skipped = [], [], []
+    for i, p in enumerate(tqdm(paths, desc="decode", leave=False)):
+        try:
+            tensors.append(frame_to_uint8(load_image(p).image, cfg))
             keep.append(i)
         except ImageError as exc:
-            skipped.append((path, str(exc)))
+            skipped.append((p, str(exc)))
     if not tensors:
         raise ValueError("no readable images")
-    return torch.stack(tensors), np.array(keep), skipped
+    images = torch.stack(tensors)
+    if path is not None and not skipped:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        torch.save(images, tmp)
+        tmp.replace(path)
+    return images, np.array(keep), skipped
 
 
 # Colour augmentation strengths. "mild" is the original jitter; "hed" follows Tellez et al. (2019, "Quantifying
@@ -300,16 +336,27 @@ class EarlyStopper:
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
-                   tta: bool = False) -> np.ndarray:
-    """Eval-mode logits (fp32) of cached frames idx, through the same normalisation (and TTA) as inference."""
+                   tta: bool = False, compute: Compute | None = None) -> np.ndarray:
+    """Eval-mode logits of cached frames idx, through the same normalisation (and TTA) as inference.
+
+    fp32 (the served precision) in channels_last memory order, which oneDNN runs about twice as fast on CPU
+    (benchmarks/train_speed.py) with the same fp32 arithmetic. `compute` with bf16 runs under bf16 autocast: only
+    for the per-epoch early-stopping pass, never for the out-of-fold scores a card reports.
+    """
     from models.inference import tta_logits
 
     model.eval()
+    device = next(model.parameters()).device
+    was_channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                            for p in model.parameters())
+    model.to(memory_format=torch.channels_last)
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(compute or Compute(device, False, "fp32")):
         for i in range(0, len(idx), 32):
-            x = normalize_uint8(images[idx[i:i + 32]], cfg).to(next(model.parameters()).device)
+            x = normalize_uint8(images[idx[i:i + 32]], cfg).to(device).contiguous(memory_format=torch.channels_last)
             out.append(tta_logits(model, x) if tta else model(x).float().cpu().numpy())
+    if not was_channels_last:  # leave the model as it came (training keeps channels_last only under bf16)
+        model.to(memory_format=torch.contiguous_format)
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -382,7 +429,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
                 with torch.inference_mode():
                     return model.fc(torch.from_numpy(feats[val_idx]).float()).squeeze(1).numpy()
             return head_logits
-        return lambda: predict_logits(model, images, cfg, val_idx)
+        return lambda: predict_logits(model, images, cfg, val_idx, compute=compute)  # early stopping only: bf16 where fast
 
     if fc.recipe == "logreg":
         # The frozen-feature logistic regression itself, shipped as a model. Like the baseline it is fitted on

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from models.archs import file_sha256
 from models.inference import load_model_folder
+from models.metrics import apply_temperature
 from models.preprocess import ImageError, load_image
 from models.quality import check_quality, qc_failures
 from models.refer import OOD_FILE, POLICY_FILE, OODScorer, embed
@@ -92,7 +93,13 @@ def fit_refer(folder: str | Path, idc: str | Path | None = None, target_accuracy
     lm = load_model_folder(folder)
     card = lm.card
     pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str}).dropna(subset=["p_malignant"])
-    y, p = pred["label"].to_numpy(int), pred["p_malignant"].to_numpy(float)
+    y = pred["label"].to_numpy(int)
+    if "logit" in pred and pred["logit"].notna().all():
+        # the out-of-fold logits calibrated as the served model calibrates them (its pooled and per-magnification
+        # temperatures), so the band is fitted on the probabilities the page will show
+        p = np.array([apply_temperature(z, lm.temperature_for(g)) for z, g in zip(pred["logit"], pred["magnification"])])
+    else:
+        p = pred["p_malignant"].to_numpy(float)
     points = risk_coverage(y, p, card.threshold, np.round(np.arange(0.0, 0.5, 0.01), 3))
     band, chosen, note = choose_band(points, target_accuracy, card.threshold)
 
@@ -148,11 +155,13 @@ def fit_refer(folder: str | Path, idc: str | Path | None = None, target_accuracy
                                                "IDC patches": float((s_idc > thr).mean()) if len(s_idc) else None,
                                                "held-out training frames": float((held > thr).mean())}}
     scorer.save(folder / OOD_FILE)
+    case = fit_case(lm, pred, keep, held, thr, qc_fail, seed)
     pats = sub.groupby("label")["patient"].nunique()
     policy = {"band": list(band), "target_accuracy": target_accuracy, "accepted_accuracy": chosen["accuracy"],
               "coverage": chosen["coverage"], "ood_quantile": quantile, "ood_auroc": ood_auroc,
               "risk_coverage": points, "card_sha256": file_sha256(folder / "card.json"), "n_frames": int(len(pred)),
               "n_patients": {"benign": int(pats.get(0, 0)), "malignant": int(pats.get(1, 0))},
+              "case_policy": case,
               "notes": [note, f"band from out-of-fold predictions (predictions.csv) of {len(pred)} frames",
                         f"OOD: squared Mahalanobis distance in a {pca_dims}-dim PCA of the model's pooled embedding, "
                         f"Ledoit-Wolf covariance; threshold = the {quantile:.0%} quantile of held-out training frames' "
@@ -169,3 +178,46 @@ def _scorer(E: np.ndarray, dims: int, threshold: float) -> OODScorer:
     resid = (E - pca.mean_) - Z @ pca.components_
     residual_var = float((resid ** 2).sum(1).mean() / (E.shape[1] - pca.n_components_))
     return OODScorer(pca.mean_, pca.components_, cov.precision_, residual_var, threshold)
+
+
+def fit_case(lm, pred: pd.DataFrame, keep: list[int], held: np.ndarray, ood_threshold: float, qc_fail: np.ndarray,
+             seed: int = 0) -> dict | None:
+    """The case policy (training.case_policy) on the out-of-fold frames: refused frames (QC failures, held-out OOD
+    distances over the threshold, unreadable) do not count; its nested validation scores held-out patients only."""
+    from training.case_policy import case_policy_for, nested_case_evaluation, policy_dict
+
+    if "logit" not in pred or pred["logit"].isna().any():
+        return None  # no raw out-of-fold logits: no case policy (the case rule then says so on every verdict)
+    frames = pd.DataFrame({"patient": pred["patient"].astype(str).to_numpy(), "y": pred["label"].to_numpy(int),
+                           "magnification": pred["magnification"].to_numpy(), "logit": pred["logit"].to_numpy(float),
+                           "qc_ok": False, "ood_ok": False})
+    frames.loc[np.asarray(keep), "qc_ok"] = ~qc_fail
+    frames.loc[np.asarray(keep), "ood_ok"] = held <= ood_threshold
+    card = lm.card
+    by_mag = {g: {"temperature": v.temperature} for g, v in (card.temperature_by_magnification or {}).items()}
+    policy, points = case_policy_for(frames, card.temperature, by_mag, seed)
+    return policy_dict(policy, points, nested_case_evaluation(frames, seed=seed))
+
+
+def calibrate_magnifications(folder: str | Path) -> dict:
+    """Write a pooled model's per-magnification temperatures into its card (from its out-of-fold logits); the pooled
+    temperature stays for magnifications with fewer than 5 out-of-fold patients per class. Refit the refer policy
+    (and re-run select-defaults) afterwards: the card's sha256 changes."""
+    import datetime as _dt
+
+    from models.card import ModelCard
+    from training.case_policy import fit_temperatures
+
+    folder = Path(folder)
+    card = ModelCard.from_json(folder / "card.json")
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str}).dropna(subset=["logit"])
+    pooled, by_mag = fit_temperatures(pred["logit"].to_numpy(float), pred["label"].to_numpy(int),
+                                      pred["magnification"].to_numpy(), pred["patient"].astype(str).to_numpy())
+    card.temperature = pooled
+    card.temperature_by_magnification = by_mag
+    fitted = ", ".join(f"{g} {v['temperature']:.2f}" for g, v in by_mag.items()) or "none"
+    card.changelog.append(f"{_dt.date.today().isoformat()}: per-magnification temperatures "
+                          f"({fitted}; pooled "
+                          f"{pooled:.2f} elsewhere) by `python -m training calibrate-magnifications`")
+    card.to_json(folder / "card.json")
+    return {"pooled": pooled, "by_magnification": by_mag}

@@ -142,10 +142,10 @@ def load_training_set(data: str, magnification: str, cfg: PreprocessConfig, comp
         # these colour statistics (never their labels); the card says so.
         from models.stain import fit_stain
 
-        cfg.stain = fit_stain(stain, cache_images(df, cfg)[0])
+        cfg.stain = fit_stain(stain, cache_images(df, cfg, cache_dir)[0])
         cfg.stain["fitted_on"] = ("every training frame (label-free colour statistics; in cross-validation the "
                                   "held-out frames' colours contribute too)")
-    images, keep, bad = cache_images(df, cfg)
+    images, keep, bad = cache_images(df, cfg, cache_dir)
     return TrainingSet(df.iloc[keep].reset_index(drop=True), images, cfg, compute, cache_dir), index, index.skipped + bad
 
 
@@ -293,7 +293,7 @@ def baseline_features(data: TrainingSet, baseline_init: str | None) -> np.ndarra
     bspec = ARCHITECTURES["efficientnet_lite2"]
     bcfg = PreprocessConfig(input_size=bspec.input_size, mean=bspec.mean, std=bspec.std)
     bmodel, _ = build_model("efficientnet_lite2", b_init)
-    bimages = data.images if bcfg == data.cfg else cache_images(data.df, bcfg)[0]
+    bimages = data.images if bcfg == data.cfg else cache_images(data.df, bcfg, data.cache_dir)[0]
     return cached_features(bmodel, bimages, bcfg, data.cache_dir)
 
 
