@@ -51,12 +51,29 @@ def choose_band(points: list[dict], target: float, threshold: float) -> tuple[tu
     return (max(0.0, threshold - h), min(1.0, threshold + h)), r, note
 
 
-def ood_corpus(n: int = 40, seed: int = 0) -> list[tuple[str, Image.Image]]:
-    """Generated non-histology images: flat colours (H&E-like ones included), gradients, noise, stripes, text."""
+OOD_KINDS = ("flat", "gradient", "noise", "stripes", "blocks", "text")
+
+
+def _text_image(rng: np.random.Generator) -> np.ndarray:
+    """A rendered page of text (a report or a screenshot) on white, pink or dark paper."""
+    from PIL import ImageDraw, ImageFont
+
+    bg = [(255, 255, 255), (240, 200, 230), (30, 30, 30), (200, 120, 190)][int(rng.integers(0, 4))]
+    im = Image.new("RGB", (700, 460), bg)
+    draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default(size=int(rng.integers(14, 34)))
+    for line in range(int(rng.integers(3, 14))):
+        draw.text((10, 10 + line * 34), "Histopathology report: invasive ductal carcinoma, grade 2",
+                  fill=tuple(int(x) for x in rng.integers(0, 256, 3)), font=font)
+    return np.asarray(im)
+
+
+def ood_corpus(n: int = 48, seed: int = 0) -> list[tuple[str, Image.Image]]:
+    """Generated non-histology images: flat colours (H&E-like ones included), gradients, noise, stripes, blocks, text."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        kind = ["flat", "gradient", "noise", "stripes", "blocks"][i % 5]
+        kind = OOD_KINDS[i % len(OOD_KINDS)]
         if kind == "flat":
             c = rng.integers(0, 256, 3) if i % 2 else np.array([200, 120, 190]) + rng.integers(-20, 20, 3)
             a = np.broadcast_to(np.clip(c, 0, 255), (460, 700, 3)).astype(np.uint8)
@@ -66,6 +83,8 @@ def ood_corpus(n: int = 40, seed: int = 0) -> list[tuple[str, Image.Image]]:
             a = np.broadcast_to(c0 + (c1 - c0) * t, (460, 700, 3)).astype(np.uint8)
         elif kind == "noise":
             a = rng.integers(0, 256, (460, 700, 3), dtype=np.uint8)
+        elif kind == "text":
+            a = _text_image(rng)
         elif kind == "stripes":
             a = np.zeros((460, 700, 3), np.uint8)
             a[:, (np.arange(700) // rng.integers(5, 40)) % 2 == 1] = rng.integers(0, 256, 3)
