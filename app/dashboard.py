@@ -390,6 +390,7 @@ class FrameResult:
     thumbnail: bytes | None = None  # PNG, at most THUMBNAIL_SIZE
     decision: str = "refer"  # benign | malignant | refer (models.refer)
     reason: str = ""
+    decision_kind: str = "unreadable"  # models.refer.DECISION_KINDS: whether the frame counts toward a case
 
 
 def thumbnail_png(img) -> bytes:
@@ -437,10 +438,10 @@ def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = F
     q = check_quality(li.image, magnification)
     notes: list[str] = []
     ood: list = []
-    p = float(lm.predict_images([li.image], tta=tta, notes=[notes], embeddings=ood)[0])
+    p = float(lm.predict_images([li.image], tta=tta, notes=[notes], embeddings=ood, magnification=magnification)[0])
     d = lm.decide(li.image, p, q, ood[0] if ood else None)
     return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
-                       q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason)
+                       q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason, d.kind)
 
 
 def results_frame(results: list[FrameResult], threshold: float, provenance: dict | None = None) -> pd.DataFrame:
@@ -535,8 +536,9 @@ def compare_agreement(results: list[FrameResult]) -> tuple[str, str]:
     return "success", f"The models agree: {calls.pop()} (each outside its referral band, quality control passed)."
 
 
-def case_summary(results: list[FrameResult], magnification: str, threshold: float):
-    """The case verdict over one upload (models.case), and the file-name / picker disagreements to warn about."""
+def case_summary(results: list[FrameResult], magnification: str, threshold: float, policy=None):
+    """The case verdict over one upload (models.case, under the model's case policy where it has one), and the
+    file-name / picker disagreements to warn about."""
     from models.case import CaseFrame, case_verdict, magnification_from_name
 
     notes, frames = [], []
@@ -546,5 +548,62 @@ def case_summary(results: list[FrameResult], magnification: str, threshold: floa
             notes.append(f"{r.name}: the file name says {named} but {magnification} was chosen; it was analysed by the "
                          f"{magnification} model")
         frames.append(CaseFrame(r.name, magnification, r.model_id, r.p_malignant, r.decision if not r.error else "refer",
-                                r.reason or r.error))
-    return case_verdict(frames, threshold), notes
+                                r.reason or r.error, kind=r.decision_kind if not r.error else "unreadable"))
+    return case_verdict(frames, threshold, policy=policy), notes
+
+
+def _pct_ci(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['value']:.0%} ({lo:.0%}–{hi:.0%})"
+
+
+def case_evidence_rows(policy) -> pd.DataFrame:
+    """Case-level risk-coverage beside the frame-level one, from the policy's nested validation (held-out patients
+    only): share called, accuracy among called, with patient-bootstrap CIs and patient counts."""
+    nested = ((policy.case_policy if policy is not None else None) or {}).get("nested") or {}
+    rows = []
+    labels = {"6": "case of 6 frames", "all": "case of all a patient's frames at one magnification",
+              "frames": "single frame (frame-level band)"}
+    for key, label in labels.items():
+        blk = nested.get("by_size", {}).get(key)
+        if not blk:
+            continue
+        for rule, name in (("case_policy", "case policy (band frames count)"),
+                           ("old_rule", "before: band frames dropped, CI rule")) if key != "frames" else \
+                (("frames", "frame band"),):
+            v = blk if key == "frames" else blk.get(rule)
+            if not v:
+                continue
+            n = v["n_patients"]
+            rows.append({"unit": label, "rule": name, "called (95% CI)": _pct_ci(v["coverage"]),
+                         "accuracy when called (95% CI)": _pct_ci(v["accuracy"]),
+                         "patients (b/m)": f"{n['benign']}/{n['malignant']}", "cases": v["n_cases"]})
+    return pd.DataFrame(rows)
+
+
+def routed_policies(root: str | Path | None = None) -> dict:
+    """The refer policy (with its case policy) of each routed malignancy model, by model id; a model without a
+    readable policy maps to None (its verdicts say so)."""
+    from models.refer import ReferPolicy
+
+    out = {}
+    for m in MAGNIFICATIONS:
+        mid = route(m, root).model_id
+        if mid and mid not in out:
+            try:
+                out[mid] = ReferPolicy.load(Path(root or models_root()) / mid)
+            except (OSError, ValueError, KeyError, TypeError):
+                out[mid] = None
+    return out
+
+
+def case_evidence_line(policy) -> str:
+    """One sentence: how often the case policy answers, and how often it is right, on held-out patients."""
+    cp = (policy.case_policy if policy is not None else None) or {}
+    blk = (cp.get("nested") or {}).get("by_size", {}).get("6", {}).get("case_policy")
+    if not blk:
+        return "No case policy fitted for this model: cases are judged by the older CI rule."
+    n = blk["n_patients"]
+    return (f"Case policy validated on held-out patients ({n['benign']} benign / {n['malignant']} malignant): cases of "
+            f"6 frames are called {_pct_ci(blk['coverage'])} of the time, and are right {_pct_ci(blk['accuracy'])} of "
+            "the times they are called; the rest are referred.")

@@ -1,8 +1,8 @@
 """Home: what the tool is and is not, the model inventory, where to start (listed first by streamlit_app.py)."""
 import streamlit as st
 
-from app.dashboard import (DISCLAIMER, card_problems, idc_route, inventory, route, routing_evidence, subtype_caveat,
-                           subtype_route)
+from app.dashboard import (DISCLAIMER, card_problems, case_evidence_line, case_evidence_rows, idc_route, inventory,
+                           route, routed_policies, routing_evidence, subtype_caveat, subtype_route)
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
@@ -26,6 +26,17 @@ st.dataframe(inv, hide_index=True, width="stretch")
 few = [r["magnification"] for r in inv.to_dict("records") if r.get("evidence") == "few patients"]
 if few:
     st.info("Trained and tested on few patients: " + ", ".join(few) + ". Their confidence intervals are wide.")
+
+st.subheader("What a verdict is worth: cases and frames")
+st.markdown("The case (a patient's frames at one magnification) is the unit of decision. Frames the model is unsure "
+            "about still count toward the case; only frames refused by quality control or unlike the training frames "
+            "drop out. Figures below come from patients the policy was never fitted on (nested cross-validation).")
+for model_id, pol in routed_policies().items():
+    st.markdown(f"**{model_id}** ({', '.join(m for m in MAGNIFICATIONS if route(m).model_id == model_id)})")
+    st.caption(case_evidence_line(pol))
+    rows = case_evidence_rows(pol)
+    if not rows.empty:
+        st.dataframe(rows, hide_index=True, width="stretch")
 
 with st.expander("Why each magnification is served by its model (routing rule and evidence)"):
     st.markdown(

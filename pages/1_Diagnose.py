@@ -3,8 +3,8 @@ import io
 
 import streamlit as st
 
-from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_summary, decode_frame, export_provenance,
-                           heatmap_png, performance_line, png_data_url, results_frame, route, subtype_call_rows,
+from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_evidence_line, case_evidence_rows, case_summary,
+                           decode_frame, export_provenance, heatmap_png, performance_line, png_data_url, results_frame, route, subtype_call_rows,
                            subtype_caveat, subtype_for_frame, subtype_recall_line, subtype_route)
 from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
@@ -32,7 +32,7 @@ except Exception as exc:  # integrity failure or missing files: a message, not a
     st.error(f"Model {r.model_id} could not be loaded: {exc}")
     st.stop()
 st.markdown(f"Model for **{mag}**: `{r.model_id}` · decision threshold p ≥ {lm.card.threshold:.2f} → malignant "
-            f"· temperature {lm.card.temperature:.2f}")
+            f"· calibration: {lm.calibration_note(mag)}")
 for note in r.notes:
     st.warning(note)
 if lm.card.preprocess.stain:
@@ -78,10 +78,31 @@ for res in results:
 table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta))
 ok = [(x, f) for x, f in zip(results, files) if not x.error]
 if len(results) > 1:
+    # The case is the unit of decision: its verdict leads, the frames follow.
+    verdict, name_notes = case_summary(results, mag, lm.card.threshold, lm.case_policy)
+    st.subheader("Case verdict (if these frames are one case)")
+    for n in name_notes:
+        st.warning(n)
+    text = (f"**Case: {verdict.verdict}**. {verdict.reason[0].upper() + verdict.reason[1:]}. {verdict.n_accepted} of "
+            f"{verdict.n_frames} frames count toward the case ({verdict.n_band} of them uncertain on their own), "
+            f"{verdict.n_referred} refused")
+    (st.warning if verdict.verdict == "refer" else st.info)(text + ".")
+    if verdict.drivers:
+        st.caption("Frames that drive the case verdict: " + ", ".join(
+            f"{d['name']} (p {d['p_malignant']:.2f})" for d in verdict.drivers))
+    st.caption(case_evidence_line(lm.policy))
+    ev = case_evidence_rows(lm.policy)
+    if not ev.empty:
+        with st.expander("How often the case policy answers, and how often it is right (held-out patients)"):
+            st.dataframe(ev, hide_index=True, width="stretch")
+    pm = metric(lm.card.summary_at(mag), "patient_accuracy")
+    if pm:
+        st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
+if len(results) > 1:
     show = table.assign(thumbnail=[png_data_url(x.thumbnail) for x in results])
     n_ref = sum(x.decision == "refer" for x in results)
     st.markdown(f"**{len(results)} frames**: {sum(x.decision == 'malignant' for x in results)} malignant, "
-                f"{sum(x.decision == 'benign' for x in results)} benign, **{n_ref} referred** to the pathologist.")
+                f"{sum(x.decision == 'benign' for x in results)} benign, **{n_ref} referred** on their own.")
     st.dataframe(show[["thumbnail", "file", "decision", "p_malignant", "reason", "warnings", "error"]], hide_index=True,
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
@@ -89,19 +110,6 @@ if len(results) > 1:
 st.download_button("Download results (CSV)", table.to_csv(index=False), "predictions.csv", "text/csv")
 
 if len(results) > 1:
-    verdict, name_notes = case_summary(results, mag, lm.card.threshold)
-    st.subheader("Case summary (if these frames are one case)")
-    for n in name_notes:
-        st.warning(n)
-    text = (f"**Case: {verdict.verdict}**: {verdict.reason}. {verdict.n_accepted} of {verdict.n_frames} frames "
-            f"called, {verdict.n_referred} referred")
-    (st.warning if verdict.verdict == "refer" else st.info)(text + ".")
-    if verdict.drivers:
-        st.caption("Frames that drive the case verdict: " + ", ".join(
-            f"{d['name']} (p {d['p_malignant']:.2f})" for d in verdict.drivers))
-    pm = metric(lm.card.summary_at(mag), "patient_accuracy")
-    if pm:
-        st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
     with st.form("save_case", clear_on_submit=False):
         st.markdown("**Save this case to the history** (with every frame's file hash, thumbnail, decision and the "
                     "model's provenance)")
