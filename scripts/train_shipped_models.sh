@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every model in magnif_models/ from ../shared/data/breakhis (the only data used), then the
 # leakage demonstration and the validation-driven defaults. About 4 hours on 2 AVX2 CPU cores (fp32).
-#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|repeats|tasks|select]
+#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|repeats|tasks|verdicts|select]
 # Every run splits its out-of-fold figures by QC and (single-magnification models) predicts held-out patients'
 # frames at the other magnifications; --tta-eval also scores the same fold models with 8-view TTA.
 set -euo pipefail
@@ -121,9 +121,29 @@ if [[ $only == all || $only == tasks ]]; then
   "$PY" -m training train --task subtype --strategy hierarchical --data "$DATA" \
       --parent-model magnif_models/all/efficientnet_lite2_finetuned --n-boot 500 --out magnif_models/subtype/efficientnet_lite2_subtype
 fi
+if [[ $only == all || $only == verdicts ]]; then
+  # Issue 25. The routed recipe as a seed ensemble: the shipped run (training seed 0) and the same command with
+  # training seeds 10 and 20 on the same folds (split seed 0; --tta-eval left out: the ensemble is scored plain),
+  # about 35-50 min each with bf16 on 2 cores; then one model folder, its per-magnification temperatures, its refer
+  # and case policies, and the tables.
+  for t in 10 20; do
+    run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
+        --colour-aug hed --balanced-sampling --cv 5 --seed 0 --train-seed $t --out build/ensemble/member_train$t
+  done
+  "$PY" -m training build-ensemble --runs magnif_models/all/efficientnet_lite2_finetuned build/ensemble/member_train10 \
+      build/ensemble/member_train20 --out magnif_models/all/efficientnet_lite2_ensemble
+  "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_ensemble --idc ../shared/data/idc
+  "$PY" -m training calibrate-magnifications --model magnif_models/all/efficientnet_lite2_finetuned
+  "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc
+  "$PY" benchmarks/qc_refusals.py --out benchmarks/results/qc_refusals.json
+  "$PY" benchmarks/train_speed.py --run build/ensemble/member_train10 --out benchmarks/results/train_speed.json
+  "$PY" scripts/verdicts_table.py
+fi
 "$PY" -m training leakage-demo --data "$DATA" --magnification 100X --out magnif_models/leakage_demo_100X.json
 "$PY" -m training rescore magnif_models/*/*/   # QC figures and the temperature guard for cards trained before them
 "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc  # refer policy
+[ -d magnif_models/all/efficientnet_lite2_ensemble ] && \
+  "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_ensemble --idc ../shared/data/idc
 "$PY" -m training select-defaults --root magnif_models
 "$PY" scripts/robustness_table.py --out benchmarks/results/robustness.json magnif_models/*/*/ $C/*/*_stain-*
 "$PY" scripts/generalisation_table.py

@@ -31,8 +31,8 @@ from models.inference import DEFAULTS_FILE, list_model_folders
 from models.metrics import paired_auc_difference
 
 FEW_PATIENTS = 20
-RULE = ("an ImageNet-pretrained incumbent (reference recipe: end-to-end fine-tuning with colour augmentation; "
-        "else frozen features + logistic regression) serves unless a challenger's AUC advantage on the same "
+RULE = ("an ImageNet-pretrained incumbent (reference recipe: end-to-end fine-tuning with colour augmentation, as a "
+        "seed ensemble of its runs where one exists; else frozen features + logistic regression) serves unless a challenger's AUC advantage on the same "
         "out-of-fold frames has a paired patient-bootstrap 95% CI entirely above zero")
 
 
@@ -43,12 +43,15 @@ def is_pretrained(card: ModelCard) -> bool:
 
 
 def incumbent_tier(card: ModelCard) -> int | None:
-    """0 reference recipe, 1 frozen-feature recipe, 2 other pretrained; None: not eligible as incumbent."""
+    """-1 seed ensemble of the reference recipe, 0 reference recipe, 1 frozen-feature recipe, 2 other pretrained;
+    None: not eligible as incumbent. A seed ensemble of the reference recipe (issue 25) is that same recipe with less
+    run-to-run variance, every run a member and none selected, so it replaces the single run without a contest (the
+    single run still appears as a challenger, and would displace it only by the paired rule)."""
     if not is_pretrained(card):
         return None
     recipe = card.recipe.get("name", "")
     if recipe == "full" and card.hyperparameters.get("colour_augmentation") == "hed":
-        return 0
+        return -1 if card.architecture == "seed_ensemble" else 0
     if recipe in ("logreg", "linear"):
         return 1
     return 2

@@ -1,0 +1,129 @@
+"""The README's issue-25 tables, printed from the files the scripts wrote (nothing typed by hand):
+the seed ensemble against its single run, per-magnification temperatures, case- and frame-level risk-coverage from the
+nested validation, the QC refusal table and the training-speed benchmark.
+
+    python scripts/verdicts_table.py [--model magnif_models/all/efficientnet_lite2_ensemble]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _ci(m: dict, pct: bool = False) -> str:
+    v, (lo, hi) = m["value"], m["ci95"]
+    return f"{v:.0%} ({lo:.0%}–{hi:.0%})" if pct else f"{v:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def ensemble_section(folder: Path) -> None:
+    card = json.loads((folder / "card.json").read_text())
+    ev = card["evaluation"]
+    auc = ev["overall"]["metrics"]["auc"]
+    n = ev["overall"]["n_patients"]
+    print(f"**{card['model_id']}**: {len(card['arch_config']['members'])} members, frame AUC {_ci(auc)} over "
+          f"{n['benign']} benign / {n['malignant']} malignant patients (out-of-fold, split seed "
+          f"{card['hyperparameters'].get('seed')}).\n")
+    print("| model | training seed | out-of-fold frame AUC | ensemble minus it (paired 95% CI) |")
+    print("|---|---|---|---|")
+    for m, d in zip(card["arch_config"]["members"], ev["vs_each_member"]):
+        print(f"| member {m['weights_file']} | {m['train_seed']} | {m['oof_auc']:.3f} | {d['difference']:+.3f} "
+              f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}) |")
+    s = ev["vs_single_run"]
+    print(f"\nEnsemble vs the single run it replaces ({s['single_run_model_id']}): {s['difference']:+.3f} "
+          f"(paired patient-bootstrap 95% CI {s['ci95'][0]:+.3f} to {s['ci95'][1]:+.3f}).\n")
+    pm = ev.get("overall") and card.get("per_magnification") or {}
+    print("| magnification | ensemble AUC (95% CI) | patients (b/m) | temperature |")
+    print("|---|---|---|---|")
+    for g, sm in pm.items():
+        t = card["temperature_by_magnification"].get(g)
+        print(f"| {g} | {_ci(sm['metrics']['auc'])} | {sm['n_patients']['benign']}/{sm['n_patients']['malignant']} | "
+              + (f"{t['temperature']:.2f} (own)" if t else f"{card['temperature']:.2f} (pooled: < 5 patients per class)")
+              + " |")
+
+
+def case_section(folder: Path) -> None:
+    pol = json.loads((folder / "refer.json").read_text())
+    cp = pol.get("case_policy")
+    if not cp:
+        print("(no case policy fitted)")
+        return
+    print(f"Shipped case policy: call when |mean p − {cp['threshold']}| × min(frames, {cp['frame_cap']})^"
+          f"{cp['exponent']} ≥ {cp['min_margin']:.3f} ({cp['note']}). Frame band: {pol['band'][0]:.2f}–"
+          f"{pol['band'][1]:.2f}.\n")
+    nested = cp["nested"]
+    print("| unit | rule | called (95% CI) | accuracy when called (95% CI) | patients (b/m) | cases |")
+    print("|---|---|---|---|---|---|")
+    for key, label in (("6", "case of 6 frames"), ("all", "all of a patient's frames at one magnification")):
+        for rule, name in (("case_policy", "case policy: band frames count"),
+                           ("old_rule", "before: band frames dropped, CI rule")):
+            v = nested["by_size"][key][rule]
+            print(f"| {label} | {name} | {_ci(v['coverage'], True)} | {_ci(v['accuracy'], True)} | "
+                  f"{v['n_patients']['benign']}/{v['n_patients']['malignant']} | {v['n_cases']} |")
+    v = nested["by_size"]["frames"]
+    print(f"| single frame | frame band | {_ci(v['coverage'], True)} | {_ci(v['accuracy'], True)} | "
+          f"{v['n_patients']['benign']}/{v['n_patients']['malignant']} | {v['n_cases']} |")
+    print("\nShare of cases called by case size (held-out patients): " + ", ".join(
+        f"{k}: {v['coverage']:.0%}" + (f" ({v['accuracy']:.0%} right)" if v["accuracy"] is not None else "")
+        for k, v in nested["coverage_by_case_size"].items()) + f". Outer-fold margins: {nested['outer_margins']}.")
+
+
+def qc_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    thr = {**r["thresholds"], "not_histology": "texture / smoothness / H&E", "any": "any"}
+    print(f"| check | threshold | frames refused (of {r['n_frames']}) | 40X | 100X | 200X | 400X | worst patient | "
+          "patients losing > 1/3 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, v in r["refusals"].items():
+        pm, w = v["per_magnification"], v["worst_patient"]
+        print(f"| {k} | {thr.get(k)} | {v['frames']} ({v['share']:.1%}) | "
+              + " | ".join(f"{pm.get(g, {}).get('frames', 0)}/{pm.get(g, {}).get('of', 0)}" for g in ("40X", "100X", "200X", "400X"))
+              + f" | {w['frames']}/{w['of']} | {v['patients_losing_over_a_third']} |")
+    lopo = r["leave_one_patient_out"]
+    print("\nLeave-one-patient-out (threshold from the other patients): " + ", ".join(
+        f"{k} {v['frames_refused']} of {r['n_frames']}" for k, v in lopo.items()) + ". Refused: generated "
+          + ", ".join(f"{k} {v:.0%}" for k, v in r["corpus"]["generated"].items())
+          + f" ({r['corpus']['n_generated']} images); IDC patches as uploaded {r['corpus']['idc_as_uploaded']['refused']:.0%}"
+          f" and enlarged to a frame {r['corpus']['idc_blown_up_to_a_frame']['refused']:.0%} "
+          f"({r['corpus']['idc_blown_up_to_a_frame']['n']}).")
+
+
+def speed_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    s = r["seconds"]
+    print(f"Compute: {r['compute']}. Per optimiser step {s['train_step']:.2f} s (fp32 {s['train_step_fp32']:.2f} s); "
+          f"evaluation per frame {s['eval_frame_fp32_old'] * 1000:.0f} ms (fp32) → {s['eval_frame_fp32_channels_last'] * 1000:.0f} ms "
+          f"(fp32, channels_last), early-stopping pass {s['validation_frame_new'] * 1000:.0f} ms; decoding "
+          f"{s['decode_old']:.1f} s → {s['decode_cache_hit']:.1f} s.\n")
+    print("| recipe | old (min) | new (min) | old/new | fp32-only old | fp32-only new | fp32 old/new |")
+    print("|---|---|---|---|---|---|---|")
+    for p in r["projection"]:
+        print(f"| {'with' if p['tta_eval'] else 'without'} --tta-eval | {p['old_minutes']:.1f} | {p['new_minutes']:.1f} | "
+              f"{p['ratio_old_over_new']:.2f} | {p['fp32_only_old_minutes']:.1f} | {p['fp32_only_new_minutes']:.1f} | "
+              f"{p['fp32_only_ratio']:.2f} |")
+    if "measured_run" in r:
+        m = r["measured_run"]
+        print(f"\nMeasured: `{m['run']}` took {m['minutes']:.1f} min end to end ({m['compute']}; TTA eval {m['tta_eval']}).")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="magnif_models/all/efficientnet_lite2_ensemble")
+    a = ap.parse_args()
+    folder = ROOT / a.model
+    for title, fn, arg in (("Seed ensemble", ensemble_section, folder), ("Cases and frames", case_section, folder),
+                           ("Quality control", qc_section, ROOT / "benchmarks/results/qc_refusals.json"),
+                           ("Training speed", speed_section, ROOT / "benchmarks/results/train_speed.json")):
+        print(f"\n##### {title}\n")
+        try:
+            fn(arg)
+        except FileNotFoundError as exc:
+            print(f"(not measured yet: {exc.filename} is missing)")
+
+
+if __name__ == "__main__":
+    main()
