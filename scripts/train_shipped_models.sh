@@ -131,7 +131,8 @@ if [[ $only == all || $only == verdicts ]]; then
         --colour-aug hed --balanced-sampling --cv 5 --seed 0 --train-seed $t --out build/ensemble/member_train$t
   done
   "$PY" -m training build-ensemble --runs magnif_models/all/efficientnet_lite2_finetuned build/ensemble/member_train10 \
-      build/ensemble/member_train20 --out magnif_models/all/efficientnet_lite2_ensemble
+      build/ensemble/member_train20 --out magnif_models/all/efficientnet_lite2_ensemble \
+      --rule1-out benchmarks/results/repeats_lite2_ensemble.json
   "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_ensemble --idc ../shared/data/idc
   "$PY" -m training calibrate-magnifications --model magnif_models/all/efficientnet_lite2_finetuned
   "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc

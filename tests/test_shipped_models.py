@@ -34,8 +34,10 @@ def test_every_shipped_candidate_is_re_evaluated_under_rule_1():
             continue
         r = rule1_summary(card.model_id, ROOT / "benchmarks" / "results")
         assert r is not None, f"{card.model_id}: no repeated-CV figure (rule 1)"
-        # 3 split seeds, or fewer only where the shortfall is declared (and shown with the figure)
-        assert r["split_seeds"] == 3 or (r["split_seeds"] >= 2 and r["shortfall"]), (card.model_id, r["split_seeds"])
+        # 3 split seeds, or fewer only where the shortfall is declared (and shown with the figure): the seed ensemble
+        # (issue 25) has one split seed of 3 training runs, and says so
+        assert r["split_seeds"] == 3 or (r["shortfall"] and f"{r['split_seeds']} of 3 split seeds" in r["shortfall"]), \
+            (card.model_id, r["split_seeds"])
         assert r["auc"].ci95[0] < r["auc"].value < r["auc"].ci95[1]
         assert r["n_patients"] == card.overall["n_patients"]
         if card.recipe.get("name") == "logreg":  # the frozen-cv whole-frame LR is this very model

@@ -170,12 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", type=Path, required=True, help="student weights (.safetensors; a .json record beside)")
     a.add_argument("--eval-out", type=Path, default=None, help="rule-1 comparison JSON")
     a.add_argument("--n-boot", type=int, default=1000)
+    a = sub.add_parser("idc-finetune-cv", help="IDC: fine-tuned Lite2 vs frozen Lite2 + LR on the same patient folds")
+    a.add_argument("--data", required=True)
+    a.add_argument("--weights", default=None, help="ImageNet Lite2 weights file (default: the configured one)")
+    a.add_argument("--size", type=int, default=112)
+    a.add_argument("--epochs", type=int, default=4)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--save-backbone", default=None, help="also refit on every patient and save the backbone here")
+    a.add_argument("--out", required=True)
+    a = sub.add_parser("served-policy-gap", help="nested: a policy fitted on fold models' logits, applied to a model "
+                                                 "trained on all patients (frozen Lite2 + LR, the recipe cheap to nest)")
+    a.add_argument("--data", required=True)
+    a.add_argument("--out", required=True)
     a = sub.add_parser("calibrate-magnifications", help="a pooled model's per-magnification temperatures, into its card")
     a.add_argument("--model", required=True)
     a = sub.add_parser("build-ensemble", help="seed ensemble of runs of one train command on the same folds: one model")
     a.add_argument("--runs", nargs="+", required=True, help="model folders of the runs (same folds, other --train-seed)")
     a.add_argument("--out", required=True)
     a.add_argument("--model-id", default=None)
+    a.add_argument("--rule1-out", default=None, help="also write its rule-1 record (repeats-cv layout) here")
     a = sub.add_parser("fit-refer", help="fit a model's refer-when-unsure policy (uncertainty band + OOD score)")
     a.add_argument("--model", required=True, type=Path)
     a.add_argument("--idc", default=None, help="IDC patch folder (other-scale histology for the OOD AUROC)")
@@ -440,6 +453,40 @@ def _run(args) -> int:
                 print(f"{n:32s} frame AUC {a_['value']:.3f} ({a_['ci95'][0]:.3f}-{a_['ci95'][1]:.3f}) patient AUC "
                       f"{v['summary']['patient_auc']['value']:.3f}" + (f"  vs Lite2 {d['difference']:+.3f} "
                       f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if d else ""))
+    elif args.cmd == "idc-finetune-cv":
+        from models.config import lite2_weights
+        from training.idc_finetune import idc_finetune_cv
+
+        res = idc_finetune_cv(args.data, args.weights or str(lite2_weights()), args.size, seed=args.seed,
+                              epochs=args.epochs, save_backbone=Path(args.save_backbone) if args.save_backbone else None)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        d = res["fine_tuned_minus_frozen"]
+        print(f"fine-tuned AUC {res['fine_tuned']['auc']['value']:.3f} vs frozen {res['frozen']['auc']['value']:.3f}: "
+              f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}); routes: {res['routes']}")
+    elif args.cmd == "served-policy-gap":
+        import pandas as pd
+
+        from training.case_policy import served_model_gap
+        from training.train import baseline_features, load_training_set
+        from training.engine import select_compute, quality_table
+        from training.data import default_cache_dir
+        from models.card import PreprocessConfig
+        from models.archs import arch_spec
+
+        spec = arch_spec("efficientnet_lite2")
+        cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
+        ts, _, _ = load_training_set(args.data, ALL, cfg, select_compute(), default_cache_dir())
+        feats = baseline_features(ts, None)
+        qc = quality_table(ts.df["path"].tolist())
+        frames = pd.DataFrame({"patient": ts.patients, "y": ts.y, "magnification": ts.df["magnification"].to_numpy(),
+                               "qc_ok": qc["qc_pass"].to_numpy(bool)})
+        res = served_model_gap(frames, feats)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        for name in ("fold_model", "served_model"):
+            v = res[name]["6"]
+            print(f"{name}: cases of 6 called {v['coverage']['value']:.0%} ({v['coverage']['ci95'][0]:.0%}-"
+                  f"{v['coverage']['ci95'][1]:.0%}), right {v['accuracy']['value']:.0%} ({v['accuracy']['ci95'][0]:.0%}-"
+                  f"{v['accuracy']['ci95'][1]:.0%})")
     elif args.cmd == "calibrate-magnifications":
         from training.refer import calibrate_magnifications
 
@@ -448,6 +495,10 @@ def _run(args) -> int:
         from training.ensemble import build_ensemble
 
         print(json.dumps(build_ensemble(args.runs, args.out, args.model_id), indent=1))
+        if args.rule1_out:
+            from training.ensemble import rule1_record
+
+            rule1_record(args.out, args.rule1_out)
     elif args.cmd == "fit-refer":
         from training.refer import fit_refer
 
