@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = lm.predict_files(args.files, args.magnification, tta=args.tta,
                             each=(lambda r, im: _add_subtype(slm, r, im)) if slm is not None else None)
-    cols = ["path", "magnification", "model_id", "p_malignant", "label", "decision", "reason", "warning"]
+    cols = ["path", "magnification", "model_id", "p_malignant", "label", "decision", "reason", "decision_kind", "warning"]
     if slm is not None:
         for r in rows:  # unreadable files never reach `each`
             r.setdefault("subtype", "")
