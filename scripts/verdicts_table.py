@@ -46,6 +46,40 @@ def ensemble_section(folder: Path) -> None:
               + " |")
 
 
+def pipeline_section(folder: Path) -> None:
+    """The new training pipeline's run against the old pipeline's run of the same recipe on the same folds (the
+    ensemble's first two members: the shipped run, and training seed 10 trained after the speed changes)."""
+    import numpy as np
+    import pandas as pd
+
+    from models.metrics import paired_auc_difference
+
+    card = json.loads((folder / "card.json").read_text())
+    pred = pd.read_csv(folder / "predictions.csv", dtype={"patient": str})
+    m = card["arch_config"]["members"]
+    d = paired_auc_difference(pred["label"].to_numpy(int), pred["logit_member1"].to_numpy(float),
+                              pred["logit_member0"].to_numpy(float), pred["patient"].to_numpy(), n_boot=2000, seed=0)
+    print(f"New pipeline ({m[1]['weights_file']}, training seed {m[1]['train_seed']}, "
+          f"{m[1]['training_time_s'] / 60:.1f} min) minus old pipeline ({m[0]['weights_file']}, training seed "
+          f"{m[0]['train_seed']}, {m[0]['training_time_s'] / 60:.1f} min), same folds: AUC {d['auc_challenger']:.3f} vs "
+          f"{d['auc_incumbent']:.3f}, difference {d['difference']:+.3f} (paired 95% CI {d['ci95'][0]:+.3f} to "
+          f"{d['ci95'][1]:+.3f}); the two runs also differ in training seed, so this bounds seed and pipeline together.")
+
+
+def idc_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    d = r["fine_tuned_minus_frozen"]
+    print(f"{r['n_patches']} patches, {r['n_patients']} patients. {r['protocol']}.\n")
+    print("| IDC recipe | patch AUC (95% CI) | balanced accuracy (95% CI) |")
+    print("|---|---|---|")
+    for k, name in (("fine_tuned", "Lite2 fine-tuned end to end (HED + HSV augmentation)"),
+                    ("frozen", "Lite2 frozen + logistic regression")):
+        print(f"| {name} | {_ci(r[k]['auc'])} | {_ci(r[k]['balanced_accuracy'])} |")
+    print(f"\nFine-tuned minus frozen: {d['difference']:+.3f} (paired patient-bootstrap 95% CI {d['ci95'][0]:+.3f} to "
+          f"{d['ci95'][1]:+.3f}): {'routes (CI above zero)' if r['routes'] else 'does not route (the CI includes zero or lies below it)'}; "
+          f"{r['minutes']:.0f} min ({r['compute']}).")
+
+
 def case_section(folder: Path) -> None:
     pol = json.loads((folder / "refer.json").read_text())
     cp = pol.get("case_policy")
@@ -115,7 +149,10 @@ def main() -> None:
     ap.add_argument("--model", default="magnif_models/all/efficientnet_lite2_ensemble")
     a = ap.parse_args()
     folder = ROOT / a.model
-    for title, fn, arg in (("Seed ensemble", ensemble_section, folder), ("Cases and frames", case_section, folder),
+    for title, fn, arg in (("Seed ensemble", ensemble_section, folder),
+                           ("Training pipeline: new vs old on the same folds", pipeline_section, folder),
+                           ("Cases and frames", case_section, folder),
+                           ("IDC: fine-tuned vs frozen", idc_section, ROOT / "benchmarks/results/idc_finetune.json"),
                            ("Quality control", qc_section, ROOT / "benchmarks/results/qc_refusals.json"),
                            ("Training speed", speed_section, ROOT / "benchmarks/results/train_speed.json")):
         print(f"\n##### {title}\n")

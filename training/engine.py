@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from models.archs import ARCHITECTURES, HistoClassifier
+from models.archs import ARCHITECTURES, HistoClassifier, file_sha256
 from models.card import PreprocessConfig
 from models.metrics import _safe_auc
 from models.preprocess import ImageError, frame_to_uint8, load_image, normalize_uint8
@@ -50,14 +50,6 @@ def select_compute(force_fp32: bool = False) -> Compute:
 
 def autocast(compute: Compute):
     return torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16, enabled=compute.bf16)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_images(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: Path | None = None
