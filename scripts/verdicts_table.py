@@ -39,7 +39,7 @@ def ensemble_section(folder: Path) -> None:
     pm = ev.get("overall") and card.get("per_magnification") or {}
     print("| magnification | ensemble AUC (95% CI) | patients (b/m) | temperature |")
     print("|---|---|---|---|")
-    for g, sm in pm.items():
+    for g, sm in sorted(pm.items(), key=lambda kv: ("40X", "100X", "200X", "400X").index(kv[0])):
         t = card["temperature_by_magnification"].get(g)
         print(f"| {g} | {_ci(sm['metrics']['auc'])} | {sm['n_patients']['benign']}/{sm['n_patients']['malignant']} | "
               + (f"{t['temperature']:.2f} (own)" if t else f"{card['temperature']:.2f} (pooled: < 5 patients per class)")
@@ -106,6 +106,27 @@ def case_section(folder: Path) -> None:
         for k, v in nested["coverage_by_case_size"].items()) + f". Outer-fold margins: {nested['outer_margins']}.")
 
 
+def served_gap_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    print("The policy is fitted on fold models' out-of-fold logits but applied to a model trained on every patient. "
+          "Measured with the recipe cheap enough to nest (frozen Lite2 + logistic regression, `python -m training "
+          "served-policy-gap`): in each outer fold the policy is fitted on the inner folds' out-of-fold logits, then "
+          "applied to the outer patients' logits of (a) a model refitted on all outer-training patients, as served, "
+          "and (b) an inner-fold-sized model, like those it was fitted on.\n")
+    print("| applied to | case of | called (95% CI) | accuracy when called (95% CI) | patients (b/m) |")
+    print("|---|---|---|---|---|")
+    for name, label in (("fold_model", "fold-sized model (as fitted)"), ("served_model", "all-patient model (as served)")):
+        for size in ("6", "all"):
+            v = r[name][size]
+            print(f"| {label} | {'6 frames' if size == '6' else 'all frames'} | {_ci(v['coverage'], True)} | "
+                  f"{_ci(v['accuracy'], True)} | {v['n_patients']['benign']}/{v['n_patients']['malignant']} |")
+    sc = r["logit_scale"]
+    mean = lambda k: sum(x[k] for x in sc) / len(sc)  # noqa: E731
+    print(f"\nLogit spread (SD) on held-out patients: all-patient model {mean('sd_served_on_outer'):.2f}, fold-sized "
+          f"model {mean('sd_fold_models_on_outer'):.2f}; inner out-of-fold logits the policy was fitted on "
+          f"{mean('sd_inner_oof'):.2f}.")
+
+
 def qc_section(path: Path) -> None:
     r = json.loads(path.read_text())
     thr = {**r["thresholds"], "not_histology": "texture / smoothness / H&E", "any": "any"}
@@ -152,6 +173,8 @@ def main() -> None:
     for title, fn, arg in (("Seed ensemble", ensemble_section, folder),
                            ("Training pipeline: new vs old on the same folds", pipeline_section, folder),
                            ("Cases and frames", case_section, folder),
+                           ("Fold models vs the served model", served_gap_section,
+                            ROOT / "benchmarks/results/served_policy_gap.json"),
                            ("IDC: fine-tuned vs frozen", idc_section, ROOT / "benchmarks/results/idc_finetune.json"),
                            ("Quality control", qc_section, ROOT / "benchmarks/results/qc_refusals.json"),
                            ("Training speed", speed_section, ROOT / "benchmarks/results/train_speed.json")):

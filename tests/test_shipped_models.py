@@ -111,3 +111,30 @@ def test_metrics_page_renders_every_shipped_model(monkeypatch):
             assert not at.exception, (mag, mid, at.exception)
             seen.add(mid)
     assert seen == {f"{f.parent.name}/{f.name}" for f in FOLDERS}
+
+
+def test_the_routed_malignancy_model_is_the_seed_ensemble_with_its_case_policy():
+    """Issue 25: the routed model is the seed ensemble (every member listed with its sha256, no selection), calibrated
+    per magnification where it has >= 5 patients per class, with a case policy validated on held-out patients."""
+    import json
+
+    from models.case import CasePolicy
+    from models.inference import load_model_folder, read_defaults
+
+    d = read_defaults(ROOT / "magnif_models")
+    routed = {d[m]["model_id"] for m in ("40X", "100X", "200X", "400X")}
+    assert routed == {"all/efficientnet_lite2_ensemble"}
+    folder = ROOT / "magnif_models" / "all" / "efficientnet_lite2_ensemble"
+    card = ModelCard.from_json(folder / "card.json")
+    members = card.arch_config["members"]
+    assert card.architecture == "seed_ensemble" and len(members) >= 3
+    assert len({m["train_seed"] for m in members}) == len(members)
+    for g, t in card.temperature_by_magnification.items():
+        assert min(t.n_patients.values()) >= 5, g
+    assert "200X" not in card.temperature_by_magnification  # 4 benign / 6 malignant patients: the pooled value
+    lm = load_model_folder(folder)
+    assert lm.policy is not None and lm.case_policy is not None, lm.policy_note
+    nested = json.loads((folder / "refer.json").read_text())["case_policy"]["nested"]["by_size"]
+    six = nested["6"]["case_policy"]
+    assert six["n_patients"]["benign"] >= 3 and six["coverage"]["ci95"][0] <= six["coverage"]["value"]
+    assert isinstance(lm.case_policy, CasePolicy)

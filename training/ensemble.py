@@ -28,7 +28,8 @@ SEED_KEYS = ("seed", "train_seed")
 
 def _recipe_key(card: ModelCard) -> dict:
     """What must be identical across members: everything about the recipe except the training seed."""
-    hp = {k: v for k, v in card.hyperparameters.items() if k not in ("train_seed",)}
+    # the training seed differs by design; eval_tta only adds 8-view scores to the evaluation, it trains nothing
+    hp = {k: v for k, v in card.hyperparameters.items() if k not in ("train_seed", "eval_tta")}
     return {"architecture": card.architecture, "arch_config": card.arch_config, "magnification": card.magnification,
             "preprocess": card.to_dict()["preprocess"], "init": card.init.get("file_sha256") or card.init.get("init"),
             "hyperparameters": hp}
@@ -129,7 +130,7 @@ def build_ensemble(runs: list[str | Path], out: str | Path, model_id: str | None
             "temperature_source": "pooled and per-magnification temperatures fitted on the ensemble's out-of-fold "
                                   "logits; the out-of-fold probabilities in predictions.csv are cross-fitted (each "
                                   "fold's temperature from the other folds)"}},
-        hyperparameters={**c0.hyperparameters, "train_seed": [m["train_seed"] for m in members]},
+        hyperparameters={**c0.hyperparameters, "train_seed": [m["train_seed"] for m in members], "eval_tta": False},
         data=c0.data,
         evaluation={"protocol": (f"the {k} members' out-of-fold logits averaged per frame; every member was "
                                  f"cross-validated on the same {fold.max() + 1} stratified patient-grouped folds "
