@@ -96,6 +96,29 @@ def test_reference_recipe_is_preferred_as_incumbent_over_the_frozen_one(tmp_path
     assert d["incumbent"] == "100X/lite2_full" and d["model_id"] == "100X/lite2_full"
 
 
+def test_a_member_of_the_incumbent_seed_ensemble_never_displaces_it(tmp_path):
+    """Issue 25: the ensemble of the reference recipe is the incumbent; one of its own runs, however lucky on these
+    frames, is not a challenger (routing it would be picking the best seed)."""
+    from training.routing import incumbent_tier, select_defaults
+
+    lucky = _folder(tmp_path, "lite2_full", "100X", _scores(3.0, 5), pretrained=True, recipe="full", seed=1)
+    c = ModelCard.from_json(lucky / "card.json")
+    c.hyperparameters = {"colour_augmentation": "hed"}
+    c.to_json(lucky / "card.json")
+    ens = _folder(tmp_path, "lite2_ensemble", "100X", _scores(0.4, 6), pretrained=True, recipe="full", seed=2)
+    e = ModelCard.from_json(ens / "card.json")
+    e.architecture = "seed_ensemble"
+    e.hyperparameters = {"colour_augmentation": "hed"}
+    e.arch_config = {"member_arch": "efficientnet_lite2",
+                     "members": [{"weights_file": "m0.safetensors", "weights_sha256": c.weights_sha256}]}
+    e.to_json(ens / "card.json")
+    assert incumbent_tier(e) == -1 < incumbent_tier(c)
+    d = select_defaults(tmp_path, n_boot=300)["100X"]
+    assert d["model_id"] == "100X/lite2_ensemble" and d["incumbent"] == "100X/lite2_ensemble"
+    comp = {r["challenger"]: r for r in d["comparisons"]}["100X/lite2_full"]
+    assert not comp["displaces"] and "member" in comp["note"]
+
+
 @pytest.mark.parametrize("bound_logits", [np.array([5.0, -5.0, 4.0, -4.0]), np.array([0.01, -0.01, 0.02, -0.02])])
 def test_temperature_guard_falls_back_when_the_fit_lands_on_a_bound(bound_logits):
     from models.metrics import TEMPERATURE_FALLBACK, fit_temperature_guarded

@@ -10,7 +10,8 @@ Rule (issue 18, fixed before any of the compared numbers were seen):
 2. Every other candidate is a *challenger*. Its AUC advantage over the incumbent is measured on the same
    frames (out-of-fold or held-out patients only) by a paired patient bootstrap. It displaces the incumbent
    only when the lower end of the 95% CI of that advantage is above zero; with several such, the one with
-   the highest lower bound.
+   the highest lower bound. A run that is a member of the incumbent seed ensemble is not a challenger (routing
+   it would pick the luckiest seed, which the ensemble exists to avoid).
 3. With no pretrained candidate at all (e.g. a user who trained only from scratch), the highest AUC serves
    and the entry says that the choice is not noise-proof.
 
@@ -115,6 +116,13 @@ def choose(cands: list[dict], n_boot: int = 2000) -> dict:
     for c in cands:
         if c is inc:
             continue
+        if c.get("weights_sha256") and c["weights_sha256"] in inc.get("member_weights", []):
+            # a run that is a member of the incumbent seed ensemble: routing it over its own ensemble on the frames
+            # where its seed happened to do better would be picking the luckiest seed, which the ensemble exists to
+            # avoid (issue 25); its difference to the ensemble is in the ensemble's card, not a contest
+            comps.append({"challenger": c["model_id"], "kind": c["kind"], "difference": None, "ci95": None,
+                          "displaces": False, "note": "a member of the incumbent seed ensemble: not a challenger"})
+            continue
         r = compare(c["scores"], inc["scores"], n_boot) if c["scores"] is not None and inc["scores"] is not None else None
         row = {"challenger": c["model_id"], "kind": c["kind"]}
         if r is None:
@@ -157,13 +165,16 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
                           "auc_ci95": list(auc.ci95), "n_patients": s["n_patients"],
                           "pooled": c.magnification == ALL, "borrowed": c.magnification not in (ALL, mag),
                           "pretrained": is_pretrained(c), "tier": incumbent_tier(c) if c.magnification in (ALL, mag) else None,
-                          "scores": frame_scores(f, c, mag), "card_sha256": file_sha256(f / "card.json")})
+                          "scores": frame_scores(f, c, mag), "card_sha256": file_sha256(f / "card.json"),
+                          "weights_sha256": c.weights_sha256,
+                          "member_weights": [m.get("weights_sha256") for m in (c.arch_config or {}).get("members") or []]
+                          if c.architecture == "seed_ensemble" else []})
         if not cands:
             continue
         d = choose(cands, n_boot)
         best = d["chosen"]
         n = best["n_patients"]
-        public = lambda c: {k: v for k, v in c.items() if k not in ("scores", "tier")}  # noqa: E731
+        public = lambda c: {k: v for k, v in c.items() if k not in ("scores", "tier", "member_weights")}  # noqa: E731
         out[mag] = {**public(best), "few_patients": n["benign"] + n["malignant"] < FEW_PATIENTS or min(n.values()) < 5,
                     "rule": RULE, "incumbent": d["incumbent"], "comparisons": d["comparisons"],
                     "candidates": [public(c) for c in cands], "reason": d["reason"]}
