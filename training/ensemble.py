@@ -171,7 +171,14 @@ def rule1_record(folder: str | Path, out: str | Path, n_boot: int = 1000) -> dic
     folds = [summarize(y[m], pred["p_malignant"].to_numpy(float)[m], pats[m], n_boot=0, score=z[m])["metrics"]["auc"]["value"]
              for m in (pred["cv_fold"].to_numpy() == f for f in sorted(pred["cv_fold"].unique()))]
     folds = np.array([f for f in folds if f is not None and np.isfinite(f)], float)
-    rec = {"protocol": (f"the seed ensemble ({len(card.arch_config['members'])} training seeds) on split seed "
+    member_aucs = [m["oof_auc"] for m in card.arch_config["members"]]
+    split_seed = card.hyperparameters.get("seed", 0)
+    by_mag = {g: summarize(y[m], pred["p_malignant"].to_numpy(float)[m], pats[m], n_boot=0, score=z[m])["metrics"]["auc"]["value"]
+              for g, m in ((g, pred["magnification"].to_numpy() == g) for g in sorted(pred["magnification"].unique()))}
+    rec = {"seeds": [split_seed], "magnification": card.magnification,
+           "folds_with_temperature_fallback": "none (cross-fitted temperatures)",
+           "training_seed_spread": {str(split_seed): {"train_seeds": [m["train_seed"] for m in card.arch_config["members"]],
+                                                      "pooled_auc": member_aucs, "sd": float(np.std(member_aucs, ddof=1))}},"protocol": (f"the seed ensemble ({len(card.arch_config['members'])} training seeds) on split seed "
                         f"{card.hyperparameters.get('seed')} only: 5 stratified patient-grouped folds; split seeds 1-2 "
                         "would need 3 more full runs each"),
            "model_id": card.model_id, "runs": [m["source_run"] for m in card.arch_config["members"]],
@@ -180,7 +187,8 @@ def rule1_record(folder: str | Path, out: str | Path, n_boot: int = 1000) -> dic
                       "pooled_auc_by_seed": [s["metrics"]["auc"]["value"]],
                       "per_fold_auc_mean": float(folds.mean()), "per_fold_auc_sd": float(folds.std(ddof=1)),
                       "per_fold_auc_min": float(folds.min()), "per_fold_auc_max": float(folds.max()),
-                      "n_patients": s["n_patients"]},
+                      "n_patients": s["n_patients"], "per_magnification_auc": by_mag,
+                      "vs_incumbent": card.evaluation.get("vs_single_run")},
            "vs_single_run": card.evaluation.get("vs_single_run")}
     Path(out).write_text(json.dumps(rec, indent=1) + "\n")
     return rec
