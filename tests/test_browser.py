@@ -72,6 +72,7 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.goto(app_url)
     page.get_by_text("Model inventory").wait_for()
+    page.get_by_text("What a verdict is worth: cases and frames").wait_for()  # case-level risk-coverage (issue 25)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
     nav = page.get_by_test_id("stSidebarNav")
@@ -144,10 +145,12 @@ def test_a_whole_case_from_upload_to_exported_report(app_url, page):
     page.locator("label").filter(has_text="100X").first.click()
     page.get_by_text("Model for 100X").wait_for()
     page.locator("input[type=file]").first.set_input_files([str(p) for p in case])
-    page.get_by_text("Case summary (if these frames are one case)").wait_for()
+    page.get_by_text("Case verdict (if these frames are one case)").wait_for()
     verdict = page.get_by_text("Case: ").first
     verdict.wait_for()
     assert any(v in verdict.inner_text() for v in ("malignant", "benign", "refer"))
+    # the case-level risk-coverage from held-out patients stands beside the verdict (issue 25)
+    page.get_by_text("Case policy validated on held-out patients").first.wait_for()
 
     pick = page.get_by_test_id("stSelectbox").filter(has_text="Show the heatmap for")
     pick.wait_for()
