@@ -43,6 +43,8 @@ if d.is_file():
     print("\n| magnification | served by | AUC there (95% CI) | why |")
     print("|---|---|---|---|")
     for mag, e in json.loads(d.read_text()).items():
+        if "pooled" not in e:  # the IDC and subtype entries route other tasks (their own tables)
+            continue
         flag = " (pooled)" if e["pooled"] else " (borrowed)" if e.get("borrowed") else ""
         few = "; few patients" if e["few_patients"] else ""
         print(f"| {mag} | {e['model_id']}{flag} | {e['auc']:.3f} ({e['auc_ci95'][0]:.2f}–{e['auc_ci95'][1]:.2f}) | "
