@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--epochs", type=int, default=4)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--save-backbone", default=None, help="also refit on every patient and save the backbone here")
+    a.add_argument("--ship-to", default=None, help="where the fine-tuned model beats the frozen one by the paired "
+                                                   "rule, write the refit model folder here (it is then routed)")
     a.add_argument("--out", required=True)
     a = sub.add_parser("served-policy-gap", help="nested: a policy fitted on fold models' logits, applied to a model "
                                                  "trained on all patients (frozen Lite2 + LR, the recipe cheap to nest)")
@@ -458,7 +460,8 @@ def _run(args) -> int:
         from training.idc_finetune import idc_finetune_cv
 
         res = idc_finetune_cv(args.data, args.weights or str(lite2_weights()), args.size, seed=args.seed,
-                              epochs=args.epochs, save_backbone=Path(args.save_backbone) if args.save_backbone else None)
+                              epochs=args.epochs, save_backbone=Path(args.save_backbone) if args.save_backbone else None,
+                              ship_to=Path(args.ship_to) if args.ship_to else None)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
         d = res["fine_tuned_minus_frozen"]
         print(f"fine-tuned AUC {res['fine_tuned']['auc']['value']:.3f} vs frozen {res['frozen']['auc']['value']:.3f}: "

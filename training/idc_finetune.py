@@ -39,9 +39,12 @@ def decode_patches(paths: list[str], size: int) -> torch.Tensor:
 
 def idc_finetune_cv(data: str | Path, weights: str, size: int = 112, k: int = 5, seed: int = 0, epochs: int = 4,
                     lr: float = 2e-4, batch_size: int = 32, n_boot: int = 1000, cache_dir: Path | None = None,
-                    save_backbone: Path | None = None) -> dict:
+                    save_backbone: Path | None = None, ship_to: Path | None = None,
+                    incumbent: str = "idc/efficientnet_lite2_idc") -> dict:
     """Fine-tuned vs frozen Lite2 on the same patient folds; optionally saves a refit-on-all-patients backbone (the
-    in-domain initialisation the BreakHis recipe can start from with --init FILE)."""
+    in-domain initialisation the BreakHis recipe can start from with --init FILE), and, where the fine-tuned model
+    beats the frozen one by the paired rule, ships the refit as a model folder (`ship_to`) whose card records the
+    comparison that routes it (training.routing.task_entry)."""
     from training.data import default_cache_dir
 
     t0 = time.time()
@@ -86,7 +89,8 @@ def idc_finetune_cv(data: str | Path, weights: str, size: int = 112, k: int = 5,
            "frozen": {"auc": s_fr["metrics"]["auc"], "balanced_accuracy": s_fr["metrics"]["balanced_accuracy"]},
            "fine_tuned_minus_frozen": diff, "routes": bool(diff["ci95"][0] > 0),
            "rule": "route the fine-tuned model only if the paired 95% CI of its AUC advantage lies above zero"}
-    if save_backbone is not None:
+    out["out_of_fold"] = {"logit_fine_tuned": z.tolist(), "logit_frozen": z_frozen.tolist(), "fold": fold.tolist()}
+    if save_backbone is not None or (ship_to is not None and out["routes"]):
         # the in-domain initialisation: every patient, the folds' median best epoch, no validation
         fc_all = FitConfig(**{**fc.__dict__, "finetune_epochs": max(1, int(np.median(best_epochs)))})
         torch.manual_seed(seed)
@@ -96,9 +100,69 @@ def idc_finetune_cv(data: str | Path, weights: str, size: int = 112, k: int = 5,
         model.load_state_dict(res.state)
         from safetensors.torch import save_file
 
-        Path(save_backbone).parent.mkdir(parents=True, exist_ok=True)
-        save_file({kk.removeprefix("backbone."): v.contiguous() for kk, v in model.state_dict().items()
-                   if kk.startswith("backbone.")}, str(save_backbone))
-        out["saved_backbone"] = {"path": str(save_backbone), "epochs": fc_all.finetune_epochs}
+        if save_backbone is not None:
+            Path(save_backbone).parent.mkdir(parents=True, exist_ok=True)
+            save_file({kk.removeprefix("backbone."): v.contiguous() for kk, v in model.state_dict().items()
+                       if kk.startswith("backbone.")}, str(save_backbone))
+            out["saved_backbone"] = {"path": str(save_backbone), "epochs": fc_all.finetune_epochs}
+        if ship_to is not None and out["routes"]:
+            _ship(model, df, z, fold, out, Path(ship_to), size, weights, incumbent, n_boot, t0)
     out["minutes"] = (time.time() - t0) / 60
     return out
+
+
+def _ship(model, df, z: np.ndarray, fold: np.ndarray, res: dict, out: Path, size: int, weights: str, incumbent: str,
+          n_boot: int, t0: float) -> None:
+    """Write the refit fine-tuned IDC model: fp16 weights, out-of-fold predictions, a card whose temperature is fitted
+    on the out-of-fold logits (guarded) and whose evaluation carries the paired comparison that routes it."""
+    import datetime as _dt
+
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from models.archs import file_sha256
+    from models.card import ModelCard
+    from models.metrics import apply_temperature, fit_temperature_guarded
+    from training.train import git_commit, versions
+
+    y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    temp, note = fit_temperature_guarded(z, y)
+    p = apply_temperature(z, temp)
+    pd.DataFrame({"path": df["path"], "patient": pats, "label": y, "x": df["x"], "y_coord": df["y_coord"],
+                  "cv_fold": fold, "logit": z, "p_idc": p}).to_csv(out / "predictions.csv", index=False)
+    n_pos = int(df.loc[df["y"] == 1, "patient"].nunique())
+    overall = summarize(y, p, pats, n_boot=n_boot, score=z)
+    _, rec = build_model("efficientnet_lite2", weights)
+    card = ModelCard(
+        model_id=f"{out.parent.name}/{out.name}", architecture="efficientnet_lite2", magnification="40X",
+        preprocess=patch_config(size), task_kind="idc",
+        task="binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
+             "IDC-positive (1) (invasive ductal carcinoma)",
+        output="one logit; p_idc = sigmoid(logit / temperature)",
+        init={**rec, "description": rec["description"] + " (then every layer fine-tuned on the IDC patches)"},
+        temperature=temp, weights_sha256=file_sha256(out / "model.safetensors"),
+        recipe={"name": "idc_finetuned", "description": res["protocol"], "temperature_fit": note,
+                "final_model": res.get("saved_backbone", {}).get("epochs") or "median of the folds' best epochs",
+                "compute": res["compute"]},
+        hyperparameters={"input_size": size, "recipe": "full", "colour_augmentation": "hed", "balanced_sampling": True},
+        data={"source": "../shared/data/idc", "patches": {"negative": int((y == 0).sum()), "positive": int((y == 1).sum())},
+              "patients": int(len(set(pats))), "patients_with_positive_patches": n_pos,
+              "note": "in the evaluation summaries 'benign' means IDC-negative and 'malignant' IDC-positive"},
+        split_file="predictions.csv",
+        evaluation={"protocol": res["protocol"], "overall": overall,
+                    "vs_routed": {**res["fine_tuned_minus_frozen"], "incumbent": incumbent, "same_folds": True,
+                                  "rule": res["rule"], "displaces": res["routes"]}},
+        training_time_s=time.time() - t0, versions=versions(), git_commit=git_commit(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        intended_use="Research aid: locating invasive ductal carcinoma among 50x50 patches of one collection's "
+                     "40X whole-slide scans. Not a diagnosis; not validated for clinical use.",
+        limitations=[f"{len(set(pats))} patients, {len(df)} patches: one public collection, one source; other scanners "
+                     "and stains are not measured.",
+                     "Evaluated on one split seed's 5 patient-grouped folds (the frozen model it displaced was "
+                     "compared on exactly those folds)."],
+        changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training idc-finetune-cv --ship-to`"])
+    card.to_json(out / "card.json")
+    res["shipped"] = str(out)

@@ -206,6 +206,17 @@ def task_entry(root: Path, task: str) -> dict | None:
     reason = (f"the only {what}" if len(cards) == 1 else
               f"already routed; several {what}s: compare them on the same folds before switching" if c.model_id == current
               else f"the oldest of several {what}s (none was routed): compare them on the same folds before switching")
+    # The paired rule, as for frames: a model that beat the routed one on identical patient folds by an AUC advantage
+    # whose 95% CI lies above zero (recorded in its card by the command that compared them) displaces it.
+    winners = [(f2, c2) for f2, c2 in cards if c2.model_id != c.model_id
+               and (c2.evaluation.get("vs_routed") or {}).get("incumbent") == c.model_id
+               and (c2.evaluation["vs_routed"].get("ci95") or [0])[0] > 0 and c2.evaluation["vs_routed"].get("same_folds")]
+    if winners:
+        f, c2 = max(winners, key=lambda fc: fc[1].evaluation["vs_routed"]["ci95"][0])
+        v = c2.evaluation["vs_routed"]
+        reason = (f"displaced {c.model_id}: AUC advantage {v['difference']:+.3f} (paired patient-bootstrap 95% CI "
+                  f"{v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}, above zero, on identical patient folds)")
+        c = c2
     entry = {"model_id": c.model_id, "kind": what, "card_sha256": file_sha256(f / "card.json"), "reason": reason}
     if task == "idc":
         auc = c.metric_at(c.magnification)
