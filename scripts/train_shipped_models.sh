@@ -137,8 +137,9 @@ if [[ $only == all || $only == verdicts ]]; then
   "$PY" -m training calibrate-magnifications --model magnif_models/all/efficientnet_lite2_finetuned
   "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc
   "$PY" -m training served-policy-gap --data "$DATA" --out benchmarks/results/served_policy_gap.json
-  "$PY" -m training idc-finetune-cv --data ../shared/data/idc --size 112 --epochs 4 \
-      --save-backbone build/idc/lite2_idc_finetuned_backbone.safetensors --out benchmarks/results/idc_finetune.json
+  "$PY" -m training idc-finetune-cv --data ../shared/data/idc --size 112 --epochs 4 --also-frozen-size 224 \
+      --save-backbone build/idc/lite2_idc_finetuned_backbone.safetensors \
+      --ship-to magnif_models/idc/efficientnet_lite2_idc_finetuned --out benchmarks/results/idc_finetune.json
   "$PY" benchmarks/ensemble_latency.py
   "$PY" benchmarks/qc_refusals.py --out benchmarks/results/qc_refusals.json
   "$PY" benchmarks/train_speed.py --run build/ensemble/member_train10 --out benchmarks/results/train_speed.json

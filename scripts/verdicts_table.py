@@ -28,10 +28,10 @@ def ensemble_section(folder: Path) -> None:
     print(f"**{card['model_id']}**: {len(card['arch_config']['members'])} members, frame AUC {_ci(auc)} over "
           f"{n['benign']} benign / {n['malignant']} malignant patients (out-of-fold, split seed "
           f"{card['hyperparameters'].get('seed')}).\n")
-    print("| model | training seed | out-of-fold frame AUC | ensemble minus it (paired 95% CI) |")
+    print("| member | training seed | out-of-fold frame AUC | ensemble minus it (paired 95% CI) |")
     print("|---|---|---|---|")
     for m, d in zip(card["arch_config"]["members"], ev["vs_each_member"]):
-        print(f"| member {m['weights_file']} | {m['train_seed']} | {m['oof_auc']:.3f} | {d['difference']:+.3f} "
+        print(f"| {m['weights_file']} | {m['train_seed']} | {m['oof_auc']:.3f} | {d['difference']:+.3f} "
               f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}) |")
     s = ev["vs_single_run"]
     print(f"\nEnsemble vs the single run it replaces ({s['single_run_model_id']}): {s['difference']:+.3f} "
@@ -78,6 +78,12 @@ def idc_section(path: Path) -> None:
     print(f"\nFine-tuned minus frozen: {d['difference']:+.3f} (paired patient-bootstrap 95% CI {d['ci95'][0]:+.3f} to "
           f"{d['ci95'][1]:+.3f}): {'routes (CI above zero)' if r['routes'] else 'does not route (the CI includes zero or lies below it)'}; "
           f"{r['minutes']:.0f} min ({r['compute']}).")
+    d224 = r.get("fine_tuned_minus_frozen_224")
+    if d224:
+        print(f"\nAgainst the frozen recipe at the shipped frozen model's 224x224 input, same folds: {d224['difference']:+.3f} "
+              f"(paired 95% CI {d224['ci95'][0]:+.3f} to {d224['ci95'][1]:+.3f}; frozen AUC {d224['auc_incumbent']:.3f}).")
+    if r.get("shipped"):
+        print(f"Shipped as `{r['shipped']}` and routed for IDC by the paired rule (training.routing.task_entry).")
 
 
 def case_section(folder: Path) -> None:

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--epochs", type=int, default=4)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--save-backbone", default=None, help="also refit on every patient and save the backbone here")
+    a.add_argument("--also-frozen-size", type=int, default=None,
+                   help="afterwards, also compare against the frozen recipe at this input size on the same folds")
     a.add_argument("--ship-to", default=None, help="where the fine-tuned model beats the frozen one by the paired "
                                                    "rule, write the refit model folder here (it is then routed)")
     a.add_argument("--out", required=True)
@@ -463,6 +465,10 @@ def _run(args) -> int:
                               epochs=args.epochs, save_backbone=Path(args.save_backbone) if args.save_backbone else None,
                               ship_to=Path(args.ship_to) if args.ship_to else None)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        if args.also_frozen_size:
+            from training.idc_finetune import compare_to_frozen_at
+
+            compare_to_frozen_at(args.out, args.data, args.weights or str(lite2_weights()), args.also_frozen_size)
         d = res["fine_tuned_minus_frozen"]
         print(f"fine-tuned AUC {res['fine_tuned']['auc']['value']:.3f} vs frozen {res['frozen']['auc']['value']:.3f}: "
               f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}); routes: {res['routes']}")

@@ -166,3 +166,26 @@ def _ship(model, df, z: np.ndarray, fold: np.ndarray, res: dict, out: Path, size
         changelog=[f"{_dt.date.today().isoformat()}: trained by `python -m training idc-finetune-cv --ship-to`"])
     card.to_json(out / "card.json")
     res["shipped"] = str(out)
+
+
+def compare_to_frozen_at(result_json: str | Path, data: str | Path, weights: str, size: int = 224,
+                         cache_dir: Path | None = None) -> dict:
+    """The fine-tuned model's out-of-fold logits (saved by idc_finetune_cv) against the frozen recipe at another input
+    size (the shipped frozen model's 224) on the very same folds: the routed model's own recipe, paired."""
+    import json
+
+    from training.data import default_cache_dir
+
+    res = json.loads(Path(result_json).read_text())
+    df = index_idc(data)
+    y, pats = df["y"].to_numpy(), df["patient"].astype(str).to_numpy()
+    fold = np.asarray(res["out_of_fold"]["fold"])
+    if len(fold) != len(df) or not np.array_equal(fold, idc_folds(df, int(fold.max()) + 1, 0)):
+        raise ValueError(f"{result_json}: its folds are not split seed 0's folds of {data}")
+    feats = patch_features(df["path"].tolist(), weights, size, Path(cache_dir or default_cache_dir()))
+    z_frozen, _ = out_of_fold_logits(feats, df, (0,), int(fold.max()) + 1)
+    z = np.asarray(res["out_of_fold"]["logit_fine_tuned"])
+    d = paired_auc_difference(y, z, z_frozen, pats, n_boot=2000, seed=0)
+    res[f"fine_tuned_minus_frozen_{size}"] = d
+    Path(result_json).write_text(json.dumps(res, indent=1) + "\n")
+    return d
