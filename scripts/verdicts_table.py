@@ -46,6 +46,16 @@ def ensemble_section(folder: Path) -> None:
               + " |")
 
 
+def latency_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    p, g = r["predict_path_s"], r["gradcam_s"]
+    print(f"Predict path per frame (decode, QC, {r['members']} forwards with the OOD embedding, calibration, decision; "
+          f"{r['frames']} native PNG frames, {r['threads']} threads): single {p['single'] * 1000:.0f} ms, ensemble "
+          f"{p['ensemble'] * 1000:.0f} ms, **ratio {r['ratio']['predict_path']:.2f}**; Grad-CAM (every member's map, "
+          f"averaged by pytorch-grad-cam): {g['single']:.2f} s vs {g['ensemble']:.2f} s, ratio {r['ratio']['gradcam']:.2f}. "
+          "Fast enough for the Diagnose page, so no student was distilled.")
+
+
 def pipeline_section(folder: Path) -> None:
     """The new training pipeline's run against the old pipeline's run of the same recipe on the same folds (the
     ensemble's first two members: the shipped run, and training seed 10 trained after the speed changes)."""
@@ -177,6 +187,7 @@ def main() -> None:
     a = ap.parse_args()
     folder = ROOT / a.model
     for title, fn, arg in (("Seed ensemble", ensemble_section, folder),
+                           ("Ensemble latency", latency_section, ROOT / "benchmarks/results/ensemble_latency.json"),
                            ("Training pipeline: new vs old on the same folds", pipeline_section, folder),
                            ("Cases and frames", case_section, folder),
                            ("Fold models vs the served model", served_gap_section,
