@@ -117,9 +117,14 @@ def test_the_shipped_idc_model_loads_verified_and_ranks_patches():
     from tests.conftest import ROOT, SHARED
 
     mid = default_model_id("idc", ROOT / "magnif_models")
-    assert mid == "idc/efficientnet_lite2_idc"
+    # issue 25: the fine-tuned model displaced the frozen one by the paired rule on identical patient folds
+    assert mid == "idc/efficientnet_lite2_idc_finetuned"
     lm = load_model_folder(ROOT / "magnif_models" / mid)  # sha256 checked against the card
-    assert lm.card.task_kind == "idc" and lm.card.evaluation["idc_cv"]["n_patients"] >= 200
+    vs = lm.card.evaluation["vs_routed"]
+    assert lm.card.task_kind == "idc" and lm.card.data["patients"] >= 200
+    assert vs["incumbent"] == "idc/efficientnet_lite2_idc" and vs["ci95"][0] > 0 and vs["same_folds"]
+    frozen = load_model_folder(ROOT / "magnif_models" / "idc" / "efficientnet_lite2_idc")
+    assert frozen.card.evaluation["idc_cv"]["n_patients"] >= 200
     if not (SHARED / "data" / "idc").is_dir():
         pytest.skip("../shared/data/idc is absent")
     df = index_idc(SHARED / "data" / "idc").groupby("y").head(30)

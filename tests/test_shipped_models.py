@@ -16,10 +16,10 @@ METRICS = ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
 
 
 def test_models_are_shipped_within_budget():
-    """Issue 18's budget: everything in magnif_models/ under 200 MB."""
+    """Issue 25's budget: everything in magnif_models/ under 250 MB (the seed ensemble's members in fp16)."""
     assert FOLDERS, "magnif_models/ holds no model"
     size = sum(p.stat().st_size for p in (ROOT / "magnif_models").rglob("*") if p.is_file())
-    assert size < 200 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
+    assert size < 250 * 2**20, f"magnif_models/ is {size / 2**20:.1f} MB"
 
 
 def test_every_shipped_candidate_is_re_evaluated_under_rule_1():

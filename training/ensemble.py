@@ -132,8 +132,8 @@ def build_ensemble(runs: list[str | Path], out: str | Path, model_id: str | None
                                   "fold's temperature from the other folds)"}},
         hyperparameters={**c0.hyperparameters, "train_seed": [m["train_seed"] for m in members], "eval_tta": False},
         data=c0.data,
-        evaluation={"protocol": (f"the {k} members' out-of-fold logits averaged per frame; every member was "
-                                 f"cross-validated on the same {fold.max() + 1} stratified patient-grouped folds "
+        evaluation={"protocol": (f"{fold.max() + 1}-fold stratified patient-grouped cross-validation of each of the "
+                                 f"{k} members on the same folds, their out-of-fold logits averaged per frame "
                                  f"(split seed {c0.hyperparameters.get('seed')}), so each frame's ensemble logit "
                                  "comes from fold models that never saw its patient"),
                     "per_fold": [{**t, "test_patients": sorted(set(patients[fold == t["fold"]]))} for t in fold_temps],

@@ -212,11 +212,12 @@ def task_entry(root: Path, task: str) -> dict | None:
                and (c2.evaluation.get("vs_routed") or {}).get("incumbent") == c.model_id
                and (c2.evaluation["vs_routed"].get("ci95") or [0])[0] > 0 and c2.evaluation["vs_routed"].get("same_folds")]
     if winners:
-        f, c2 = max(winners, key=lambda fc: fc[1].evaluation["vs_routed"]["ci95"][0])
-        v = c2.evaluation["vs_routed"]
-        reason = (f"displaced {c.model_id}: AUC advantage {v['difference']:+.3f} (paired patient-bootstrap 95% CI "
+        f, c = max(winners, key=lambda fc: fc[1].evaluation["vs_routed"]["ci95"][0])
+    v = c.evaluation.get("vs_routed") or {}
+    if v.get("incumbent") in {c2.model_id for _, c2 in cards} and (v.get("ci95") or [0])[0] > 0:
+        # the serving model won its place by the paired rule: say so each time routing is re-derived
+        reason = (f"displaced {v['incumbent']}: AUC advantage {v['difference']:+.3f} (paired patient-bootstrap 95% CI "
                   f"{v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}, above zero, on identical patient folds)")
-        c = c2
     entry = {"model_id": c.model_id, "kind": what, "card_sha256": file_sha256(f / "card.json"), "reason": reason}
     if task == "idc":
         auc = c.metric_at(c.magnification)
