@@ -197,14 +197,14 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
     weights = folder / card.weights_file
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file missing")
-    if verify:
+    members = (card.arch_config or {}).get("members") if card.architecture == "seed_ensemble" else None
+    if verify and not members:  # an ensemble's files (weights_file is member 0) are each verified below, once
         digest = file_sha256(weights)
         if digest != card.weights_sha256:
             raise ModelIntegrityError(
                 f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…; "
                 "refusing to load modified or corrupt weights")
     model, _ = build_model(card.architecture, "scratch", card.arch_config or None)  # weights: our own file below
-    members = (card.arch_config or {}).get("members") if card.architecture == "seed_ensemble" else None
     if members:
         # a seed ensemble: every member's file is verified against the sha256 the card lists for it, then loaded
         for i, m in enumerate(members):

@@ -63,6 +63,14 @@ def index_idc(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What every IDC patch model card says it is for (train-idc and idc-finetune-cv write the same words).
+IDC_TASK = ("binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
+            "IDC-positive (1) (invasive ductal carcinoma)")
+IDC_OUTPUT = "one logit; p_idc = sigmoid(logit / temperature)"
+IDC_INTENDED_USE = ("Research aid: locating invasive ductal carcinoma among 50x50 patches of one collection's "
+                    "40X whole-slide scans. Not a diagnosis; not validated for clinical use.")
+
+
 def patch_config(size: int, arch: str = "efficientnet_lite2") -> PreprocessConfig:
     """How a patch becomes the network's input, the same in training and in the shipped card (inference follows it)."""
     spec = arch_spec(arch)
@@ -218,9 +226,7 @@ def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, 
     card = ModelCard(
         model_id=f"{out.parent.name}/{out.name}", architecture=arch, magnification="40X",
         preprocess=patch_config(size, arch), task_kind="idc",
-        task="binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
-             "IDC-positive (1) (invasive ductal carcinoma)",
-        output="one logit; p_idc = sigmoid(logit / temperature)",
+        task=IDC_TASK, output=IDC_OUTPUT,
         init={**rec, "description": rec["description"] + " (frozen: only the logistic-regression head is trained)"},
         temperature=temp, weights_sha256=file_sha256(out / "model.safetensors"),
         recipe={"name": "idc_frozen_lr", "description": f"frozen {arch} embedding ({rec['description']}) of the patch upsampled to "
@@ -235,8 +241,7 @@ def train_idc_model(data: str | Path, out: Path, weights: str, size: int = 224, 
         evaluation={"protocol": cv["protocol"], "overall": overall, "idc_cv": cv},
         training_time_s=time.time() - t0, versions=versions(), git_commit=git_commit(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        intended_use="Research aid: locating invasive ductal carcinoma among 50x50 patches of one collection's "
-                     "40X whole-slide scans. Not a diagnosis; not validated for clinical use.",
+        intended_use=IDC_INTENDED_USE,
         limitations=[f"{len(set(pats))} patients, {len(df)} patches: a sample of the public IDC collection, one "
                      "source; other scanners and stains are not measured.",
                      "The backbone is frozen ImageNet Lite2: only a linear head was trained.",

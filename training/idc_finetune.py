@@ -24,7 +24,8 @@ from models.idc import pad_patch
 from models.metrics import _safe_auc, paired_auc_difference, summarize
 from models.preprocess import frame_to_uint8, load_image
 from training.engine import FitConfig, fit, predict_logits, select_compute
-from training.idc import idc_folds, index_idc, out_of_fold_logits, patch_config, patch_features
+from training.idc import (IDC_INTENDED_USE, IDC_OUTPUT, IDC_TASK, idc_folds, index_idc, out_of_fold_logits,
+                          patch_config, patch_features)
 from training.splits import patient_split
 
 log = logging.getLogger("training")
@@ -139,9 +140,7 @@ def _ship(model, df, z: np.ndarray, fold: np.ndarray, res: dict, out: Path, size
     card = ModelCard(
         model_id=f"{out.parent.name}/{out.name}", architecture="efficientnet_lite2", magnification="40X",
         preprocess=patch_config(size), task_kind="idc",
-        task="binary classification of 50x50 H&E patches of breast whole-slide scans: IDC-negative (0) vs "
-             "IDC-positive (1) (invasive ductal carcinoma)",
-        output="one logit; p_idc = sigmoid(logit / temperature)",
+        task=IDC_TASK, output=IDC_OUTPUT,
         init={**rec, "description": rec["description"] + " (then every layer fine-tuned on the IDC patches)"},
         temperature=temp, weights_sha256=file_sha256(out / "model.safetensors"),
         recipe={"name": "idc_finetuned", "description": res["protocol"], "temperature_fit": note,
@@ -157,8 +156,7 @@ def _ship(model, df, z: np.ndarray, fold: np.ndarray, res: dict, out: Path, size
                                   "rule": res["rule"], "displaces": res["routes"]}},
         training_time_s=time.time() - t0, versions=versions(), git_commit=git_commit(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        intended_use="Research aid: locating invasive ductal carcinoma among 50x50 patches of one collection's "
-                     "40X whole-slide scans. Not a diagnosis; not validated for clinical use.",
+        intended_use=IDC_INTENDED_USE,
         limitations=[f"{len(set(pats))} patients, {len(df)} patches: one public collection, one source; other scanners "
                      "and stains are not measured.",
                      "Evaluated on one split seed's 5 patient-grouped folds (the frozen model it displaced was "
