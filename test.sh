@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 venv=$(scripts/ensure_venv.sh)
 markers="not slow"
 [ "${RUN_SLOW:-0}" = "1" ] && markers=""
-exec "$venv/bin/python" -m pytest -q ${markers:+-m "$markers"} "$@"
+exec "$venv/bin/python" -m pytest -q --durations=15 ${markers:+-m "$markers"} "$@"

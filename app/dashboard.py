@@ -9,27 +9,15 @@ from pathlib import Path
 import pandas as pd
 
 from models.archs import file_sha256
+from models.engine import FramePrediction
 from models.card import ALL, MAGNIFICATIONS, TASK_KINDS, CardError, Metric, ModelCard, metric
-from models.config import lite2_init_hint, models_root, results_dir
-from models.inference import DefaultsError, list_model_folders, read_defaults
+from models.config import models_root, results_dir
+from models.folders import list_model_folders
+from models.routing import DefaultsError, read_defaults, resolve
+from models.routing.thresholds import few_patients
 
-FEW_PATIENTS = 20  # fewer patients than this behind a number: labelled "few patients"
 DISCLAIMER = ("Research aid only, not a diagnosis. Predictions come from models trained on a few dozen "
               "patients; every result must be judged by a qualified pathologist.")
-
-
-@dataclass
-class Route:
-    magnification: str
-    model_id: str | None
-    notes: list[str]
-    train_command: str = ""
-
-
-def train_command(magnification: str) -> str:
-    return (f"python -m training train --data PATH/TO/BreaKHis_v1.tar.gz --magnification {magnification} "
-            f"--arch efficientnet_lite2 {lite2_init_hint()} "
-            f"--out magnif_models/{magnification}/efficientnet_lite2 && python -m training select-defaults")
 
 
 def scan_cards(root: str | Path | None = None, task: str = "malignancy") -> tuple[dict[str, ModelCard], list[str]]:
@@ -58,18 +46,12 @@ def card_problems(root: str | Path | None = None) -> list[str]:
 
 def idc_route(root: str | Path | None = None) -> dict | None:
     """The IDC patch model's routing entry, or None (none trained, or the routing file unreadable: Home says so)."""
-    try:
-        return read_defaults(root).get("idc")
-    except DefaultsError:
-        return None
+    return resolve("idc", root=root).entry or None
 
 
 def subtype_route(root: str | Path | None = None) -> dict | None:
     """The subtype model's routing entry, or None (none trained, or the routing file unreadable)."""
-    try:
-        return read_defaults(root).get("subtype")
-    except DefaultsError:
-        return None
+    return resolve("subtype", root=root).entry or None
 
 
 def subtype_caveat(entry: dict) -> str:
@@ -87,7 +69,7 @@ def subtype_for_frame(slm, p_subtype, p_malignant: float, decision: str):
     frame was referred or not read (a subtype is never shown without a benign/malignant call)."""
     from models.subtype import call_subtype, subtype_given_binary
 
-    if decision not in ("benign", "malignant") or p_malignant is None:
+    if decision not in ("benign", "malignant") or p_malignant is None or p_subtype is None:
         return None
     return call_subtype(subtype_given_binary(p_subtype, p_malignant), decision == "malignant", slm.card)
 
@@ -138,37 +120,6 @@ def subtype_results_table(card: ModelCard) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def route(magnification: str, root: str | Path | None = None) -> Route:
-    """Which model serves a magnification, and what the user must be told about it."""
-    try:
-        d = read_defaults(root).get(magnification)
-    except DefaultsError as exc:  # say so on the page instead of a traceback; nothing is served from a bad file
-        return Route(magnification, None, [f"Routing is unavailable: {exc}"], train_command(magnification))
-    if not d:
-        return Route(magnification, None, [f"No model is trained for {magnification}."], train_command(magnification))
-    notes = []
-    if d.get("borrowed"):
-        notes.append(f"{magnification} is served by a model trained at another magnification ({d['model_id']}), "
-                     f"scored on held-out patients' {magnification} frames (its cross-magnification check): a borrowed model.")
-    elif d.get("pooled"):
-        notes.append(f"{magnification} is served by a pooled model trained on all magnifications "
-                     f"({d['model_id']}), scored here on held-out patients' {magnification} frames.")
-    if d.get("reason"):
-        notes.append(f"Serves because: {d['reason']}.")
-    sha = d.get("card_sha256")
-    card_file = Path(root or models_root()) / d["model_id"] / "card.json"
-    if sha and card_file.is_file() and file_sha256(card_file) != sha:
-        notes.append(f"The card of {d['model_id']} changed after routing was decided; re-run "
-                     "`python -m training select-defaults` so the routing rests on its current figures.")
-    n = d["n_patients"]
-    if d.get("few_patients") or n["benign"] + n["malignant"] < FEW_PATIENTS:
-        notes.append(f"Its {magnification} figures rest on few patients ({n['benign']} benign, {n['malignant']} "
-                     "malignant): treat them as weak evidence.")
-    if d["auc"] < 0.75:
-        notes.append(f"Validated AUC at {magnification} is only {d['auc']:.2f}: a weak model.")
-    return Route(magnification, d["model_id"], notes)
-
-
 def _fmt_ci(m: Metric | None) -> str:
     if m is None or m.value != m.value:
         return "n/a"
@@ -195,7 +146,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
         defaults = {}
     rows = []
     for mag in MAGNIFICATIONS:
-        r = route(mag, root)
+        r = resolve("malignancy", mag, root)
         if r.model_id is None:
             rows.append({"magnification": mag, "model": "none: " + r.train_command})
             continue
@@ -212,7 +163,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             "AUC (95% CI)": _fmt_ci(metric(s)),
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
-            "evidence": "few patients" if n["benign"] + n["malignant"] < FEW_PATIENTS else "moderate",
+            "evidence": "few patients" if few_patients(n) else "moderate",
             "serves because": defaults.get(mag, {}).get("reason", ""),
         })
     return pd.DataFrame(rows)
@@ -381,22 +332,10 @@ MAX_FILES_PER_UPLOAD = 60  # frames analysed per upload; more are refused with a
 THUMBNAIL_SIZE = (160, 105)
 
 
-@dataclass
-class FrameResult:
-    """What is kept of one analysed upload: small by design (a thumbnail, never the decoded frame), so a cache of
-    many results stays bounded; the frame is decoded again from its bytes when a heatmap is asked for."""
-
-    name: str
-    model_id: str
-    p_malignant: float | None = None
-    label: str = ""
-    error: str = ""
-    warnings: tuple[str, ...] = ()
-    out_of_distribution: bool = False
-    thumbnail: bytes | None = None  # PNG, at most THUMBNAIL_SIZE
-    decision: str = "refer"  # benign | malignant | refer (models.refer)
-    reason: str = ""
-    decision_kind: str = "unreadable"  # models.refer.DECISION_KINDS: whether the frame counts toward a case
+# What the pages keep of one analysed upload is the engine's typed result (models.engine.FramePrediction) with a
+# thumbnail, never the decoded frame, so a cache of many results stays bounded; the frame is decoded again from its
+# bytes when a heatmap is asked for.
+FrameResult = FramePrediction
 
 
 def thumbnail_png(img) -> bytes:
@@ -432,22 +371,13 @@ def decode_frame(data: bytes, name: str):
     return load_image(data, name=name).image
 
 
-def analyse_upload(lm, name: str, data: bytes, magnification: str, tta: bool = False) -> FrameResult:
-    """Decode, check quality and predict one uploaded file; never raises for a bad image."""
-    from models.preprocess import ImageError, load_image
-    from models.quality import check_quality
+def analyse_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[FramePrediction]:
+    """The engine's prediction for each upload (decode, QC, predict, decide; never raises for a bad image), each
+    kept with a thumbnail instead of its frame."""
+    def keep_thumbnail(result, image) -> None:
+        result.thumbnail = thumbnail_png(image)
 
-    try:
-        li = load_image(data, name=name)
-    except ImageError as exc:
-        return FrameResult(name, lm.model_id, error=str(exc), reason="the file could not be analysed")
-    q = check_quality(li.image, magnification)
-    notes: list[str] = []
-    ood: list = []
-    p = float(lm.predict_images([li.image], tta=tta, notes=[notes], embeddings=ood, magnification=magnification)[0])
-    d = lm.decide(li.image, p, q, ood[0] if ood else None)
-    return FrameResult(name, lm.model_id, p, lm.label_for(p), "", tuple(li.warnings + q.warnings + notes),
-                       q.out_of_distribution, thumbnail_png(li.image), d.decision, d.reason, d.kind)
+    return predictor.predict(uploads, each=keep_thumbnail)
 
 
 def results_frame(results: list[FrameResult], threshold: float, provenance: dict | None = None) -> pd.DataFrame:
@@ -594,7 +524,7 @@ def routed_policies(root: str | Path | None = None) -> dict:
 
     out = {}
     for m in MAGNIFICATIONS:
-        mid = route(m, root).model_id
+        mid = resolve("malignancy", m, root).model_id
         if mid and mid not in out:
             try:
                 out[mid] = ReferPolicy.load(Path(root or models_root()) / mid)

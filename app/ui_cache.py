@@ -2,7 +2,8 @@
 import streamlit as st
 
 from app.dashboard import load_cards, model_folder
-from models.inference import load_model_folder, models_root
+from models.config import models_root
+from models.inference import load_model_folder
 
 
 def current_root() -> str:
@@ -30,9 +31,11 @@ def cached_cards():
 
 @st.cache_data(max_entries=256, ttl=3600, show_spinner=False)  # entries hold a thumbnail, not the frame
 def _cached_analysis(model_id: str, root: str, name: str, data: bytes, magnification: str, tta: bool):
-    from app.dashboard import analyse_upload
+    from app.dashboard import analyse_uploads
+    from models.engine import MalignancyPredictor
 
-    return analyse_upload(_cached_model(model_id, root), name, data, magnification, tta)
+    predictor = MalignancyPredictor(_cached_model(model_id, root), magnification=magnification, tta=tta)
+    return analyse_uploads(predictor, [(name, data)])[0]
 
 
 def cached_analysis(model_id: str, name: str, data: bytes, magnification: str, tta: bool = False):
@@ -69,9 +72,9 @@ def history_store():
 
 @st.cache_data(max_entries=8, ttl=3600, show_spinner=False)
 def _cached_patches(model_id: str, root: str, items: tuple):
-    from models.idc import predict_patches
+    from models.engine import IdcPredictor
 
-    return predict_patches(_cached_model(model_id, root), list(items))
+    return IdcPredictor(_cached_model(model_id, root)).predict(list(items))
 
 
 def cached_patches(model_id: str, items: tuple):
@@ -96,10 +99,12 @@ def cached_patch_heatmap(model_id: str, name: str, data: bytes):
 
 @st.cache_data(max_entries=64, ttl=3600, show_spinner=False)  # 8 numbers each
 def _cached_subtype(model_id: str, root: str, name: str, data: bytes):
-    from app.dashboard import decode_frame
-    from models.subtype import subtype_probabilities
+    import numpy as np
 
-    return subtype_probabilities(_cached_model(model_id, root), [decode_frame(data, name)])[0]
+    from models.engine import SubtypePredictor
+
+    r = SubtypePredictor(_cached_model(model_id, root)).predict_one((name, data))
+    return np.asarray(r.p_subtypes) if r.ok else None
 
 
 def cached_subtype(model_id: str, name: str, data: bytes):

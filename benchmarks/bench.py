@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from models.archs import ARCHITECTURES, build_model  # noqa: E402
 from models.gradcam import gradcam_heatmap  # noqa: E402
-from models.inference import default_model_id, load_model_folder  # noqa: E402
+from models.inference import load_model_folder  # noqa: E402
+from models.routing import default_model_id  # noqa: E402
 from training.engine import augment, select_compute  # noqa: E402
 
 FRAME = ROOT.parent / "shared" / "data" / "breakhis_frames" / "200X"
@@ -110,7 +111,10 @@ def main() -> None:
 
     x = lm.preprocess(img).unsqueeze(0)
     bare = median_ms(lambda: lm.logits(x), args.repeats)
-    full = median_ms(lambda: lm.predict_files([frame], "200X"), args.repeats)
+    from models.engine import MalignancyPredictor, SubtypePredictor
+
+    predictor = MalignancyPredictor(lm, magnification="200X")
+    full = median_ms(lambda: predictor.predict([frame]), args.repeats)
     res.update(model=lm.model_id, frame=frame, bare_forward_ms=bare, predict_path_ms=full,
                predict_over_forward_ratio=full / bare, p_check=float(p[0]), heat_shape=list(heat.shape))
     print(f"model {lm.model_id} on {Path(frame).name}: predict path {full:.1f} ms, bare forward {bare:.1f} ms, "
@@ -119,11 +123,9 @@ def main() -> None:
           f"warm {res['warm_prediction_with_gradcam_ms']:.0f} ms (target < 1.5 s)")
     sub_id = default_model_id("subtype", Path(args.model).resolve().parent.parent)
     if sub_id and lm.card.task_kind == "malignancy":  # Diagnose also places the frame's subtype within the call
-        from models.subtype import subtype_probabilities
-
         slm = load_model_folder(Path(args.model).resolve().parent.parent / sub_id)
-        both = median_ms(lambda: (lm.predict_files([frame], "200X"),
-                                  subtype_probabilities(slm, [load_image(frame).image])), args.repeats)
+        subtype = SubtypePredictor(slm)  # as Diagnose: the frame's prediction, then its subtype probabilities
+        both = median_ms(lambda: (predictor.predict([frame]), subtype.predict([frame])), args.repeats)
         res.update(subtype_model=sub_id, predict_with_subtype_ms=both, predict_with_subtype_over_forward_ratio=both / bare)
         print(f"predict path + subtype ({sub_id}): {both:.1f} ms, ratio to the bare forward {both / bare:.2f} "
               "(target: the whole upload-to-prediction path < 1 s)")

@@ -20,17 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.gradcam import gradcam_heatmap  # noqa: E402
 from models.inference import load_model_folder  # noqa: E402
 from models.preprocess import load_image  # noqa: E402
-from models.quality import check_quality  # noqa: E402
 
 
 def per_frame(lm, frames: list[Path], repeats: int) -> float:
+    from models.engine import MalignancyPredictor
+
+    predictor = MalignancyPredictor(lm, magnification="100X")
+
     def once() -> None:
-        for f in frames:
-            img = load_image(f).image
-            q = check_quality(img, "100X")
-            ood: list = []
-            p = float(lm.predict_images([img], embeddings=ood, magnification="100X")[0])
-            lm.decide(img, p, q, ood[0] if ood else None)
+        for f in frames:  # one at a time, as the Diagnose page analyses an upload
+            predictor.predict([str(f)])
 
     once()
     t = time.perf_counter()

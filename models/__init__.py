@@ -8,6 +8,6 @@ from models.inference import (  # noqa: F401
     LoadedModel,
     ModelIntegrityError,
     load_model_folder,
-    default_model_id,
     MAGNIFICATIONS,
 )
+from models.routing import default_model_id, resolve  # noqa: F401

@@ -45,3 +45,23 @@ def lite2_init_hint() -> str:
         return f"--init {os.path.relpath(p)}"
     except ValueError:  # another drive on Windows
         return f"--init {p}"
+
+
+_SOFTWARE: list[str] = []
+
+
+def software_version() -> str:
+    """The code's git commit (12 hex + "-dirty" when the tree has changes), or "unknown" outside a git checkout;
+    read once per process (exports and batch rows carry it)."""
+    if not _SOFTWARE:
+        import subprocess
+
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
+                                  timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=REPO_ROOT, timeout=10).stdout.strip()
+            _SOFTWARE.append((head[:12] + ("-dirty" if dirty else "")) if head else "unknown")
+        except (OSError, subprocess.SubprocessError):
+            _SOFTWARE.append("unknown")
+    return _SOFTWARE[0]

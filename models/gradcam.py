@@ -15,7 +15,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
 
 from models.archs import arch_spec
-from models.inference import LoadedModel, model_lock
+from models.inference import LoadedModel
+from models.locks import model_lock
 
 CAM_METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "EigenCAM": EigenCAM, "LayerCAM": LayerCAM}
 CAM_BRANCHES = {"cnn": "CNN branch", "vit": "ViT branch", "combined": "CNN + ViT (mean of the two maps)"}

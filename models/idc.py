@@ -56,55 +56,6 @@ def pad_patch(img, notes: list[str] | None = None):
     return out
 
 
-@dataclass
-class PatchResult:
-    name: str
-    p_idc: float | None
-    label: str  # "IDC-positive" | "IDC-negative" | "" (not analysed)
-    warning: str
-    patch: PatchName | None  # patient and coordinates, when the name carries them
-
-
-def predict_patches(lm, items: list[tuple[str, bytes | str]], batch_size: int = 64) -> list[PatchResult]:
-    """p(IDC) per patch, one result per input in order; a bad file gets no probability and the reason."""
-    import torch
-
-    from models.preprocess import ImageError, load_image
-
-    if lm.card.task_kind != "idc":
-        raise ValueError(f"{lm.model_id} is a {lm.card.task_kind} model, not an IDC patch model")
-    out: list[PatchResult] = []
-    pending: list[tuple[int, object]] = []
-
-    def flush() -> None:
-        x = torch.stack([lm.preprocess(im) for _, im in pending])
-        for (i, _), p in zip(pending, lm.probabilities(x)):
-            out[i].p_idc = float(p)
-            out[i].label = "IDC-positive" if p >= lm.card.threshold else "IDC-negative"
-        pending.clear()
-
-    for name, src in items:
-        res = PatchResult(name, None, "", "", parse_patch_name(name))
-        out.append(res)
-        try:
-            li = load_image(src, name=name, min_side=PATCH_MIN_SIDE)
-        except ImageError as exc:
-            res.warning = str(exc)
-            continue
-        notes = list(li.warnings)
-        img = pad_patch(li.image, notes)
-        if max(li.image.size) > 4 * PATCH:
-            notes.append(f"{li.image.width}x{li.image.height} is far larger than the {PATCH}x{PATCH} patches this model "
-                         "was trained on; it was shrunk to the model's input and the result is unreliable")
-        res.warning = "; ".join(notes)
-        pending.append((len(out) - 1, img))
-        if len(pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
-    return out
-
-
 def burden_with_ci(p: np.ndarray, threshold: float, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """A patient's IDC burden (share of patches called positive) with a 95% bootstrap CI over its patches.
 

@@ -1,42 +1,22 @@
-"""Load a model folder (verifying its sha256 first), route magnifications, predict on images or files."""
+"""Load a model folder (verifying its sha256 first) and run its network: logits and calibrated probabilities for
+preprocessed batches. Decoding, quality control, decisions and results belong to the engine (models.engine)."""
 from __future__ import annotations
 
-import json
-import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from models.archs import HistoClassifier, build_model, file_sha256
-from models.card import ALL, MAGNIFICATIONS, TASK_KINDS, ModelCard
-from models.config import models_root
+from models.card import MAGNIFICATIONS, ModelCard  # noqa: F401  (MAGNIFICATIONS: re-exported by models)
+from models.folders import IDC_DIR, SUBTYPE_DIR, TASK_DIRS, list_model_folders  # noqa: F401
+from models.locks import model_lock
 from models.metrics import apply_temperature
-from models.preprocess import ImageError, frame_to_tensor, load_image
-from models.quality import check_quality, qc_failures
-from models.refer import Decision, ReferPolicy, decide, embed, ood_score_of
-
-DEFAULTS_FILE = "defaults.json"
-
-
-_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """The one lock of a model shared between sessions. Prediction and Grad-CAM both take it: Grad-CAM's hooks on a
-    layer record whatever passes through it, so a prediction running beside a heatmap would hand the heatmap its
-    activations (re-entrant: a heatmap may predict inside)."""
-    with _LOCKS_GUARD:
-        if model not in _LOCKS:
-            _LOCKS[model] = threading.RLock()
-        return _LOCKS[model]
-
+from models.preprocess import frame_to_tensor
+from models.refer import ReferPolicy, embed
 
 class ModelIntegrityError(RuntimeError):
     """The weights on disk are not the ones the card vouches for."""
@@ -87,13 +67,6 @@ class LoadedModel:
             return f"pooled temperature {self.card.temperature:.2f} (no per-magnification fit for {magnification})"
         return f"temperature {self.card.temperature:.2f} (one for every magnification)"
 
-    def decide(self, img: Image.Image, p: float, qc, ood_score: float | None = None) -> Decision:
-        """benign | malignant | refer, with the reason (models.refer); the OOD distance is computed if not given."""
-        if ood_score is None:
-            ood_score = ood_score_of(self, img)
-        return decide(p, self.card.threshold, qc_failures(qc), qc.out_of_distribution, ood_score, self.policy,
-                      self.policy_note)
-
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """Raw logits for a preprocessed (B,3,H,W) batch, fp32 so evaluate and predict agree exactly.
@@ -141,48 +114,6 @@ class LoadedModel:
 
     def label_for(self, p: float) -> str:
         return "malignant" if p >= self.card.threshold else "benign"
-
-    def predict_files(self, paths: Iterable[str], magnification: str, batch_size: int = 16,
-                      tta: bool = False, each: Callable[[dict, Image.Image], None] | None = None) -> list[dict]:
-        """One result row per input, in order; a bad file gets an empty probability and its reason. `each(row, image)`
-        runs once per decoded frame after its decision, so a caller adds to a row without decoding the file again."""
-        rows: list[dict] = []
-        pending: list[tuple[int, Image.Image, object]] = []
-
-        def flush() -> None:
-            notes: list[list[str]] = [[] for _ in pending]
-            ood: list = []
-            probs = self.predict_images([im for _, im, _ in pending], batch_size, tta, notes, ood, magnification)
-            ood = ood or [None] * len(pending)
-            for (i, im, q), p, n, o in zip(pending, probs, notes, ood):
-                rows[i]["p_malignant"] = float(p)
-                rows[i]["label"] = self.label_for(float(p))
-                rows[i]["warning"] = "; ".join([w for w in [rows[i]["warning"], *n] if w])
-                d = self.decide(im, float(p), q, o)
-                rows[i]["decision"], rows[i]["reason"], rows[i]["decision_kind"] = d.decision, d.reason, d.kind
-                if each is not None:
-                    each(rows[i], im)
-            pending.clear()
-
-        for path in paths:
-            row = {"path": path, "magnification": magnification, "model_id": self.model_id,
-                   "p_malignant": None, "label": "", "decision": "refer", "reason": "", "warning": "",
-                   "decision_kind": "unreadable"}
-            rows.append(row)
-            try:
-                loaded = load_image(path, name=path)
-            except ImageError as exc:
-                row["warning"] = str(exc)
-                row["reason"] = "the file could not be analysed"
-                continue
-            q = check_quality(loaded.image, magnification)
-            row["warning"] = "; ".join(loaded.warnings + q.warnings)
-            pending.append((len(rows) - 1, loaded.image, q))
-            if len(pending) >= batch_size:
-                flush()
-        if pending:
-            flush()
-        return rows
 
 
 def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
@@ -241,93 +172,3 @@ def load_policy(folder: Path, card_sha256: str) -> tuple[ReferPolicy | None, str
         return None, "the referral policy was fitted for another version of this card and is not used: band and " \
                      "out-of-distribution checks not applied"
     return pol, ""
-
-
-IDC_DIR = "idc"  # IDC patch models live in <root>/idc/<name>/, beside the frame models' <MAG or all>/<name>/
-SUBTYPE_DIR = "subtype"  # subtype models in <root>/subtype/<name>/ (never routed as benign/malignant models)
-TASK_DIRS = {"idc": IDC_DIR, "subtype": SUBTYPE_DIR}
-
-
-def list_model_folders(root: str | Path | None = None, task: str = "malignancy") -> list[Path]:
-    """Every `<MAG or all>/<name>/card.json` folder under root (task "idc": every `idc/<name>/`, "subtype": every
-    `subtype/<name>/`), sorted."""
-    root = Path(root) if root else models_root()
-    if task not in TASK_KINDS:
-        raise ValueError(f"task must be one of {TASK_KINDS}, not {task!r}")
-    parents = (TASK_DIRS[task],) if task in TASK_DIRS else (*MAGNIFICATIONS, ALL)
-    return sorted(p.parent for p in root.glob("*/*/card.json") if p.parent.parent.name in parents)
-
-
-class DefaultsError(ValueError):
-    """defaults.json cannot be trusted; the message is one line."""
-
-
-@with_config(ConfigDict(extra="allow"))  # the routing evidence (comparisons, reason, ...) is free-form
-@dataclass
-class DefaultsEntry:
-    """What serving needs from one magnification's routing entry; validated before anything reads it."""
-
-    model_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    auc: Annotated[float, Field(ge=0.0, le=1.0)]
-    n_patients: dict[Literal["benign", "malignant"], Annotated[int, Field(ge=0)]]
-    card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
-
-
-@with_config(ConfigDict(extra="allow"))
-@dataclass(kw_only=True)
-class _TaskEntry:
-    """What every single-model task's routing entry carries besides its model id and figure."""
-
-    n_patients: Annotated[int, Field(ge=0)]
-    card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
-
-
-@with_config(ConfigDict(extra="allow"))
-@dataclass(kw_only=True)
-class IdcDefaultsEntry(_TaskEntry):
-    """The IDC patch model's routing entry (key "idc")."""
-
-    model_id: Annotated[str, Field(pattern=r"^idc/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    auc: Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-@with_config(ConfigDict(extra="allow"))
-@dataclass(kw_only=True)
-class SubtypeDefaultsEntry(_TaskEntry):
-    """The subtype model's routing entry (key "subtype"): balanced accuracy over the testable classes."""
-
-    model_id: Annotated[str, Field(pattern=r"^subtype/[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    balanced_accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-_DEFAULTS = TypeAdapter(dict[Literal["40X", "100X", "200X", "400X"], DefaultsEntry])
-_TASK_DEFAULTS = {IDC_DIR: TypeAdapter(IdcDefaultsEntry), SUBTYPE_DIR: TypeAdapter(SubtypeDefaultsEntry)}
-
-
-def read_defaults(root: str | Path | None = None) -> dict:
-    """The routing per magnification, as written by `python -m training select-defaults`, validated on load."""
-    path = (Path(root) if root else models_root()) / DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DefaultsError(f"{path}: not valid JSON ({exc}); re-run `python -m training select-defaults`") from None
-    try:
-        if not isinstance(d, dict):
-            raise DefaultsError(f"{path}: invalid routing file: top level: input should be a valid dictionary; re-run `python -m training "
-                                "select-defaults`")
-        _DEFAULTS.validate_python({k: v for k, v in d.items() if k not in _TASK_DEFAULTS})
-        for key, adapter in _TASK_DEFAULTS.items():
-            if key in d:
-                adapter.validate_python(d[key])
-    except ValidationError as exc:
-        probs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'][0].lower() + e['msg'][1:]}" for e in exc.errors()[:4])
-        raise DefaultsError(f"{path}: invalid routing file: {probs}; re-run `python -m training select-defaults`") from None
-    return d
-
-
-def default_model_id(magnification: str, root: str | Path | None = None) -> str | None:
-    """Model id serving `magnification` (or "idc" / "subtype": that task's model), or None when nothing serves it."""
-    entry = read_defaults(root).get(magnification)
-    return entry["model_id"] if entry else None

@@ -132,7 +132,7 @@ def ood_score_of(lm, img: Image.Image) -> float | None:
     pol = lm.policy
     if pol is None or pol.ood is None:
         return None
-    from models.inference import model_lock
+    from models.locks import model_lock
 
     x = lm.preprocess(img).unsqueeze(0)
     with model_lock(lm.model):

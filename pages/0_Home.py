@@ -2,7 +2,8 @@
 import streamlit as st
 
 from app.dashboard import (DISCLAIMER, card_problems, case_evidence_line, case_evidence_rows, idc_route, inventory,
-                           route, routed_policies, routing_evidence, subtype_caveat, subtype_route)
+                           routed_policies, routing_evidence, subtype_caveat, subtype_route)
+from models.routing import resolve
 from models.inference import MAGNIFICATIONS
 
 st.set_page_config(page_title="BreakHis research dashboard", page_icon="🔬", layout="wide")
@@ -18,7 +19,7 @@ st.subheader("Model inventory")
 for problem in card_problems():
     st.error(f"A model is hidden because its card failed validation: {problem}")
 inv = inventory()
-for note in {n for m in MAGNIFICATIONS for n in route(m).notes if n.startswith("Routing is unavailable")}:
+for note in {n for m in MAGNIFICATIONS for n in resolve("malignancy", m).notes if n.startswith("Routing is unavailable")}:
     st.error(note)
 if inv.empty or "AUC (95% CI)" not in inv.columns:
     st.error("No trained models found in magnif_models/. Train one with the command shown in the table.")
@@ -32,7 +33,7 @@ st.markdown("The case (a patient's frames at one magnification) is the unit of d
             "about still count toward the case; only frames refused by quality control or unlike the training frames "
             "drop out. Figures below come from patients the policy was never fitted on (nested cross-validation).")
 for model_id, pol in routed_policies().items():
-    st.markdown(f"**{model_id}** ({', '.join(m for m in MAGNIFICATIONS if route(m).model_id == model_id)})")
+    st.markdown(f"**{model_id}** ({', '.join(m for m in MAGNIFICATIONS if resolve("malignancy", m).model_id == model_id)})")
     st.caption(case_evidence_line(pol))
     rows = case_evidence_rows(pol)
     if not rows.empty:

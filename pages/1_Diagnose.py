@@ -4,8 +4,9 @@ import io
 import streamlit as st
 
 from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_evidence_line, case_evidence_rows, case_summary,
-                           decode_frame, export_provenance, heatmap_png, performance_line, png_data_url, results_frame, route, subtype_call_rows,
+                           decode_frame, export_provenance, heatmap_png, performance_line, png_data_url, results_frame, subtype_call_rows,
                            subtype_caveat, subtype_for_frame, subtype_recall_line, subtype_route)
+from models.routing import resolve
 from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
@@ -19,7 +20,7 @@ st.title("Diagnose")
 st.warning(DISCLAIMER)
 
 mag = st.radio("Magnification of the uploaded frames", MAGNIFICATIONS, index=1, horizontal=True, key="magnification")
-r = route(mag)
+r = resolve("malignancy", mag)
 if r.model_id is None:
     for note in r.notes:
         st.error(note)

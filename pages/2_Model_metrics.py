@@ -7,7 +7,8 @@ from models.card import ALL, MAGNIFICATIONS, metric
 from models.refer import ReferPolicy
 from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metric_name, metrics_table, model_folder,
                            phases_table, robustness_rows, scan_cards, source_and_worst, subtype_caveat, subtype_confusion,
-                           subtype_results_table, subtype_route, train_command)
+                           subtype_results_table, subtype_route)
+from models.routing import train_command
 from models.metrics import patient_table
 from app.ui_cache import cached_cards
 
@@ -55,7 +56,7 @@ avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnifi
 # (a model trained at another magnification is shown at its own; its cross-magnification check is on its page)
 if not avail:
     st.error(f"No model covers {mag}. Train one with:")
-    st.code(train_command(mag if mag != ALL else "100X"), language="bash")
+    st.code(train_command("malignancy", mag if mag != ALL else "100X"), language="bash")
     st.stop()
 mid = st.selectbox("Model", avail, key="metrics_model")
 card = cards[mid]

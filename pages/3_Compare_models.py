@@ -4,8 +4,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
-from app.dashboard import (DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, repeats_rows, route,
+from app.dashboard import (DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, repeats_rows,
                            routing_evidence, rule1_summary)
+from models.routing import resolve
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay
 from app.ui_cache import cached_analysis, cached_cards, cached_heatmap, cached_model
 
@@ -24,7 +25,7 @@ if len(chosen) < 1:
     st.info("Choose at least one model (two or more to compare).")
     st.stop()
 
-served = route(mag)
+served = resolve("malignancy", mag)
 if served.model_id is None:
     for note in served.notes:
         st.warning(note)

@@ -9,7 +9,7 @@ from app.ui_cache import cached_model, cached_patch_heatmap, cached_patches
 from models.card import metric
 from models.gradcam import colour_scale, gradcam_overlay
 from models.idc import burden_with_ci
-from models.inference import DefaultsError, default_model_id
+from models.routing import DefaultsError, default_model_id
 
 st.set_page_config(page_title="IDC patches", page_icon="🧫", layout="wide")
 st.title("IDC patches")

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.card import ModelCard, metric  # noqa: E402
-from models.inference import list_model_folders  # noqa: E402
+from models.folders import list_model_folders  # noqa: E402
 
 
 def ci(m: dict) -> str:

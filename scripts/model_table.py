@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.card import ALL, MAGNIFICATIONS, Metric, ModelCard, metric  # noqa: E402
-from models.inference import list_model_folders  # noqa: E402
+from models.folders import list_model_folders  # noqa: E402
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "magnif_models")
 

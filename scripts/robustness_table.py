@@ -38,13 +38,15 @@ def ci(m: dict | None) -> str:
 
 
 def latency_ms(folder: Path, tta: bool, repeats: int) -> float:
-    lm = load_model_folder(folder)
+    from models.engine import make_predictor
+
+    pred = make_predictor(load_model_folder(folder), magnification="200X", tta=tta)
     frame = str(sorted(FRAME.glob("*.png"))[0])
-    lm.predict_files([frame], "200X", tta=tta)
+    pred.predict([frame])
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
-        lm.predict_files([frame], "200X", tta=tta)
+        pred.predict([frame])
         ts.append(time.perf_counter() - t)
     return 1000 * statistics.median(ts)
 

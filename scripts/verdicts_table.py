@@ -93,7 +93,7 @@ def idc_section(path: Path) -> None:
         print(f"\nAgainst the frozen recipe at the shipped frozen model's 224x224 input, same folds: {d224['difference']:+.3f} "
               f"(paired 95% CI {d224['ci95'][0]:+.3f} to {d224['ci95'][1]:+.3f}; frozen AUC {d224['auc_incumbent']:.3f}).")
     if r.get("shipped"):
-        print(f"Shipped as `{r['shipped']}` and routed for IDC by the paired rule (training.routing.task_entry). Its "
+        print(f"Shipped as `{r['shipped']}` and routed for IDC by the paired rule (models.routing.rule.task_entry). Its "
               "AUC above is the figure it was chosen on (one comparison of two recipes fixed in advance, so the "
               "selection optimism is small, but it is not an independent estimate: no held-out IDC patients remain).")
 

@@ -105,7 +105,7 @@ def make_model_folder(out: Path, arch: str, magnification: str, per_mag: list[st
 def tiny_models_root(tmp_path_factory) -> Path:
     """A models root with a 100X model, a pooled ResNet covering 40X/100X/200X and a weak pooled hybrid covering
     40X/100X (nothing for 400X)."""
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     root = tmp_path_factory.mktemp("magnif_models")
     make_model_folder(root / "100X" / "efficientnet_lite2", "efficientnet_lite2", "100X", seed=1, signal=0.6)

@@ -309,7 +309,7 @@ def test_idc_page_patches_zip_region_burden_and_gradcam():
 def test_idc_page_without_a_model_says_how_to_train_one(tiny_root, tmp_path, monkeypatch):
     import shutil
 
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     root = tmp_path / "models"
     shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("idc"))

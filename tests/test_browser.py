@@ -30,7 +30,7 @@ def app_url(tmp_path_factory):
     pytest.importorskip("playwright")
     if not FRAMES.is_dir():
         pytest.skip("../shared/data is absent")
-    from models.inference import default_model_id
+    from models.routing import default_model_id
 
     if default_model_id("200X") is None:
         pytest.skip("no shipped model serves 200X")
@@ -134,7 +134,7 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
 def test_a_whole_case_from_upload_to_exported_report(app_url, page):
     """Upload 5 frames of one patient, read the case verdict, open frame 3's heatmap, save the case, find it on
     History and export its report, as a pathologist would."""
-    from models.inference import default_model_id
+    from models.routing import default_model_id
 
     case = sorted((DATA / "100X").glob("SOB_*-14-21998AB-100-*"))[:5] if (DATA / "100X").is_dir() else []
     if len(case) < 5 or default_model_id("100X") is None:

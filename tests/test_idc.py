@@ -112,8 +112,9 @@ def test_train_idc_then_predict_task_idc_end_to_end(tmp_path):
 
 
 def test_the_shipped_idc_model_loads_verified_and_ranks_patches():
-    from models.idc import predict_patches
-    from models.inference import default_model_id, load_model_folder
+    from models.engine import IdcPredictor
+    from models.inference import load_model_folder
+    from models.routing import default_model_id
     from tests.conftest import ROOT, SHARED
 
     mid = default_model_id("idc", ROOT / "magnif_models")
@@ -128,7 +129,7 @@ def test_the_shipped_idc_model_loads_verified_and_ranks_patches():
     if not (SHARED / "data" / "idc").is_dir():
         pytest.skip("../shared/data/idc is absent")
     df = index_idc(SHARED / "data" / "idc").groupby("y").head(30)
-    res = predict_patches(lm, [(p, p) for p in df["path"]])
+    res = IdcPredictor(lm).predict([(p, p) for p in df["path"]])
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(df["y"], [r.p_idc for r in res]) > 0.75  # training patches: a smoke test, not a figure

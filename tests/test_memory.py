@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.dashboard import THUMBNAIL_SIZE, analyse_upload
+from app.dashboard import THUMBNAIL_SIZE, analyse_uploads
+from models.engine import MalignancyPredictor
 from models.inference import load_model_folder
 
 BOUND_MB = 150  # growth allowed for 30 kept results of 24.5 MP canvases (the full decodes alone would be ~1.2 GB)
@@ -29,9 +30,10 @@ def test_many_large_canvas_uploads_stay_within_a_memory_bound(tiny_models_root):
     lm = load_model_folder(tiny_models_root / "100X" / "efficientnet_lite2")
     uploads = [_canvas_png(i) for i in range(30)]
     assert max(len(u) for u in uploads) < 2**20
-    analyse_upload(lm, "warm.png", uploads[0], "100X")  # first forward allocates the model's working memory
+    pred = MalignancyPredictor(lm, magnification="100X")
+    analyse_uploads(pred, [("warm.png", uploads[0])])  # first forward allocates the model's working memory
     before = _rss_mb()
-    kept = [analyse_upload(lm, f"canvas{i}.png", u, "100X") for i, u in enumerate(uploads)]  # as the cache keeps them
+    kept = [analyse_uploads(pred, [(f"canvas{i}.png", u)])[0] for i, u in enumerate(uploads)]  # as the cache keeps them
     grown = _rss_mb() - before
     assert all(r.error == "" and r.p_malignant is not None for r in kept)
     assert any("reduced" in w for w in kept[0].warnings)

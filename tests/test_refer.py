@@ -1,4 +1,6 @@
 """Refer, don't guess (issue 16, part 1): decisions, the uncertainty band, and the shipped policy."""
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,16 +49,19 @@ def test_band_is_the_narrowest_reaching_the_target():
 
 def test_shipped_routed_model_refers_plain_colour_and_gradient_frames():
     from models.inference import load_model_folder
-    from models.quality import check_quality
 
     lm = load_model_folder(ROUTED)
     assert lm.policy is not None and lm.policy.ood is not None  # fitted for this very card (sha256 checked)
     flat = Image.new("RGB", (700, 460), (200, 120, 190))  # H&E-like colour, no tissue
     grad = Image.fromarray(np.broadcast_to(np.linspace(0, 255, 700)[None, :, None] * np.array([0.8, 0.4, 0.7]),
                                            (460, 700, 3)).astype(np.uint8))
+    from models.engine import MalignancyPredictor
+
+    pred = MalignancyPredictor(lm, magnification="100X")
     for img in (flat, grad):
-        p = float(lm.predict_images([img])[0])
-        d = lm.decide(img, p, check_quality(img))
+        b = io.BytesIO()
+        img.save(b, "PNG")
+        d = pred.predict_one(("flat.png", b.getvalue()))
         assert d.decision == "refer" and d.reason, d
 
 
@@ -72,7 +77,10 @@ def test_a_policy_for_another_card_version_is_not_used(tmp_path):
     lm = load_model_folder(dst)
     assert lm.policy is None and "another version of this card" in lm.policy_note
     passing = QualityReport(blur_variance=1e3, tissue_fraction=0.9, he_fraction=0.9)
-    assert "another version" in lm.decide(Image.new("RGB", (8, 8)), 0.9, passing).reason  # said on every call
+    from models.refer import decide
+
+    assert "another version" in decide(0.9, 0.5, [], False, None, lm.policy, lm.policy_note).reason  # said each call
+    assert passing.blur_variance > 0
     (dst / "refer.json").write_text("{not json")
     assert "could not be read" in load_model_folder(dst).policy_note
 

@@ -46,7 +46,7 @@ def test_paired_difference_is_zero_for_identical_models_and_positive_for_a_clear
 
 
 def test_a_noisy_advantage_does_not_displace_the_pretrained_incumbent(tmp_path):
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     inc = _scores(0.6, 1)
     _folder(tmp_path, "lite2_logreg", "100X", inc, pretrained=True, seed=1)
@@ -66,7 +66,7 @@ def test_a_noisy_advantage_does_not_displace_the_pretrained_incumbent(tmp_path):
 
 def test_a_clear_advantage_displaces_the_incumbent_and_the_app_says_why(tmp_path):
     from app.dashboard import route, routing_evidence
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     _folder(tmp_path, "lite2_logreg", "100X", _scores(0.3, 1), pretrained=True, seed=1)
     _folder(tmp_path, "resnet_scratch", "100X", _scores(3.0, 1), pretrained=False, recipe="full", seed=2)
@@ -84,7 +84,7 @@ def test_a_clear_advantage_displaces_the_incumbent_and_the_app_says_why(tmp_path
 
 
 def test_reference_recipe_is_preferred_as_incumbent_over_the_frozen_one(tmp_path):
-    from training.routing import incumbent_tier, select_defaults
+    from models.routing.rule import incumbent_tier, select_defaults
 
     ref = _folder(tmp_path, "lite2_full", "100X", _scores(0.5, 3), pretrained=True, recipe="full", seed=1)
     c = ModelCard.from_json(ref / "card.json")
@@ -99,7 +99,7 @@ def test_reference_recipe_is_preferred_as_incumbent_over_the_frozen_one(tmp_path
 def test_a_member_of_the_incumbent_seed_ensemble_never_displaces_it(tmp_path):
     """Issue 25: the ensemble of the reference recipe is the incumbent; one of its own runs, however lucky on these
     frames, is not a challenger (routing it would be picking the best seed)."""
-    from training.routing import incumbent_tier, select_defaults
+    from models.routing.rule import incumbent_tier, select_defaults
 
     lucky = _folder(tmp_path, "lite2_full", "100X", _scores(3.0, 5), pretrained=True, recipe="full", seed=1)
     c = ModelCard.from_json(lucky / "card.json")

@@ -6,7 +6,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from models.card import ModelCard
-from models.inference import MAGNIFICATIONS, list_model_folders, load_model_folder, models_root
+from models.config import models_root
+from models.folders import list_model_folders
+from models.inference import MAGNIFICATIONS, load_model_folder
 from training.splits import assert_patient_disjoint
 from tests.conftest import ROOT
 
@@ -78,7 +80,7 @@ def test_card_is_complete_and_weights_verify(folder):
 
 def test_shipped_defaults_are_re_derived_from_the_cards_by_the_routing_rule():
     """defaults.json is what the rule gives on the shipped cards today (not checked against its own list)."""
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     shipped = json.loads((ROOT / "magnif_models" / "defaults.json").read_text())
     assert set(shipped) == set(MAGNIFICATIONS) | {"idc", "subtype"}
@@ -119,7 +121,8 @@ def test_the_routed_malignancy_model_is_the_seed_ensemble_with_its_case_policy()
     import json
 
     from models.case import CasePolicy
-    from models.inference import load_model_folder, read_defaults
+    from models.inference import load_model_folder
+    from models.routing import read_defaults
 
     d = read_defaults(ROOT / "magnif_models")
     routed = {d[m]["model_id"] for m in ("40X", "100X", "200X", "400X")}

@@ -75,7 +75,7 @@ def test_qc_failures_name_the_failed_checks():
 def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(tmp_path):
     from app.dashboard import inventory, route
     from models.metrics import summarize
-    from training.routing import select_defaults
+    from models.routing.rule import select_defaults
 
     make_model_folder(tmp_path / "all" / "lite", "efficientnet_lite2", "all", per_mag=["40X", "100X"], seed=1, signal=0.1)
     own = make_model_folder(tmp_path / "100X" / "lite", "efficientnet_lite2", "100X", seed=2, signal=0.2)

@@ -19,7 +19,7 @@ from models.card import MAGNIFICATIONS
 from models.metrics import apply_temperature, fit_temperature_guarded
 from training.splits import stratified_group_folds
 
-MIN_PATIENTS_PER_CLASS = 5  # a magnification gets its own temperature only with >= 5 out-of-fold patients per class
+from models.routing.thresholds import MIN_PATIENTS_PER_CLASS  # a magnification gets its own temperature only with >= 5 out-of-fold patients per class
 CASE_SIZES = (1, 2, 3, 4, 6, 8, 10)  # frames per simulated case (a pathologist's upload), plus "all" of a patient's
 DRAWS_PER_SIZE = 10
 FRAME_CAP = 10  # CasePolicy.frame_cap: margins grow with sqrt(frames) up to 10 frames (frames of one patient correlate)

@@ -175,6 +175,14 @@ def sample_weights(labels: np.ndarray, patients: np.ndarray, classes=(0, 1)) -> 
 @torch.inference_mode()
 def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16,
                      tta: bool = False) -> np.ndarray:
+    """Under torchrun each rank extracts a contiguous shard of the frames and all ranks gather the whole."""
+    from training.distributed import sharded_rows
+
+    return sharded_rows(lambda idx: _extract_features(model, images[idx], cfg, batch, tta), np.arange(len(images)))
+
+
+def _extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16,
+                      tta: bool = False) -> np.ndarray:
     """Pooled backbone features of un-augmented frames (fp32, as at inference); tta=True averages the 8 dihedral
     views' features, which for a linear head gives exactly the mean logit over the views (TTA) in one pass."""
     from models.inference import dihedral_views
@@ -187,7 +195,7 @@ def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: Preproce
             feats.append(torch.stack([model.features(v) for v in dihedral_views(x)]).mean(0).float().numpy())
         else:
             feats.append(model.features(x).float().numpy())
-    return np.concatenate(feats)
+    return np.concatenate(feats) if feats else np.zeros((0, model.fc.in_features), np.float32)
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -329,6 +337,14 @@ class EarlyStopper:
 
 def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
                    tta: bool = False, compute: Compute | None = None) -> np.ndarray:
+    """Under torchrun each rank scores a contiguous shard of idx and all ranks gather the whole, in order."""
+    from training.distributed import sharded_rows
+
+    return sharded_rows(lambda part: _predict_logits(model, images, cfg, part, tta, compute), np.asarray(idx))
+
+
+def _predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
+                    tta: bool = False, compute: Compute | None = None) -> np.ndarray:
     """Eval-mode logits of cached frames idx, through the same normalisation (and TTA) as inference.
 
     fp32 (the served precision) in channels_last memory order, which oneDNN runs about twice as fast on CPU
@@ -388,20 +404,42 @@ def optimise_epoch(order, batch_size: int, loss_of: Callable, opt: torch.optim.O
 
 def train_augmented_epoch(model: nn.Module, images: torch.Tensor, y: np.ndarray, w_all: np.ndarray, perm: np.ndarray,
                           cfg: PreprocessConfig, compute: Compute, opt: torch.optim.Optimizer, batch_size: int,
-                          rng: np.random.Generator, desc: str = "", colour: str = "mild") -> float:
+                          rng: np.random.Generator, desc: str = "", colour: str = "mild",
+                          ddp: nn.Module | None = None) -> float:
     """One epoch of weighted BCE on augmented frames (shared by fine-tuning and the hybrid's phases 2-3);
     returns the mean training loss."""
+    from training.distributed import is_distributed, local_share, scale_local_loss, world
+
     device = next(model.parameters()).device
+    net = ddp or model
+    distributed = is_distributed()
 
     def loss_of(b: np.ndarray) -> torch.Tensor:
+        # under torchrun every rank augments the whole global batch with the shared random stream (so the frames are
+        # those of a one-process run) and trains on its share; the loss is scaled so DDP's average is the batch mean
         x = normalize_uint8(augment(images[b], rng, colour), cfg)
+        share = local_share(len(b)) if distributed else slice(None)
+        x, yb, wb = x[share], y[b][share], w_all[b][share]
         if compute.bf16:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(compute):
-            logit = model(x.to(device)).float()
-        return weighted_bce(logit, torch.from_numpy(y[b]).float().to(device), torch.from_numpy(w_all[b]).float().to(device))
+            logit = net(x.to(device)).float()
+        yt, wt = torch.from_numpy(yb).float().to(device), torch.from_numpy(wb).float().to(device)
+        if distributed:
+            per_item = nn.functional.binary_cross_entropy_with_logits(logit, yt, reduction="none") * wt
+            return scale_local_loss(per_item, len(b))
+        return weighted_bce(logit, yt, wt)
 
-    return optimise_epoch(perm, batch_size, loss_of, opt, desc or "epoch", min_batch=2)
+    loss = optimise_epoch(perm, batch_size, loss_of, opt, desc or "epoch", min_batch=2 * world()[1])
+    if distributed:  # the epoch's loss of the global batches (early stopping breaks AUC ties on it: ranks must agree)
+        import torch.distributed as dist
+
+        t = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(t)
+        loss = float(t) / world()[1]
+        for buf in model.buffers():  # BatchNorm statistics as rank 0 has them, so every rank validates one model
+            dist.broadcast(buf, 0)
+    return loss
 
 
 def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarray | None, y: np.ndarray,
@@ -484,6 +522,9 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
         model = model.to(compute.device)
         if compute.bf16:
             model = model.to(memory_format=torch.channels_last)
+        from training.distributed import wrap
+
+        ddp = wrap(model, str(compute.device))  # DistributedDataParallel under torchrun, else the model itself
         stopper.start_phase()
         for ep in range(epochs):
             model.train()
@@ -493,7 +534,7 @@ def fit(model: HistoClassifier, arch: str, images: torch.Tensor, feats: np.ndarr
             perm, w_epoch = epoch_order(train_idx, w_all, fc.balanced_sampling, rng)
             t0 = time.time()
             tot = train_augmented_epoch(model, images, y, w_epoch, perm, cfg, compute, opt, fc.batch_size, rng,
-                                        f"{desc} ep{ep + 1}", fc.colour_augmentation) * len(perm)
+                                        f"{desc} ep{ep + 1}", fc.colour_augmentation, ddp=ddp) * len(perm)
             sched.step()
             sec = time.time() - t0
             stopper.step(model, fc.recipe, ep + 1, tot / len(perm), val_logits(fc.recipe), seconds=sec,

@@ -10,7 +10,6 @@ import pandas as pd
 from models.inference import load_model_folder
 from models.card import ALL, ModelCard, metric
 from models.metrics import curve_points, summarize
-from models.preprocess import ImageError, load_image
 from training.data import index_source
 
 
@@ -29,19 +28,21 @@ def evaluate_model(model_dir: str | Path, data: str | Path, magnification: str |
         raise ValueError(
             f"{model_dir}: every patient in {data} at {mag} was used to fit this model; there is nothing held out. "
             "Its card reports cross-validated out-of-fold metrics instead.")
-    from models.quality import check_quality, qc_failures
+    from models.engine import MalignancyPredictor
 
+    # the engine's predictor, as the CLI and the pages use it; the held-out frames keep the card's pooled temperature
+    # (magnification=None) so the figure is comparable with the card's cross-validated one
+    predictor = MalignancyPredictor(lm, magnification=None, tta=tta)
     probs, rows, qc = [], [], []
     for path in held["path"]:
-        try:
-            img = load_image(path).image
-            notes: list[str] = []
-            probs.append(float(lm.predict_images([img], tta=tta, notes=[notes])[0]))
-            qc.append(not qc_failures(check_quality(img)))
-        except ImageError as exc:
+        r = predictor.predict_one(str(path))
+        if r.ok:
+            probs.append(float(r.probability))
+            qc.append(r.decision_kind != "qc")
+        else:
             probs.append(np.nan)
             qc.append(False)
-            rows.append((path, str(exc)))
+            rows.append((path, r.error))
     held["p_malignant"] = probs
     held["qc_pass"] = qc
     ok = held["p_malignant"].notna().to_numpy()

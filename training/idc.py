@@ -95,7 +95,7 @@ def patch_features(paths: list[str], weights: str, size: int, cache_dir: Path, b
         return np.load(cache)
     out = []
     for i in range(0, len(paths), batch):
-        # min_side=1: the collection holds edge patches down to 50x1; they are padded, as predict_patches pads them
+        # min_side=1: the collection holds edge patches down to 50x1; they are padded, as the IDC predictor (models.engine.idc) pads them
         x = torch.stack([frame_to_tensor(pad_patch(load_image(p, min_side=1).image), cfg)
                          for p in paths[i:i + batch]])
         out.append(model.features(x).numpy())

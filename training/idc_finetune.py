@@ -45,7 +45,7 @@ def idc_finetune_cv(data: str | Path, weights: str, size: int = 112, k: int = 5,
     """Fine-tuned vs frozen Lite2 on the same patient folds; optionally saves a refit-on-all-patients backbone (the
     in-domain initialisation the BreakHis recipe can start from with --init FILE), and, where the fine-tuned model
     beats the frozen one by the paired rule, ships the refit as a model folder (`ship_to`) whose card records the
-    comparison that routes it (training.routing.task_entry)."""
+    comparison that routes it (models.routing.rule.task_entry)."""
     from training.data import default_cache_dir
 
     t0 = time.time()

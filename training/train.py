@@ -346,13 +346,17 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     log.info("compute: %s", compute.reason)
     spec = arch_spec(arch, arch_config)
     cfg = PreprocessConfig(input_size=spec.input_size, mean=spec.mean, std=spec.std)
-    ts, index, skipped = load_training_set(data, magnification, cfg, compute, cache_dir, stain)
+    from training import distributed
+
+    with distributed.main_first():  # under torchrun rank 0 fills the frame cache, the others read it
+        ts, index, skipped = load_training_set(data, magnification, cfg, compute, cache_dir, stain)
     df = ts.df
     _, init_record = build_model(arch, init, arch_config or None, vit_init)  # provenance; every fit builds its own
     recipe: Recipe = (HybridRecipe(arch, init, arch_config, vit_init, hc=hc or HybridConfig(seed=train_seed)) if arch == "hybrid"
                       else NetworkRecipe(arch, init, arch_config, vit_init, fc=fc))
-    other = OtherFrames.load(index, magnification, cfg, cross_magnification)
-    b_feats = baseline_features(ts, baseline_init)
+    with distributed.main_first():
+        other = OtherFrames.load(index, magnification, cfg, cross_magnification)
+        b_feats = baseline_features(ts, baseline_init)
     sc = Scores(len(df), len(other.df), eval_tta)
     per_fold: list[dict] = []
     if cv and cv > 1:
@@ -367,6 +371,10 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         protocol = "single patient-wise train/val/test split (15% of patients per label in val and in test)"
         final_model, final_res, final_temp, temp_tta_final, schedule = hold_out(recipe, ts, other, sc, part, train_seed, b_feats)
     assert_patient_disjoint(pd.Series(ts.patients), pd.Series(sc.fold if cv and cv > 1 else part))
+    rank, world_size = distributed.world()
+    if rank != 0:  # only rank 0 writes the model folder and the card
+        distributed.barrier()
+        return None
     pred, cross = write_folder(out, ts, other, sc, part, final_model, final_temp, temp_tta_final, n_boot, seed)
 
     evaluation = {"protocol": protocol, "per_fold": per_fold}
@@ -382,7 +390,8 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         recipe={"name": recipe.name, "final_model_schedule": schedule,
                 "compute": compute.reason, **({"phases_per_fold": [f["phases"] for f in per_fold]} if hybrid else {}),
                 "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
-        hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "train_seed": train_seed, "stain": stain, "eval_tta": eval_tta},
+        hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "train_seed": train_seed, "stain": stain, "eval_tta": eval_tta,
+                                                     "world_size": world_size},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
@@ -400,6 +409,7 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     )
     apply_scores(card, scores_from_predictions(pred, magnification == ALL, n_boot, seed), out)
     card.to_json(out / "card.json")
+    distributed.barrier()
     return card
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.dashboard import analyse_upload
+from app.dashboard import analyse_uploads
+from models.engine import MalignancyPredictor
 from models.card import CardError, ModelCard
-from models.inference import DefaultsError, ModelIntegrityError, load_model_folder, read_defaults
+from models.inference import ModelIntegrityError, load_model_folder
+from models.routing import DefaultsError, read_defaults
 from tests.adversarial.corpus import FAULTS, image_cases
 from tests.conftest import ROOT
 
@@ -31,7 +33,7 @@ def lm(tiny_models_root):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.filename for c in CASES])
 def test_upload_gets_its_expected_outcome(lm, case):
-    r = analyse_upload(lm, case.filename, case.data, "100X")
+    r = analyse_uploads(MalignancyPredictor(lm, magnification="100X"), [(case.filename, case.data)])[0]
     text = r.error + " " + " ".join(r.warnings)
     if case.outcome == "refused":
         assert r.p_malignant is None and r.error.startswith(case.filename) and "\n" not in r.error, r

@@ -1,4 +1,4 @@
-"""Routing that noise cannot fool: which model serves each magnification (writes magnif_models/defaults.json).
+"""The routing rule, that noise cannot fool: which model serves each magnification (writes magnif_models/defaults.json).
 
 Rule (issue 18, fixed before any of the compared numbers were seen):
 1. The *incumbent* at a magnification is an ImageNet-pretrained model trained on that magnification's frames
@@ -28,10 +28,11 @@ import pandas as pd
 
 from models.archs import file_sha256
 from models.card import ALL, MAGNIFICATIONS, ModelCard
-from models.inference import DEFAULTS_FILE, list_model_folders
+from models.folders import list_model_folders
 from models.metrics import paired_auc_difference
+from models.routing.schema import DEFAULTS_FILE
+from models.routing.thresholds import few_patients
 
-FEW_PATIENTS = 20
 RULE = ("an ImageNet-pretrained incumbent (reference recipe: end-to-end fine-tuning with colour augmentation, as a "
         "seed ensemble of its runs where one exists; else frozen features + logistic regression) serves unless a challenger's AUC advantage on the same "
         "out-of-fold frames has a paired patient-bootstrap 95% CI entirely above zero")
@@ -175,7 +176,7 @@ def select_defaults(root: str | Path, n_boot: int = 2000, write: bool = True) ->
         best = d["chosen"]
         n = best["n_patients"]
         public = lambda c: {k: v for k, v in c.items() if k not in ("scores", "tier", "member_weights")}  # noqa: E731
-        out[mag] = {**public(best), "few_patients": n["benign"] + n["malignant"] < FEW_PATIENTS or min(n.values()) < 5,
+        out[mag] = {**public(best), "few_patients": few_patients(n),
                     "rule": RULE, "incumbent": d["incumbent"], "comparisons": d["comparisons"],
                     "candidates": [public(c) for c in cands], "reason": d["reason"]}
     for task in TASK_ENTRIES:
