@@ -252,45 +252,23 @@ def repeats_rows(magnification: str, root: str | Path | None = None) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-# Where each shipped trained candidate's rule-1 figure lives (3 split seeds x 5 folds): its own recipe re-run by
-# repeats-cv, or, for frozen-feature models, the frozen-cv recipe the model is (seed 0's pooled AUC equals the card's).
-RULE1_SOURCES: dict[str, tuple[str, str | None]] = {
-    "all/efficientnet_lite2_finetuned": ("repeats_lite2_finetuned.json", None),
-    "all/efficientnet_lite2_ensemble": ("repeats_lite2_ensemble.json", None),
-    "all/efficientnet_lite2": ("frozen_cv.json", "whole_lr"),
-    "all/efficientnet_lite2_tiles_mil": ("frozen_cv.json", "tiles_mil"),
-    "all/resnet50": ("repeats_resnet50_all.json", None),
-    "all/hybrid": ("repeats_hybrid_all.json", None),
-    "100X/efficientnet_lite2": ("repeats_lite2_100X.json", None),
-    "100X/resnet50": ("repeats_resnet50_100X.json", None),
-}
-
-
-# Rule 1 asks for 3 split seeds x 5 folds; where fewer ran, the reason travels with the figure (README, Compare).
-RULE1_SHORTFALL: dict[str, str] = {
-    "all/efficientnet_lite2_ensemble": (
-        "1 of 3 split seeds: the ensemble is 3 full runs of the routed recipe on split seed 0's folds; split seeds 1-2 "
-        "would need 6 more runs (35-50 min each on 2 cores). Its recipe's own rule-1 figure is the single run's row, "
-        "and the paired difference to that run on the same folds is in the card"),
-}
-
-
-def rule1_summary(model_id: str, root: str | Path | None = None) -> dict | None:
+def rule1_summary(model_id: str, root: str | Path | None = None, models: str | Path | None = None) -> dict | None:
     """A shipped model's recipe under rule 1: split-seed-averaged AUC and patient AUC with CIs, per-fold spread,
-    pooled AUC per split seed and the source file; None where it was not measured."""
-    if model_id not in RULE1_SOURCES:
-        return None
-    name, recipe = RULE1_SOURCES[model_id]
+    pooled AUC per split seed and the source file, from the pointer in its folder's evidence.json
+    (models.evidence); None where it was not measured or its evidence cannot be read."""
+    from models.evidence import EvidenceError, load_evidence, rule1_figure
+
     try:
-        res = json.loads((Path(root or results_dir()) / name).read_text())
-    except (OSError, ValueError):
+        ptr = load_evidence(Path(models or models_root()) / model_id).rule1
+        if ptr is None:
+            return None
+        v = rule1_figure(ptr, root or results_dir())
+    except EvidenceError:
         return None
-    v = res["recipes"][recipe] if recipe else res["recipe"]
-    return {"source": name + (f" ({recipe})" if recipe else ""), "auc": _metric_of(v["summary"]["auc"]),
-            "patient_auc": _metric_of(v["summary"]["patient_auc"]), "pooled_auc_by_seed": v["pooled_auc_by_seed"],
-            "per_fold": f"{v['per_fold_auc_mean']:.3f} ± {v['per_fold_auc_sd']:.3f}",
-            "split_seeds": len(v["pooled_auc_by_seed"]), "n_patients": v["n_patients"],
-            "shortfall": RULE1_SHORTFALL.get(model_id, "")}
+    return {"source": ptr.file + (f" ({ptr.recipe})" if ptr.recipe else ""), "auc": _metric_of(v.summary["auc"]),
+            "patient_auc": _metric_of(v.summary["patient_auc"]), "pooled_auc_by_seed": v.pooled_auc_by_seed,
+            "per_fold": f"{v.per_fold_auc_mean:.3f} ± {v.per_fold_auc_sd:.3f}",
+            "split_seeds": len(v.pooled_auc_by_seed), "n_patients": v.n_patients, "shortfall": ptr.shortfall}
 
 
 def _metric_of(d: dict) -> Metric:
@@ -484,7 +462,8 @@ def case_summary(results: list[FrameResult], magnification: str, threshold: floa
             notes.append(f"{r.name}: the file name says {named} but {magnification} was chosen; it was analysed by the "
                          f"{magnification} model")
         frames.append(CaseFrame(r.name, magnification, r.model_id, r.p_malignant, r.decision if not r.error else "refer",
-                                r.reason or r.error, kind=r.decision_kind if not r.error else "unreadable"))
+                                r.reason or r.error, kind=r.decision_kind if not r.error else "unreadable",
+                                content_sha256=getattr(r, "pixel_sha256", "")))
     return case_verdict(frames, threshold, policy=policy), notes
 
 

@@ -1,8 +1,10 @@
 """Case history with an audit trail (issue 16, part 3): every saved analysis, through SQLAlchemy.
 
 SQLite by default (WAL, so readers never block the writer; path from BREAKHIS_HISTORY_DB or ~/.local/share), or any
-database SQLAlchemy can reach by URL (BREAKHIS_HISTORY_URL, e.g. postgresql+psycopg://...). The schema is versioned:
-`schema_version` holds the applied version and `migrate()` applies the numbered steps below in order.
+database SQLAlchemy can reach by URL (BREAKHIS_HISTORY_URL, e.g. postgresql+psycopg://...). The schema is managed by
+Alembic (app/migrations/versions): `migrate()` applies the revisions a database lacks, each with its version stamp in
+one transaction under a database-level lock. Databases from before Alembic (a `schema_version` table) are stamped
+with the revision they have and upgraded from there.
 """
 from __future__ import annotations
 
@@ -49,16 +51,9 @@ frames = Table(
 )
 
 
-def _add_heatmap_column(engine: Engine) -> None:
-    kind = LargeBinary().compile(dialect=engine.dialect)  # BLOB on SQLite, BYTEA on PostgreSQL
-    with engine.begin() as c:
-        c.exec_driver_sql(f"ALTER TABLE frames ADD COLUMN heatmap_png {kind}")
-
-
-# version -> the step that brings a database from version-1 to it (version 1: the first cases/frames tables). A new
-# database gets the current tables at once (metadata.create_all), stamped SCHEMA_VERSION; an older one gets only
-# the steps it lacks, in order.
-MIGRATIONS = {2: _add_heatmap_column}
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"  # Alembic: env.py + versions/NNNN_*.py
+REVISIONS = {"0001": 1, "0002": 2}  # Alembic revision -> schema version (the one the older schema_version table kept)
+_LOCK_KEY = 7245019  # PostgreSQL advisory lock held while the schema is created or migrated
 
 
 def default_url() -> str:
@@ -71,36 +66,102 @@ def default_url() -> str:
 
 
 def open_store(url: str | None = None) -> Engine:
-    """An engine on the history database, migrated to SCHEMA_VERSION."""
+    """An engine on the history database, migrated to the current schema. A SQLite file this process cannot write
+    opens read-only when its schema is current (read_only_note says so); one that needs migrating is refused."""
     url = url or default_url()
+    ro_path = _read_only_sqlite(url)
+    if ro_path is not None:
+        engine = create_engine(f"sqlite:///file:{ro_path}?mode=ro&immutable=1&uri=true")
+        with engine.connect() as c:
+            rev = _alembic_revision(c) or _legacy_revision(c)
+        if rev != max(REVISIONS):
+            raise RuntimeError(f"{ro_path}: read-only and at schema {REVISIONS.get(rev, rev)}, not {SCHEMA_VERSION}: "
+                               "it cannot be migrated; open it once with write access")
+        return engine
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
-        def _wal(dbapi_conn, _):  # readers do not block the writer; a busy writer waits instead of failing
+        def _sqlite_setup(dbapi_conn, _):
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below): DDL joins the transaction
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA busy_timeout=30000")  # first: a busy database is waited for, never an error
+            cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # the migration's transaction takes the write lock at once (BEGIN IMMEDIATE)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("immediate") else "BEGIN")
     migrate(engine)
     return engine
 
 
+def read_only_note(engine: Engine) -> str:
+    """What the pages say about a store opened read-only ("" when it is writable)."""
+    return ("The case history is read-only here (the database file cannot be written by this process): saved cases "
+            "can be read, new ones cannot be saved.") if "mode=ro" in str(engine.url) else ""
+
+
+def _read_only_sqlite(url: str) -> Path | None:
+    """The path of an existing SQLite file (or its folder) this process cannot write, else None."""
+    if not url.startswith("sqlite:///") or "mode=ro" in url:
+        return None
+    path = Path(url.removeprefix("sqlite:///"))
+    if path.exists() and (not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK)):
+        return path
+    return None
+
+
+def _alembic_revision(conn) -> str | None:
+    from sqlalchemy import inspect
+
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def _legacy_revision(conn) -> str | None:
+    """A database written before Alembic kept its version in schema_version: the matching revision."""
+    from sqlalchemy import inspect
+
+    if not inspect(conn).has_table("schema_version"):
+        return None
+    v = conn.execute(select(func.max(schema_version.c.version))).scalar() or 0
+    if v > SCHEMA_VERSION:
+        raise RuntimeError(f"the history database is at schema {v}, newer than this software ({SCHEMA_VERSION})")
+    return {1: "0001", 2: "0002"}.get(v)
+
+
 def migrate(engine: Engine) -> int:
-    """Apply the numbered schema steps not yet applied; returns the version now in place."""
-    schema_version.create(engine, checkfirst=True)
-    with engine.begin() as c:
-        current = c.execute(select(func.max(schema_version.c.version))).scalar() or 0
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(f"the history database is at schema {current}, newer than this software ({SCHEMA_VERSION})")
-    if current == 0:
-        meta.create_all(engine)
-        with engine.begin() as c:
-            c.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=_now()))
-        return SCHEMA_VERSION
-    for v in range(current + 1, SCHEMA_VERSION + 1):
-        MIGRATIONS[v](engine)
-        with engine.begin() as c:
-            c.execute(insert(schema_version).values(version=v, applied_at=_now()))
+    """Bring the schema to head with Alembic, every step and its version stamp in one transaction, under a
+    database-level lock (PostgreSQL advisory lock; SQLite BEGIN IMMEDIATE): racing first opens wait for each other,
+    and a migration killed midway leaves the database as it was. Returns the schema version now in place."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        conn.info["immediate"] = True
+        try:
+            with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+                cfg.attributes["connection"] = conn
+                rev = _alembic_revision(conn)
+                if rev is not None and rev not in REVISIONS:
+                    raise RuntimeError(f"the history database is at schema revision {rev}, newer than this software "
+                                       f"({SCHEMA_VERSION})")
+                if rev is None:
+                    legacy = _legacy_revision(conn)
+                    if legacy is not None:  # written before Alembic: stamp what it has, then upgrade from there
+                        command.stamp(cfg, legacy)
+                        rev = legacy
+                if rev != head:
+                    command.upgrade(cfg, "head")
+        finally:
+            conn.info.pop("immediate", None)
     return SCHEMA_VERSION
 
 
@@ -112,20 +173,34 @@ def save_case(engine: Engine, label: str, magnification: str, verdict, results: 
               provenance: dict, heatmap_method: str = "", pathologist_call: str = "", note: str = "",
               user: str = "", heatmaps: list[bytes | None] | None = None) -> int:
     """Store one case and its frames in one transaction (heatmaps: one PNG or None per frame); returns the case id."""
+    from models.textsafe import clean_for_storage
+
     heatmaps = heatmaps or [None] * len(results)
+    said: list[str] = []  # what was changed in the user's text before storing it (NUL, controls, truncation)
+
+    def clean(text: str, limit: int | None, what: str) -> str:
+        out, notes = clean_for_storage(text or "", limit, what)
+        said.extend(notes)
+        return out
+
+    label_s, note_s, user_s = clean(label, 200, "label"), clean(note, None, "note"), clean(user, 200, "user")
+    names = [clean(r.name, 500, f"file name {i + 1}") for i, r in enumerate(results)]
+    warnings = [clean("; ".join(r.warnings), None, f"warnings {i + 1}") for i, r in enumerate(results)]
     with engine.begin() as c:
         cid = c.execute(insert(cases).values(
-            created_at=_now(), label=label[:200] or "unlabelled", magnification=magnification,
+            created_at=_now(), label=label_s or "unlabelled", magnification=magnification,
             verdict=verdict.verdict, verdict_reason=verdict.reason, mean_p=verdict.mean_p, n_frames=verdict.n_frames,
-            n_referred=verdict.n_referred, pathologist_call=pathologist_call, pathologist_note=note, app_user=user,
+            n_referred=verdict.n_referred, pathologist_call=pathologist_call,
+            pathologist_note=note_s + (("\n[stored with changes: " + "; ".join(said) + "]") if said else ""),
+            app_user=user_s,
         )).inserted_primary_key[0]
-        for r, data, heat in zip(results, files_bytes, heatmaps):
+        for r, data, heat, name, warn in zip(results, files_bytes, heatmaps, names, warnings):
             c.execute(insert(frames).values(
-                case_id=cid, file_name=r.name[:500], file_sha256=hashlib.sha256(data).hexdigest(),
+                case_id=cid, file_name=name, file_sha256=hashlib.sha256(data).hexdigest(),
                 thumbnail_png=r.thumbnail, magnification=magnification, model_id=r.model_id,
                 weights_sha256=provenance.get("weights_sha256", ""), card_sha256=provenance.get("card_sha256", ""),
                 tta=bool(provenance.get("tta", False)), p_malignant=r.p_malignant, decision=r.decision,
-                reason=r.reason or r.error, warnings="; ".join(r.warnings), heatmap_method=heatmap_method,
+                reason=clean(r.reason or r.error, None, "reason"), warnings=warn, heatmap_method=heatmap_method,
                 heatmap_png=heat))
     return int(cid)
 
@@ -186,10 +261,15 @@ scaled to its own maximum, so compare regions within a frame, not across frames)
 
 def case_csv(engine: Engine, case_id: int) -> str:
     buf = io.StringIO()
-    case_frames(engine, case_id).drop(columns=["thumbnail_png", "heatmap_png"]).to_csv(buf, index=False)
+    from models.textsafe import csv_safe
+
+    # every text cell neutralised: a file name like =HYPERLINK(...) stays text in a spreadsheet (OWASP CSV injection)
+    csv_safe(case_frames(engine, case_id).drop(columns=["thumbnail_png", "heatmap_png"])).to_csv(buf, index=False)
     return buf.getvalue()
 
 
 def db_version(engine: Engine) -> int:
+    """The schema version in place (from Alembic's revision; a database from before Alembic: its schema_version)."""
     with engine.connect() as c:
-        return int(c.execute(text("select max(version) from schema_version")).scalar() or 0)
+        rev = _alembic_revision(c) or _legacy_revision(c)
+    return REVISIONS.get(rev, 0)

@@ -28,23 +28,34 @@ def _predict_options(a: argparse.ArgumentParser) -> None:
                                    "an absolute path or ./path; default: the routed one")
     _root_option(a)
     a.add_argument("--tta", action="store_true", help="average the 8 dihedral views (8x slower)")
-    a.add_argument("files", nargs="+")
+    a.add_argument("files", nargs="*", help="image files (at least one)")
+
+
+def _no_files(args) -> bool:
+    if not args.files:
+        print(f"error: no files given: python -m models {args.cmd} [options] FILE...", file=sys.stderr)
+        return True
+    return False
 
 
 def _predict(args) -> int:
     """One CSV row per file on stdout, in order; a bad file is a row with its reason."""
     from models.engine import ServeError, load_predictor
 
+    if _no_files(args):
+        return 2
     try:
         pred = load_predictor(args.task, args.magnification if args.task != "idc" else None, model=args.model,
                               root=args.root, tta=args.tta, with_subtype=not args.no_subtype)
     except (ServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from models.textsafe import csv_cell
+
     w = csv.DictWriter(sys.stdout, fieldnames=list(pred.csv_columns))
     w.writeheader()
-    for r in pred.predict(args.files):
-        w.writerow(pred.row(r))
+    for r in pred.predict(args.files):  # text cells neutralised: a file named =cmd() stays text in a spreadsheet
+        w.writerow({k: csv_cell(v) for k, v in pred.row(r).items()})
     return 0
 
 
@@ -52,7 +63,7 @@ def _case_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--magnification", choices=MAGNIFICATIONS, default=None,
                    help="for files whose names do not state it (BreakHis names do)")
     _root_option(a)
-    a.add_argument("files", nargs="+")
+    a.add_argument("files", nargs="*", help="the case's frames (at least one)")
 
 
 def _case(args) -> int:
@@ -60,6 +71,8 @@ def _case(args) -> int:
     from models.case import CaseFrame, case_verdict, resolve_magnification
     from models.engine import ServeError, load_predictor
 
+    if _no_files(args):
+        return 2
     by_mag: dict[str, list[int]] = {}
     frames = []
     for i, f in enumerate(args.files):
@@ -92,7 +105,7 @@ def _case(args) -> int:
             fr = frames[i]
             fr.model_id, fr.p_malignant = pred.model_id, r.probability
             fr.decision, fr.reason = r.decision, r.reason or r.warning
-            fr.kind = r.decision_kind
+            fr.kind, fr.content_sha256 = r.decision_kind, r.pixel_sha256
             fr.note = "; ".join(x for x in (fr.note, r.warning) if x)
     thresholds = {lm.card.threshold for lm in models.values()} or {0.5}
     # One case policy when one model judges the case (every magnification routed to it); several models' frames

@@ -223,7 +223,12 @@ class ModelCard:
             raise CardError(f"{path}: cannot read the card ({exc.strerror or exc})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CardError(f"{path}: not valid JSON ({exc})") from None
-        return validate_card_dict(migrate_card(d, str(path)), str(path))
+        except RecursionError:  # e.g. 200,000 nested brackets: refused as one line, the other models still shown
+            raise CardError(f"{path}: JSON nested too deeply to be a card") from None
+        try:
+            return validate_card_dict(migrate_card(d, str(path)), str(path))
+        except RecursionError:
+            raise CardError(f"{path}: JSON nested too deeply to be a card") from None
 
 
 def migrate_card(d: Any, where: str = "card.json") -> dict:

@@ -81,11 +81,14 @@ class CaseFrame:
     reason: str = ""
     note: str = ""
     kind: str = ""  # models.refer.DECISION_KINDS; "" (older callers): a frame counts only when it was called
+    content_sha256: str = ""  # of the decoded pixels: the same frame under another name is one piece of evidence
+    duplicate_of: str = ""  # set by case_verdict: the earlier frame with the same pixels
 
     @property
     def counts(self) -> bool:
-        """Whether this frame is evidence for the case: called, or referred only as uncertain (band)."""
-        if self.p_malignant is None:
+        """Whether this frame is evidence for the case: called, or referred only as uncertain (band), and not a copy of
+        a frame already counted."""
+        if self.p_malignant is None or self.duplicate_of:
             return False
         return self.kind in EVIDENCE_KINDS if self.kind else self.decision != "refer"
 
@@ -107,6 +110,7 @@ class CaseVerdict:
     magnifications_agree: bool | None = None
     drivers: list = field(default_factory=list)
     frames: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)  # {"name", "duplicate_of"}: frames left out as copies
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,13 +123,24 @@ def case_verdict(frames: list[CaseFrame], threshold: float = 0.5, n_boot: int = 
     Every frame with a probability that was not refused counts (a frame in the frame-level uncertainty band is
     weak evidence, not none); with a case policy the case is called when its margin clears the fitted bound. Without
     one, the older rule applies (and the reason says so): refer when the bootstrap CI contains the threshold."""
+    seen: dict[str, str] = {}
+    duplicates = []
+    for f in frames:  # evidence by content: one frame uploaded five times (or renamed) counts once
+        f.duplicate_of = ""
+        if f.content_sha256 and f.counts:
+            if f.content_sha256 in seen:
+                f.duplicate_of = seen[f.content_sha256]
+                duplicates.append({"name": f.name, "duplicate_of": f.duplicate_of})
+            else:
+                seen[f.content_sha256] = f.name
     acc = [f for f in frames if f.counts]
-    n_ref = len(frames) - len(acc)
+    n_ref = len(frames) - len(acc) - len(duplicates)
     n_band = sum(1 for f in acc if f.decision == "refer")
     if policy is not None:
         threshold = policy.threshold
     base = dict(n_frames=len(frames), n_accepted=len(acc), n_referred=n_ref, n_band=n_band,
-                policy=asdict(policy) if policy else None, frames=[asdict(f) | {"counts": f.counts} for f in frames])
+                policy=asdict(policy) if policy else None, frames=[asdict(f) | {"counts": f.counts} for f in frames],
+                duplicates=duplicates)
     if not acc:
         return CaseVerdict("refer", "no frame counts: every frame was refused (quality control, out of distribution "
                                     "or unreadable)", None, None, None, **base)
@@ -164,5 +179,7 @@ def case_verdict(frames: list[CaseFrame], threshold: float = 0.5, n_boot: int = 
                                  "fitted for this model: CI rule)")
     if agree is False and verdict != "refer":
         verdict, reason = "refer", reason + "; the magnifications disagree"
+    if duplicates:  # said whatever the verdict: the copies were not counted
+        reason += f"; {len(duplicates)} duplicate frame(s) left out (same pixels as a counted frame)"
     return CaseVerdict(verdict, reason, mean_p, (lo, hi), float((p >= threshold).mean()), **base, margin=margin,
                        per_magnification=per_mag, magnifications_agree=agree, drivers=drivers)

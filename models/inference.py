@@ -155,20 +155,46 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
         model.load_state_dict(state, strict=True)
     model.eval()
     card_sha = file_sha256(card_path)
-    return LoadedModel(card, model, folder, *load_policy(folder, card_sha), card_sha256=card_sha)
+    return LoadedModel(card, model, folder, *load_policy(folder, card_sha, card.threshold, embedding_dim(model)),
+                       card_sha256=card_sha)
 
 
-def load_policy(folder: Path, card_sha256: str) -> tuple[ReferPolicy | None, str]:
-    """The refer policy fitted for this card, or None and why: a policy fitted for another version of the card, or
-    one that cannot be read, is not used, and every decision then says so (never a silent fallback)."""
+def load_policy(folder: Path, card_sha256: str, threshold: float = 0.5, embedding_dim: int | None = None
+                ) -> tuple[ReferPolicy | None, str]:
+    """The refer policy fitted for this card, verified, or None and why: a policy fitted for another version of the
+    card, one that cannot be read or fails its checks (models.refer.ReferPolicy.load), one whose band does not contain
+    the card's threshold or whose OOD scorer does not fit the model's embedding is not used, and every decision then
+    says so (never a silent fallback)."""
+    from models.refer import PolicyError
+
     try:
         pol = ReferPolicy.load(folder)
+    except PolicyError as exc:
+        return None, f"the referral policy was refused ({str(exc).split(': ', 1)[-1]}): band and out-of-distribution " \
+                     "checks not applied"
     except (OSError, KeyError, ValueError, TypeError) as exc:
         return None, f"the referral policy could not be read ({type(exc).__name__}): band and out-of-distribution " \
                      "checks not applied"
     if pol is None:
         return None, "no referral policy fitted for this model: band and out-of-distribution checks not applied"
-    if pol.card_sha256 and pol.card_sha256 != card_sha256:
+    if pol.card_sha256 != card_sha256:
         return None, "the referral policy was fitted for another version of this card and is not used: band and " \
                      "out-of-distribution checks not applied"
+    if not pol.band[0] <= threshold <= pol.band[1]:
+        return None, f"the referral policy was refused (its band {pol.band[0]:.2f}-{pol.band[1]:.2f} does not contain " \
+                     f"the model's threshold {threshold:.2f}): band and out-of-distribution checks not applied"
+    if pol.ood is not None and embedding_dim is not None and pol.ood.dim != embedding_dim:
+        return None, f"the referral policy was refused (its OOD scorer expects {pol.ood.dim}-dim embeddings, the model " \
+                     f"gives {embedding_dim}): band and out-of-distribution checks not applied"
     return pol, ""
+
+
+def embedding_dim(model: torch.nn.Module) -> int | None:
+    """The width of a model's pooled embedding (the OOD scorer's input), where the architecture states it: a linear
+    head's input, or for a seed ensemble the concatenation of its members' (models.ensemble)."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        dims = [embedding_dim(m) for m in members]
+        return None if any(d is None for d in dims) else int(sum(dims))
+    fc = getattr(model, "fc", None)
+    return int(fc.in_features) if isinstance(fc, torch.nn.Linear) else None

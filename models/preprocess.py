@@ -49,11 +49,16 @@ def load_image(source: str | Path | bytes | BinaryIO, name: str | None = None, m
     try:
         if isinstance(source, (str, Path)):
             p = Path(source)
-            if not p.is_file():
+            if not p.exists():
                 raise ImageError(f"{label}: file not found")
+            if not p.is_file():  # a directory, FIFO or device: never opened (a FIFO would block)
+                raise ImageError(f"{label}: not a regular file")
             if p.stat().st_size > MAX_FILE_BYTES:
                 raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES // 2**20} MB")
-            data = p.read_bytes()
+            try:
+                data = p.read_bytes()
+            except PermissionError:
+                raise ImageError(f"{label}: permission denied") from None
         elif isinstance(source, bytes):
             data = source
         else:

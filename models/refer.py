@@ -12,9 +12,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 POLICY_FILE, OOD_FILE = "refer.json", "ood.npz"
 
@@ -61,9 +64,25 @@ class OODScorer:
 
     @classmethod
     def load(cls, path: Path) -> "OODScorer":
-        z = np.load(path)
-        return cls(z["mean"].astype(np.float64), z["components"].astype(np.float64), z["precision"],
-                   float(z["residual_var"]), float(z["threshold"]))
+        """The scorer, its arrays checked for consistent shapes and finite values (PolicyError otherwise)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                mean, comp, prec = (np.asarray(z[k], np.float64) for k in ("mean", "components", "precision"))
+                rv, thr = float(z["residual_var"]), float(z["threshold"])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise PolicyError(f"{path}: unreadable ({type(exc).__name__})") from None
+        d = mean.shape[0] if mean.ndim == 1 else -1
+        if d <= 0 or comp.ndim != 2 or comp.shape[1] != d or prec.shape != (comp.shape[0], comp.shape[0]):
+            raise PolicyError(f"{path}: inconsistent shapes (mean {mean.shape}, components {comp.shape}, "
+                              f"precision {prec.shape})")
+        if not (np.isfinite(mean).all() and np.isfinite(comp).all() and np.isfinite(prec).all() and rv > 0
+                and np.isfinite(thr)):
+            raise PolicyError(f"{path}: non-finite values or a non-positive residual variance")
+        return cls(mean, comp, prec, rv, thr)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
 
 
 @dataclass
@@ -82,17 +101,76 @@ class ReferPolicy:
     case_policy: dict = field(default_factory=dict)  # models.case.CasePolicy fields + its validation (fit-refer)
     ood: OODScorer | None = None
 
+    @property
+    def ood_audit(self):
+        """The OOD audit as typed fields (models.evidence.OodAudit; older files' sentence keys are read once there)."""
+        from models.evidence import ood_audit
+
+        return ood_audit(self.ood_auroc)
+
     @classmethod
     def load(cls, folder: str | Path) -> "ReferPolicy | None":
+        """The policy in a model folder, verified before it is trusted (ReferPolicyFile: types, a band inside [0, 1]
+        and ordered, a card_sha256; ood.npz matching its recorded sha256 and shaped consistently); None when the
+        folder has none. Raises PolicyError (one line) for a policy that cannot be trusted."""
         folder = Path(folder)
-        if not (folder / POLICY_FILE).is_file():
+        path = folder / POLICY_FILE
+        if not path.is_file():
             return None
-        d = json.loads((folder / POLICY_FILE).read_text())
+        try:
+            raw = json.loads(path.read_text())
+            d = ReferPolicyFile.model_validate(raw).model_dump()
+        except RecursionError:
+            raise PolicyError(f"{path}: JSON nested too deeply") from None
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise PolicyError(f"{path}: {'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise PolicyError(f"{path}: not valid JSON ({exc})") from None
         d["band"] = tuple(d["band"])
+        ood_sha = d.pop("ood_sha256", "")
         pol = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "ood"})
         if (folder / OOD_FILE).is_file():
+            from models.archs import file_sha256
+
+            if not ood_sha:
+                raise PolicyError(f"{folder / OOD_FILE}: no ood_sha256 in {POLICY_FILE} to verify it against")
+            if file_sha256(folder / OOD_FILE) != ood_sha:
+                raise PolicyError(f"{folder / OOD_FILE}: sha256 does not match the one in {POLICY_FILE}")
             pol.ood = OODScorer.load(folder / OOD_FILE)
+        elif ood_sha:
+            raise PolicyError(f"{folder / OOD_FILE}: missing, although {POLICY_FILE} names it")
         return pol
+
+
+class PolicyError(ValueError):
+    """A refer policy that cannot be trusted; the message is one line."""
+
+
+def _check_band(band: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = band
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"band must satisfy 0 <= low <= high <= 1, got [{lo}, {hi}]")
+    return band
+
+
+class ReferPolicyFile(BaseModel):
+    """refer.json as written by `python -m training fit-refer`, validated before anything reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+    band: Annotated[tuple[float, float], AfterValidator(_check_band)]
+    target_accuracy: Annotated[float, Field(ge=0, le=1)]
+    accepted_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    coverage: Annotated[float, Field(ge=0, le=1)]
+    ood_quantile: Annotated[float, Field(gt=0, lt=1)]
+    ood_auroc: dict = {}
+    risk_coverage: list = []
+    card_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # required: a policy is bound to one card
+    ood_sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    n_frames: Annotated[int, Field(ge=0)] = 0
+    n_patients: dict = {}
+    notes: list = []
+    case_policy: dict = {}
 
 
 @torch.inference_mode()

@@ -33,7 +33,7 @@ st.markdown("The case (a patient's frames at one magnification) is the unit of d
             "about still count toward the case; only frames refused by quality control or unlike the training frames "
             "drop out. Figures below come from patients the policy was never fitted on (nested cross-validation).")
 for model_id, pol in routed_policies().items():
-    st.markdown(f"**{model_id}** ({', '.join(m for m in MAGNIFICATIONS if resolve("malignancy", m).model_id == model_id)})")
+    st.markdown(f"**{model_id}** ({', '.join(m for m in MAGNIFICATIONS if resolve('malignancy', m).model_id == model_id)})")
     st.caption(case_evidence_line(pol))
     rows = case_evidence_rows(pol)
     if not rows.empty:

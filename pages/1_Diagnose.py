@@ -7,6 +7,7 @@ from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_evidence_line,
                            decode_frame, export_provenance, heatmap_png, performance_line, png_data_url, results_frame, subtype_call_rows,
                            subtype_caveat, subtype_for_frame, subtype_recall_line, subtype_route)
 from models.routing import resolve
+from models.textsafe import csv_safe, md_escape
 from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
@@ -74,7 +75,7 @@ if progress:
 
 for res in results:
     if res.error:
-        st.error(f"{res.error}")
+        st.error(md_escape(res.error))
 
 table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta))
 ok = [(x, f) for x, f in zip(results, files) if not x.error]
@@ -87,9 +88,13 @@ if len(results) > 1:
     text = (f"**Case: {verdict.verdict}**. {verdict.reason[0].upper() + verdict.reason[1:]}. {verdict.n_accepted} of "
             f"{verdict.n_frames} frames count toward the case ({verdict.n_band} of them uncertain on their own), "
             f"{verdict.n_referred} refused")
-    (st.warning if verdict.verdict == "refer" else st.info)(text + ".")
+    (st.warning if verdict.verdict == "refer" else st.info)(
+        text + (f", {len(verdict.duplicates)} left out as copies of another frame" if verdict.duplicates else "") + ".")
+    if verdict.duplicates:  # file names are data: shown as plain text, never Markdown
+        st.text("Same pixels, counted once:\n" + "\n".join(f"  {d['name']}  =  {d['duplicate_of']}"
+                                                          for d in verdict.duplicates))
     if verdict.drivers:
-        st.caption("Frames that drive the case verdict: " + ", ".join(
+        st.text("Frames that drive the case verdict: " + ", ".join(
             f"{d['name']} (p {d['p_malignant']:.2f})" for d in verdict.drivers))
     st.caption(case_evidence_line(lm.policy))
     ev = case_evidence_rows(lm.policy)
@@ -108,7 +113,7 @@ if len(results) > 1:
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
                  width="stretch")
-st.download_button("Download results (CSV)", table.to_csv(index=False), "predictions.csv", "text/csv")
+st.download_button("Download results (CSV)", csv_safe(table).to_csv(index=False), "predictions.csv", "text/csv")
 
 if len(results) > 1:
     with st.form("save_case", clear_on_submit=False):
@@ -138,7 +143,7 @@ else:  # chosen by position, with a key: names may repeat and the widget must be
     pick, pick_file = ok[st.selectbox("Show the heatmap for", range(len(ok)), format_func=lambda i: ok[i][0].name,
                                       key="heatmap_pick")]
 frame = decode_frame(pick_file.getvalue(), pick_file.name)
-st.subheader(pick.name)
+st.subheader(md_escape(pick.name))  # a file name is data: never Markdown
 if pick.decision == "refer":  # never in the large verdict type: the model declines to call this frame
     st.warning(f"**Refer to the pathologist**: {pick.reason}.")
     st.markdown(f"<span style='color:#777'>p(malignant) = {pick.p_malignant:.3f} (shown for reference; not a call)"

@@ -136,16 +136,17 @@ else:
                       xaxis_title="coverage (share of frames not referred)", yaxis_title="accuracy on accepted frames",
                       height=360)
     st.plotly_chart(fig, width="stretch")
-    au = pol.ood_auroc
+    au = pol.ood_audit  # typed, machine keys (models.evidence.OodAudit)
+    nan = float("nan")
+    rule = {"generated non-histology": au.referred_by_rule.generated, "IDC patches": au.referred_by_rule.idc}
     st.markdown(
         f"Target accuracy {pol.target_accuracy:.0%} on accepted frames: reached {pol.accepted_accuracy:.1%} at "
         f"{pol.coverage:.0%} coverage ({pol.n_frames} out-of-fold frames, {pol.n_patients.get('benign', 0)} benign / "
         f"{pol.n_patients.get('malignant', 0)} malignant patients). Out-of-distribution score AUROC against held-out "
-        f"training frames: generated non-histology {au.get('generated non-histology', float('nan')):.2f}, IDC patches "
-        f"(other-scale histology) {(au.get('IDC patches (other-scale histology)') or float('nan')):.2f}; with the "
+        f"training frames: generated non-histology {au.generated_auroc if au.generated_auroc is not None else nan:.2f}, "
+        f"IDC patches (other-scale histology) {au.idc_auroc if au.idc_auroc is not None else nan:.2f}; with the "
         "quality checks, the decision rule referred "
-        + ", ".join(f"{k} {v:.0%}" for k, v in (au.get("referred by QC or the OOD score (the decision rule)") or {}).items()
-                    if v is not None) + ".")
+        + ", ".join(f"{k} {v:.0%}" for k, v in rule.items() if v is not None) + ".")
     for n in pol.notes:
         st.caption(n)
 

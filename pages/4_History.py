@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from app.dashboard import DISCLAIMER, png_data_url
-from app.history import case_csv, case_frames, case_report_html, list_cases
+from app.history import case_csv, case_frames, case_report_html, list_cases, read_only_note
 from app.ui_cache import history_store
 
 st.set_page_config(page_title="History", page_icon="🗂️", layout="wide")
@@ -15,6 +15,8 @@ except Exception as exc:  # a bad URL or an unreachable server: a message, not a
     st.error(f"The history database cannot be opened ({type(exc).__name__}: {exc}). Set BREAKHIS_HISTORY_URL or "
              "BREAKHIS_HISTORY_DB.")
     st.stop()
+if read_only_note(store):
+    st.info(read_only_note(store))
 c1, c2 = st.columns(2)
 verdict = c1.selectbox("Case verdict", ["any", "malignant", "benign", "refer"], key="hist_verdict")
 search = c2.text_input("Search case reference or note", key="hist_search")

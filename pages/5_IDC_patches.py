@@ -10,6 +10,7 @@ from models.card import metric
 from models.gradcam import colour_scale, gradcam_overlay
 from models.idc import burden_with_ci
 from models.routing import DefaultsError, default_model_id
+from models.textsafe import csv_safe
 
 st.set_page_config(page_title="IDC patches", page_icon="🧫", layout="wide")
 st.title("IDC patches")
@@ -67,7 +68,7 @@ st.dataframe(table.drop(columns=["threshold"]), hide_index=True, width="stretch"
              column_config={"p_idc": st.column_config.ProgressColumn("p(IDC)", min_value=0.0, max_value=1.0,
                                                                       format="%.3f")})
 st.download_button("Download results (CSV)", table.assign(model_id=model_id, weights_sha256=lm.card.weights_sha256)
-                   .to_csv(index=False), "idc_patches.csv", "text/csv")
+                   .pipe(csv_safe).to_csv(index=False), "idc_patches.csv", "text/csv")
 
 patients = sorted(p for p in called["patient"].unique() if p)
 if patients:

@@ -139,7 +139,7 @@ def repeats_table(results: list[dict]) -> str:
 
 
 def rule1_candidates_table(folders: list[Path]) -> str:
-    """Every shipped malignancy model beside its recipe's rule-1 figure (app.dashboard.RULE1_SOURCES)."""
+    """Every shipped malignancy model beside its recipe's rule-1 figure (each folder's evidence.json, models.evidence)."""
     from app.dashboard import rule1_summary
 
     lines = ["| shipped model | its single run: frame AUC | rule 1: frame AUC over 3 split seeds (95% CI) | "

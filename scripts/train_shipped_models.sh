@@ -140,6 +140,14 @@ if [[ $only == all || $only == verdicts ]]; then
   "$PY" -m training idc-finetune-cv --data ../shared/data/idc --size 112 --epochs 4 --also-frozen-size 224 \
       --save-backbone build/idc/lite2_idc_finetuned_backbone.safetensors \
       --ship-to magnif_models/idc/efficientnet_lite2_idc_finetuned --out benchmarks/results/idc_finetune.json
+  # IDC fine-tuning as the BreakHis initialisation: the routed recipe's command (split seed 0, training seed 0, as the
+  # shipped single run) from the IDC backbone saved above, then the paired comparison on the same folds
+  run --magnification all --arch efficientnet_lite2 --init build/idc/lite2_idc_finetuned_backbone.safetensors \
+      --recipe full --lr 2e-4 --epochs 6 --patience 6 --colour-aug hed --balanced-sampling --cv 5 --seed 0 \
+      --out build/candidates/all/efficientnet_lite2_finetuned_idcinit
+  "$PY" -m training paired-runs --challenger build/candidates/all/efficientnet_lite2_finetuned_idcinit \
+      --incumbent magnif_models/all/efficientnet_lite2_finetuned --what "IDC fine-tuned vs ImageNet initialisation" \
+      --out benchmarks/results/idc_init_breakhis.json
   "$PY" benchmarks/ensemble_latency.py
   "$PY" benchmarks/qc_refusals.py --out benchmarks/results/qc_refusals.json
   "$PY" benchmarks/train_speed.py --run build/ensemble/member_train10 --out benchmarks/results/train_speed.json

@@ -164,7 +164,8 @@ def test_compare_agreement_counts_calls_only():
     from app.dashboard import FrameResult, compare_agreement
 
     def r(mid, decision, ood=False):
-        return FrameResult("f.png", mid, 0.9, "malignant", decision=decision, out_of_distribution=ood)
+        return FrameResult(name="f.png", task="malignancy", model_id=mid, probability=0.9, label="malignant",
+                           decision=decision, out_of_distribution=ood)
 
     assert compare_agreement([r("a", "malignant"), r("b", "malignant")])[0] == "success"
     kind, text = compare_agreement([r("a", "malignant"), r("b", "refer")])

@@ -12,7 +12,8 @@ from models.case import CaseFrame, case_verdict
 
 
 def _case(n=3, p=0.9):
-    results = [FrameResult(f"f{i}.png", "all/m", p, "malignant", "", ("w",), False, b"\x89PNGfake", "malignant", "")
+    results = [FrameResult(name=f"f{i}.png", task="malignancy", model_id="all/m", probability=p, label="malignant",
+                           warnings=("w",), thumbnail=b"\x89PNGfake", decision="malignant", decision_kind="call")
                for i in range(n)]
     verdict = case_verdict([CaseFrame(r.name, "100X", r.model_id, r.p_malignant, r.decision) for r in results])
     return results, verdict, [f"bytes{i}".encode() for i in range(n)]
@@ -31,7 +32,7 @@ def url(request, tmp_path):
         pytest.skip("no PostgreSQL: BREAKHIS_TEST_PG_URL is unset (.ci/run sets it after scripts/start_postgres.sh)")
     eng = create_engine(PG_URL)
     with eng.begin() as c:  # a clean database for each test
-        c.exec_driver_sql("DROP TABLE IF EXISTS frames, cases, schema_version CASCADE")
+        c.exec_driver_sql("DROP TABLE IF EXISTS frames, cases, schema_version, alembic_version CASCADE")
     eng.dispose()
     return PG_URL
 
@@ -62,20 +63,33 @@ def test_saved_case_comes_back_with_its_audit_trail(url):
     assert base64.b64encode(heats[0]).decode() in report and "no heatmap stored" in report and "blue = little" in report
 
 
-def test_a_schema_1_database_is_migrated_and_keeps_its_cases(url):
-    """A database written by the first schema (no heatmaps) gains the column and loses nothing."""
+def _back_to_schema_1(eng, legacy: bool) -> None:
+    """Turn a current database back into a schema-1 one: Alembic at 0001, or (legacy) the pre-Alembic schema_version
+    table saying 1 and no alembic_version at all."""
+    with eng.begin() as c:
+        c.exec_driver_sql("ALTER TABLE frames DROP COLUMN heatmap_png")
+        if legacy:
+            c.exec_driver_sql("DROP TABLE alembic_version")
+            schema_version.create(c)
+            c.execute(schema_version.insert().values(version=1, applied_at=list_cases(eng)["created_at"][0]))
+        else:
+            c.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
+    eng.dispose()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["alembic", "pre-alembic"])
+def test_a_schema_1_database_is_migrated_and_keeps_its_cases(url, legacy):
+    """A database written by the first schema (no heatmaps), with Alembic's stamp or the older schema_version table,
+    gains the column and loses nothing."""
     eng = open_store(url)
     results, verdict, data = _case()
     cid = save_case(eng, "OLD", "100X", verdict, results, data, PROV)
-    with eng.begin() as c:  # turn it back into a schema-1 database
-        c.exec_driver_sql("ALTER TABLE frames DROP COLUMN heatmap_png")
-        c.execute(schema_version.delete())
-        c.execute(schema_version.insert().values(version=1, applied_at=list_cases(eng)["created_at"][0]))
-    eng.dispose()
+    _back_to_schema_1(eng, legacy)
+    assert db_version(create_engine(url)) == 1
     eng = open_store(url)
     assert db_version(eng) == SCHEMA_VERSION == 2
     with eng.connect() as c:
-        assert [r.version for r in c.execute(schema_version.select().order_by(schema_version.c.version))] == [1, 2]
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
     fr = case_frames(eng, cid)
     assert len(fr) == 3 and fr["heatmap_png"].isna().all() and list_cases(eng)["label"].tolist() == ["OLD"]
     new = save_case(eng, "NEW", "100X", verdict, results, data, PROV, heatmaps=[b"h"] * 3)
@@ -89,9 +103,8 @@ def test_reopening_does_not_migrate_twice_and_a_newer_schema_is_refused(url):
     open_store(url)
     eng = open_store(url)
     with eng.begin() as c:
-        rows = c.execute(schema_version.select()).all()
-        assert [r.version for r in rows] == [SCHEMA_VERSION]
-        c.execute(schema_version.insert().values(version=SCHEMA_VERSION + 1, applied_at=rows[0].applied_at))
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
+        c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     with pytest.raises(RuntimeError, match="newer"):
         open_store(url)
 

@@ -65,14 +65,15 @@ def test_a_noisy_advantage_does_not_displace_the_pretrained_incumbent(tmp_path):
 
 
 def test_a_clear_advantage_displaces_the_incumbent_and_the_app_says_why(tmp_path):
-    from app.dashboard import route, routing_evidence
+    from app.dashboard import routing_evidence
+    from models.routing import resolve
     from models.routing.rule import select_defaults
 
     _folder(tmp_path, "lite2_logreg", "100X", _scores(0.3, 1), pretrained=True, seed=1)
     _folder(tmp_path, "resnet_scratch", "100X", _scores(3.0, 1), pretrained=False, recipe="full", seed=2)
     d = select_defaults(tmp_path, n_boot=500)["100X"]
     assert d["model_id"] == "100X/resnet_scratch" and "displaced" in d["reason"]
-    notes = " ".join(route("100X", tmp_path).notes)
+    notes = " ".join(resolve("malignancy", "100X", tmp_path).notes)
     assert "displaced the pretrained incumbent" in notes
     ev = routing_evidence("100X", tmp_path)
     assert ev.loc[0, "displaces"] and ev.loc[0, "challenger"] == "100X/resnet_scratch"
@@ -80,7 +81,7 @@ def test_a_clear_advantage_displaces_the_incumbent_and_the_app_says_why(tmp_path
     c = ModelCard.from_json(tmp_path / "100X" / "resnet_scratch" / "card.json")
     c.threshold = 0.4
     c.to_json(tmp_path / "100X" / "resnet_scratch" / "card.json")
-    assert "changed after routing" in " ".join(route("100X", tmp_path).notes)
+    assert "changed after routing" in " ".join(resolve("malignancy", "100X", tmp_path).notes)
 
 
 def test_reference_recipe_is_preferred_as_incumbent_over_the_frozen_one(tmp_path):

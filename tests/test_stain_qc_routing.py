@@ -73,7 +73,8 @@ def test_qc_failures_name_the_failed_checks():
 
 
 def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(tmp_path):
-    from app.dashboard import inventory, route
+    from app.dashboard import inventory
+    from models.routing import resolve
     from models.metrics import summarize
     from models.routing.rule import select_defaults
 
@@ -88,7 +89,7 @@ def test_borrowed_model_is_routed_only_where_its_cross_magnification_check_wins(
     card.to_json(own / "card.json")
     d = select_defaults(tmp_path)
     assert d["40X"]["model_id"] == "100X/lite" and d["40X"]["borrowed"]
-    assert "borrowed" in " ".join(route("40X", tmp_path).notes)
+    assert "borrowed" in " ".join(resolve("malignancy", "40X", tmp_path).notes)
     assert "no ImageNet-pretrained candidate" in d["40X"]["reason"]  # fixtures are scratch: highest AUC, flagged
     assert inventory(tmp_path).set_index("magnification").loc["40X", "borrowed"]
 

@@ -632,6 +632,24 @@ def _run_select_defaults(args) -> int:
     return 0
 
 
+def _options_paired_runs(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--challenger", required=True, type=Path, help="run folder with the change")
+    a.add_argument("--incumbent", required=True, type=Path, help="run folder of the recipe as it is")
+    a.add_argument("--what", default="", help="what differs between the runs, for the record")
+    a.add_argument("--out", required=True, type=Path)
+
+
+def _run_paired_runs(args) -> int:
+    from training.compare import write_paired_runs
+
+    r = write_paired_runs(args.challenger, args.incumbent, args.out, args.what)
+    d = r["pooled"]
+    print(f"{args.challenger} vs {args.incumbent}: AUC {d['auc_challenger']:.3f} vs {d['auc_incumbent']:.3f}, "
+          f"difference {d['difference']:+.3f} (paired 95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}); "
+          f"{'adopted' if r['adopted'] else 'not adopted'} by the paired rule; wrote {args.out}")
+    return 0
+
+
 COMMANDS = (
     Command("index", "index a data source and print the summary", _options_index, _run_index),
     Command("fetch-breakhis", "download the official BreaKHis_v1.tar.gz", _options_fetch_breakhis, _run_fetch_breakhis),
@@ -658,6 +676,8 @@ COMMANDS = (
     Command("build-ensemble", "seed ensemble of runs of one train command on the same folds: one model", _options_build_ensemble, _run_build_ensemble),
     Command("fit-refer", "fit a model's refer-when-unsure policy (uncertainty band + OOD score)", _options_fit_refer, _run_fit_refer),
     Command("train-tiles", "ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head", _options_train_tiles, _run_train_tiles),
+    Command("paired-runs", "two runs of one recipe on the same folds: paired AUC difference, adopted or not",
+            _options_paired_runs, _run_paired_runs),
     Command("select-defaults", "choose each magnification's model from validation", _options_select_defaults, _run_select_defaults),
 )
 

@@ -160,7 +160,7 @@ def build_ensemble(runs: list[str | Path], out: str | Path, model_id: str | None
 def rule1_record(folder: str | Path, out: str | Path, n_boot: int = 1000) -> dict:
     """The ensemble's rule-1 record in the repeats-cv layout (what Compare and the README read): its one split seed's
     out-of-fold figures with patient-bootstrap CIs, per-fold spread, and the paired difference to its single run.
-    Rule 1 asks for 3 split seeds; the shortfall is declared beside the figure (app.dashboard.RULE1_SHORTFALL)."""
+    Rule 1 asks for 3 split seeds; the shortfall is declared beside the figure (the folder's evidence.json, models.evidence)."""
     import json
 
     folder = Path(folder)

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from models.archs import file_sha256
+from models.evidence import OodAudit, OodCounts, OodRates
 from models.inference import load_model_folder
 from models.metrics import apply_temperature
 from models.preprocess import ImageError, load_image
@@ -161,24 +162,25 @@ def fit_refer(folder: str | Path, idc: str | Path | None = None, target_accuracy
                for q, sg in zip((check_quality(im) for _, im in gen), s_gen)]
     kinds = [name.split("-")[1] for name, _ in gen]
     by_kind = {k: float(np.mean([r for r, k2 in zip(gen_ref, kinds) if k2 == k])) for k in sorted(set(kinds))}
-    ood_auroc = {"generated non-histology": auroc(s_gen), "generated referred, by kind": by_kind, "IDC patches (other-scale histology)": auroc(s_idc),
-                 "QC failures among training frames": auroc(held[qc_fail]) if qc_fail.any() else None,
-                 "n": {"held-out training frames": int(len(held)), "generated": int(len(s_gen)),
-                       "IDC patches": int(len(s_idc)), "QC failures": int(qc_fail.sum())},
-                 "referred by QC or the OOD score (the decision rule)": {
-                     "generated": float(np.mean(gen_ref)),
-                     "IDC patches": (float(np.mean([bool(qc_failures(q)) or q.out_of_distribution or si > thr for q, si in
-                                                    zip((check_quality(im) for _, im in other), s_idc)]))
-                                     if len(s_idc) else None)},
-                 "referred at the threshold": {"generated": float((s_gen > thr).mean()),
-                                               "IDC patches": float((s_idc > thr).mean()) if len(s_idc) else None,
-                                               "held-out training frames": float((held > thr).mean())}}
+    idc_by_rule = (float(np.mean([bool(qc_failures(q)) or q.out_of_distribution or si > thr for q, si in
+                                  zip((check_quality(im) for _, im in other), s_idc)])) if len(s_idc) else None)
+    # machine keys (models.evidence.OodAudit): the pages read typed fields, never sentences
+    ood_auroc = OodAudit(
+        generated_auroc=auroc(s_gen), generated_referred_by_kind=by_kind, idc_auroc=auroc(s_idc),
+        qc_failures_auroc=auroc(held[qc_fail]) if qc_fail.any() else None,
+        n=OodCounts(held_out=int(len(held)), generated=int(len(s_gen)), idc=int(len(s_idc)),
+                    qc_failures=int(qc_fail.sum())),
+        referred_by_rule=OodRates(generated=float(np.mean(gen_ref)), idc=idc_by_rule),
+        referred_at_threshold=OodRates(generated=float((s_gen > thr).mean()),
+                                       idc=float((s_idc > thr).mean()) if len(s_idc) else None,
+                                       held_out=float((held > thr).mean()))).model_dump()
     scorer.save(folder / OOD_FILE)
     case = fit_case(lm, pred, keep, held, thr, qc_fail, seed)
     pats = sub.groupby("label")["patient"].nunique()
     policy = {"band": list(band), "target_accuracy": target_accuracy, "accepted_accuracy": chosen["accuracy"],
               "coverage": chosen["coverage"], "ood_quantile": quantile, "ood_auroc": ood_auroc,
               "risk_coverage": points, "card_sha256": file_sha256(folder / "card.json"), "n_frames": int(len(pred)),
+              "ood_sha256": file_sha256(folder / OOD_FILE),
               "n_patients": {"benign": int(pats.get(0, 0)), "malignant": int(pats.get(1, 0))},
               "case_policy": case,
               "notes": [note, f"band from out-of-fold predictions (predictions.csv) of {len(pred)} frames",

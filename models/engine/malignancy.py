@@ -23,6 +23,7 @@ class FramePrediction(Prediction):
     p_subtype: float | None = None
     subtype_model_id: str = ""
     thumbnail: bytes | None = None  # a small PNG the pages keep instead of the frame (set by the caller's `each`)
+    pixel_sha256: str = ""  # of the decoded RGB pixels: a case counts the same frame once, whatever its name
 
     @property
     def p_malignant(self) -> float | None:
@@ -33,6 +34,15 @@ class FramePrediction(Prediction):
         from models.refer import EVIDENCE_KINDS
 
         return self.decision_kind in EVIDENCE_KINDS
+
+
+def pixel_sha256(image) -> str:
+    """sha256 of an RGB image's size and pixels (the decoded content, not the file: a re-saved copy matches too)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{image.width}x{image.height}:{image.mode}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 PREDICT_COLUMNS = ("path", "magnification", "model_id", "p_malignant", "label", "decision", "reason", "decision_kind",
@@ -97,6 +107,7 @@ class MalignancyPredictor(Predictor):
         d = decide(p, self.model.card.threshold, qc_failures(q), q.out_of_distribution, ood, self.model.policy,
                    self.model.policy_note)
         result.probability, result.label = p, self.model.label_for(p)
+        result.pixel_sha256 = pixel_sha256(prepared.image)
         result.decision, result.reason, result.decision_kind = d.decision, d.reason, d.kind
         result.warnings = tuple(prepared.notes + output["notes"])
         result.out_of_distribution, result.ood_score = bool(q.out_of_distribution), ood

@@ -20,7 +20,15 @@ def model_path(model_id: str, root: str | Path) -> Path:
     shadow the root); an explicit folder must be given as an absolute path or start with ./ or ../."""
     p = Path(model_id)
     explicit = p.is_absolute() or model_id.startswith(("./", "../", ".\\", "..\\"))
-    return p if explicit else Path(root) / model_id
+    if explicit:
+        return p
+    folder = Path(root) / model_id
+    try:  # an id (or a symlink inside the root) must not lead out of the root: only an explicit path may
+        folder.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        raise ServeError(f"{model_id}: resolves outside the models root {root}; name the folder explicitly "
+                         "(an absolute path or ./path) to use it") from None
+    return folder
 
 
 def load_predictor(task: str = "malignancy", magnification: str | None = None, *, model: str | None = None,
@@ -39,8 +47,9 @@ def load_predictor(task: str = "malignancy", magnification: str | None = None, *
         if route.model_id is None:
             raise ServeError(" ".join(route.notes) + f" Train one with: {route.train_command}")
         model_id = route.model_id
+    folder = model_path(model_id, root)
     try:
-        lm = loader(model_path(model_id, root))
+        lm = loader(folder)
     except Exception as exc:  # integrity, missing files, refused card: one line, no traceback
         raise ServeError(f"cannot load model {model_id}: {exc}") from None
     if lm.card.task_kind != task:

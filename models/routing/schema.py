@@ -69,6 +69,8 @@ def read_defaults(root: str | Path | None = None) -> dict:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DefaultsError(f"{path}: not valid JSON ({exc}); re-run `python -m training select-defaults`") from None
+    except RecursionError:
+        raise DefaultsError(f"{path}: JSON nested too deeply; re-run `python -m training select-defaults`") from None
     try:
         if not isinstance(d, dict):
             raise DefaultsError(f"{path}: invalid routing file: top level: input should be a valid dictionary; re-run `python -m training "
@@ -77,6 +79,8 @@ def read_defaults(root: str | Path | None = None) -> dict:
         for key, adapter in _TASK_DEFAULTS.items():
             if key in d:
                 adapter.validate_python(d[key])
+    except RecursionError:
+        raise DefaultsError(f"{path}: JSON nested too deeply; re-run `python -m training select-defaults`") from None
     except ValidationError as exc:
         probs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg'][0].lower() + e['msg'][1:]}" for e in exc.errors()[:4])
         raise DefaultsError(f"{path}: invalid routing file: {probs}; re-run `python -m training select-defaults`") from None
