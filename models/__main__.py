@@ -132,6 +132,66 @@ def _batch(args) -> int:
     return run_batch_command(args)
 
 
+def _slide_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("slides", nargs="*", help="whole-slide files (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)")
+    a.add_argument("--magnification", choices=MAGNIFICATIONS, default=None,
+                   help="score fields of view at this BreakHis magnification's scale with its routed model")
+    a.add_argument("--task", choices=["malignancy", "idc"], default="malignancy",
+                   help="idc: 50x50 patches at the IDC model's scale (about 4 µm/px)")
+    a.add_argument("--mpp", type=float, default=None, help="µm/px of level 0, for slides that do not state it")
+    a.add_argument("--stride", type=float, default=1.0, help="tile step as a fraction of the tile (0.5: half overlap)")
+    a.add_argument("--min-tissue", type=float, default=0.25, help="share of a tile that must be tissue in the mask")
+    a.add_argument("--max-tiles", type=int, default=None, help="score at most this many tissue tiles per slide")
+    a.add_argument("--model", default=None, help="model id under the root (default: the routed one)")
+    _root_option(a)
+    a.add_argument("--out", type=Path, required=True, help="folder for <slide>_tiles.csv, .geojson, _heatmap.png, "
+                                                           "_summary.json")
+
+
+def _slide(args) -> int:
+    """Per slide: tiles CSV, GeoJSON, heatmap, summary; a bad slide is one line and the rest go on."""
+    from tqdm import tqdm
+
+    from models.engine import ServeError, load_predictor
+    from models.slide import SlideError
+    from models.slide_score import score_slide, write_outputs
+
+    if not args.slides:
+        print("error: no slides given: python -m models slide [options] SLIDE...", file=sys.stderr)
+        return 2
+    if args.task == "malignancy" and args.magnification is None:
+        print("error: --magnification is required for --task malignancy (or use --task idc)", file=sys.stderr)
+        return 2
+    try:
+        pred = load_predictor(args.task, args.magnification if args.task == "malignancy" else None, model=args.model,
+                              root=args.root)
+    except (ServeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.slides:
+        bar = tqdm(desc=Path(path).name, unit="tile", file=sys.stderr, leave=False, delay=1.0)
+
+        def progress(i: int, n: int) -> None:
+            bar.total = n
+            bar.update(i - bar.n)
+
+        try:
+            run = score_slide(path, pred, args.task, args.magnification, args.mpp, args.stride, args.min_tissue,
+                              args.max_tiles, progress)
+            paths = write_outputs(run, args.out)
+        except SlideError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        finally:
+            bar.close()
+        t = run.summary["tiles"]
+        print(f"{Path(path).name}: {t['scored']} tiles scored, {t['called']} called, {t['referred']} referred; "
+              f"wrote {paths['summary'].parent}/{Path(path).stem}_*", file=sys.stderr)
+    return 1 if failed == len(args.slides) else 0
+
+
 def _card_schema_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--out", type=Path, default=None, help="default: <models root>/card.schema.json")
 
@@ -163,6 +223,8 @@ COMMANDS = (
     Command("predict", "p(malignant) / p(IDC) / subtype per file, one CSV row each on stdout", _predict_options, _predict),
     Command("case", "judge the frames of one case together; JSON verdict on stdout", _case_options, _case),
     Command("batch", "score an archive (folder or manifest) on Ray into resumable Parquet", _batch_options, _batch),
+    Command("slide", "score whole-slide images at a model's physical scale: tiles CSV, GeoJSON, heatmap, summary",
+            _slide_options, _slide),
     Command("card-schema", "write the card's JSON Schema (magnif_models/card.schema.json)", _card_schema_options,
             _card_schema),
     Command("check-card", "validate card.json files; one line per refused card, exit 1 if any", _check_card_options,

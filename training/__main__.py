@@ -658,27 +658,42 @@ COMMANDS = (
     Command("evaluate", "metrics on held-out patients", _options_evaluate, _run_evaluate),
     Command("leakage-demo", "image-wise vs patient-wise split, same recipe", _options_leakage_demo, _run_leakage_demo),
     Command("rescore", "recompute a card's figures from its predictions.csv", _options_rescore, _run_rescore),
-    Command("pick-recipe", "ship the candidate with the higher cross-validated AUC", _options_pick_recipe, _run_pick_recipe),
-    Command("frozen-cv", "repeated grouped CV of frozen-feature recipes (whole frame, tiles, MIL, both)", _options_frozen_cv, _run_frozen_cv),
-    Command("repeats-cv", "rule 1 for a trained recipe: runs of one train command with different "
-                                          "--seed, read back and compared on identical folds with frozen recipes", _options_repeats_cv, _run_repeats_cv),
-    Command("scale-cv", "tile model vs scale shift: trained at one scale or scale-augmented, same folds", _options_scale_cv, _run_scale_cv),
-    Command("subtype-cv", "the eight subtypes, flat and hierarchical, patient-grouped (and image-wise, "
-                                          "labelled leakage) repeated CV on frozen tile embeddings", _options_subtype_cv, _run_subtype_cv),
-    Command("idc-cv", "IDC patches: patient-wise repeated CV of frozen Lite2 features at input sizes", _options_idc_cv, _run_idc_cv),
-    Command("train-idc", "ship an IDC patch model (frozen Lite2 + logistic regression) with its card", _options_train_idc, _run_train_idc),
-    Command("distill-resnet50", "ResNet-50 tile embedding distilled from frozen Lite2 (no labels), "
-                                                "then rule-1 CV of its frozen tile-mean features vs Lite2's", _options_distill_resnet50, _run_distill_resnet50),
-    Command("idc-finetune-cv", "IDC: fine-tuned Lite2 vs frozen Lite2 + LR on the same patient folds", _options_idc_finetune_cv, _run_idc_finetune_cv),
-    Command("served-policy-gap", "nested: a policy fitted on fold models' logits, applied to a model "
-                                                 "trained on all patients (frozen Lite2 + LR, the recipe cheap to nest)", _options_served_policy_gap, _run_served_policy_gap),
-    Command("calibrate-magnifications", "a pooled model's per-magnification temperatures, into its card", _options_calibrate_magnifications, _run_calibrate_magnifications),
-    Command("build-ensemble", "seed ensemble of runs of one train command on the same folds: one model", _options_build_ensemble, _run_build_ensemble),
-    Command("fit-refer", "fit a model's refer-when-unsure policy (uncertainty band + OOD score)", _options_fit_refer, _run_fit_refer),
-    Command("train-tiles", "ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head", _options_train_tiles, _run_train_tiles),
+    Command("pick-recipe", "ship the candidate with the higher cross-validated AUC",
+            _options_pick_recipe, _run_pick_recipe),
+    Command("frozen-cv", "repeated grouped CV of frozen-feature recipes (whole frame, tiles, MIL, both)",
+            _options_frozen_cv, _run_frozen_cv),
+    Command("repeats-cv", "rule 1 for a trained recipe: runs of one train command with different --seed, read back "
+            "and compared on identical folds with frozen recipes",
+            _options_repeats_cv, _run_repeats_cv),
+    Command("scale-cv", "tile model vs scale shift: trained at one scale or scale-augmented, same folds",
+            _options_scale_cv, _run_scale_cv),
+    Command("subtype-cv", "the eight subtypes, flat and hierarchical, patient-grouped (and image-wise, labelled "
+            "leakage) repeated CV on frozen tile embeddings",
+            _options_subtype_cv, _run_subtype_cv),
+    Command("idc-cv", "IDC patches: patient-wise repeated CV of frozen Lite2 features at input sizes",
+            _options_idc_cv, _run_idc_cv),
+    Command("train-idc", "ship an IDC patch model (frozen Lite2 + logistic regression) with its card",
+            _options_train_idc, _run_train_idc),
+    Command("distill-resnet50", "ResNet-50 tile embedding distilled from frozen Lite2 (no labels), then rule-1 CV of "
+            "its frozen tile-mean features vs Lite2's",
+            _options_distill_resnet50, _run_distill_resnet50),
+    Command("idc-finetune-cv", "IDC: fine-tuned Lite2 vs frozen Lite2 + LR on the same patient folds",
+            _options_idc_finetune_cv, _run_idc_finetune_cv),
+    Command("served-policy-gap", "nested: a policy fitted on fold models' logits, applied to a model trained on all "
+            "patients (frozen Lite2 + LR, the recipe cheap to nest)",
+            _options_served_policy_gap, _run_served_policy_gap),
+    Command("calibrate-magnifications", "a pooled model's per-magnification temperatures, into its card",
+            _options_calibrate_magnifications, _run_calibrate_magnifications),
+    Command("build-ensemble", "seed ensemble of runs of one train command on the same folds: one model",
+            _options_build_ensemble, _run_build_ensemble),
+    Command("fit-refer", "fit a model's refer-when-unsure policy (uncertainty band + OOD score)",
+            _options_fit_refer, _run_fit_refer),
+    Command("train-tiles", "ship a native-tile model: frozen Lite2 per tile + attention-MIL or mean head",
+            _options_train_tiles, _run_train_tiles),
     Command("paired-runs", "two runs of one recipe on the same folds: paired AUC difference, adopted or not",
             _options_paired_runs, _run_paired_runs),
-    Command("select-defaults", "choose each magnification's model from validation", _options_select_defaults, _run_select_defaults),
+    Command("select-defaults", "choose each magnification's model from validation",
+            _options_select_defaults, _run_select_defaults),
 )
 
 

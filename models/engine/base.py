@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.inference import LoadedModel
 
-Source = str | Path | bytes  # a file path, or an upload's bytes
+Source = str | Path | bytes | Image.Image  # a file path, an upload's bytes, or an image already in memory (a slide tile)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Item:
             return x
         if isinstance(x, tuple):
             return cls(str(x[0]), x[1])
-        if isinstance(x, bytes):
+        if isinstance(x, (bytes, Image.Image)):
             return cls("upload", x)
         return cls(str(x), x)
 
@@ -75,6 +75,17 @@ class Prepared:
     image: Image.Image
     qc: Any = None
     notes: list[str] = field(default_factory=list)
+
+
+def decode(item: Item, min_side: int | None = None):
+    """The item as 8-bit RGB (models.preprocess.LoadedImage): decoded from a path or bytes, or normalised from an
+    image already in memory; ImageError with one line for a bad one."""
+    from models.preprocess import MIN_SIDE, load_image, to_rgb
+
+    side = MIN_SIDE if min_side is None else min_side
+    if isinstance(item.source, Image.Image):
+        return to_rgb(item.source, item.name, min_side=side)
+    return load_image(item.source, name=item.name, min_side=side)
 
 
 class InputRefused(Exception):

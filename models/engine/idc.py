@@ -39,9 +39,9 @@ class IdcPredictor(Predictor):
         return r
 
     def prepare(self, item: Item, index: int) -> Prepared:
-        from models.preprocess import load_image
+        from models.engine.base import decode
 
-        li = load_image(item.source, name=item.name, min_side=PATCH_MIN_SIDE)
+        li = decode(item, PATCH_MIN_SIDE)
         notes = list(li.warnings)
         img = pad_patch(li.image, notes)
         if max(li.image.size) > 4 * PATCH:

@@ -81,10 +81,10 @@ class MalignancyPredictor(Predictor):
         return r
 
     def prepare(self, item: Item, index: int) -> Prepared:
-        from models.preprocess import load_image
+        from models.engine.base import decode
         from models.quality import check_quality
 
-        li = load_image(item.source, name=item.name)
+        li = decode(item)
         q = check_quality(li.image, self.magnification)
         return Prepared(index, li.image, q, list(li.warnings) + list(q.warnings))
 

@@ -29,10 +29,10 @@ class SubtypePredictor(Predictor):
     default_batch_size: ClassVar[int] = 1  # one bag of tiles at a time
 
     def prepare(self, item: Item, index: int) -> Prepared:
-        from models.preprocess import load_image
+        from models.engine.base import decode
         from models.quality import check_quality
 
-        li = load_image(item.source, name=item.name)
+        li = decode(item)
         q = check_quality(li.image, self.magnification)
         return Prepared(index, li.image, q, list(li.warnings) + list(q.warnings))  # QC is said, not a referral here
 
