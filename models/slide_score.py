@@ -135,10 +135,10 @@ def geojson_of(run: SlideRun):
     return fc
 
 
-def heatmap_image(run: SlideRun, opacity: float = 0.55, show_mask: bool = True) -> Image.Image:
-    """The slide thumbnail (mask resolution) with each tile coloured by its probability (the Grad-CAM colour scale),
-    referred tiles outlined in black with a cross, the tissue mask's border in green; the scale underneath."""
-    from models.gradcam import colour_scale, overlay_with_scale
+def heatmap_overlay(run: SlideRun, opacity: float = 0.55, show_mask: bool = True) -> tuple[Image.Image, float]:
+    """(the slide thumbnail with each tile coloured by its probability on the Grad-CAM colour scale, referred tiles
+    outlined and crossed in black, the tissue mask's border in green; level-0 pixels -> image pixels factor)."""
+    from models.gradcam import colour_scale
 
     thumb = run.mask.thumbnail.convert("RGB")
     base = np.asarray(thumb, dtype=np.float32)
@@ -153,24 +153,31 @@ def heatmap_image(run: SlideRun, opacity: float = 0.55, show_mask: bool = True) 
         if p is not None and p == p:
             over[y0:y1, x0:x1] = (1 - opacity) * base[y0:y1, x0:x1] + opacity * lut[int(round(float(p) * 255))]
         boxes.append((x0, y0, x1 - 1, y1 - 1, r.decision == "refer"))
-    img = Image.fromarray(over.clip(0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(img)
+    arr = over.clip(0, 255).astype(np.uint8)
     if show_mask:
         from skimage.segmentation import find_boundaries
 
-        edge = find_boundaries(run.mask.mask, mode="inner")
-        arr = np.asarray(img).copy()
-        arr[edge] = (0, 160, 0)
-        img = Image.fromarray(arr)
-        d = ImageDraw.Draw(img)
+        arr[find_boundaries(run.mask.mask, mode="inner")] = (0, 160, 0)
+    k = 1
+    if arr.shape[1] < 300:  # small thumbnails are enlarged so tiles and marks stay legible
+        k = -(-300 // arr.shape[1])
+        arr = arr.repeat(k, 0).repeat(k, 1)
+    img = Image.fromarray(arr)
+    d = ImageDraw.Draw(img)
     for x0, y0, x1, y1, referred in boxes:
         if referred:
+            x0, y0, x1, y1 = x0 * k, y0 * k, (x1 + 1) * k - 1, (y1 + 1) * k - 1
             d.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
             d.line((x0, y0, x1, y1), fill=(0, 0, 0))
             d.line((x0, y1, x1, y0), fill=(0, 0, 0))
-    if img.width < 300:  # small thumbnails are enlarged so the scale and caption stay legible
-        k = -(-300 // img.width)
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    return img, s * k
+
+
+def heatmap_image(run: SlideRun, opacity: float = 0.55, show_mask: bool = True) -> Image.Image:
+    """heatmap_overlay with its colour scale and caption underneath (a heatmap without a scale misleads)."""
+    from models.gradcam import overlay_with_scale
+
+    img, _ = heatmap_overlay(run, opacity, show_mask)
     what = "p(IDC)" if run.prob_column == "p_idc" else "p(malignant)"
     return overlay_with_scale(img, f"{what} per tile; crossed = referred; green = tissue border")
 

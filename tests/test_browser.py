@@ -189,3 +189,32 @@ def test_a_whole_case_from_upload_to_exported_report(app_url, page):
     assert report.count("alt='heatmap'") == 5 and report.count("alt='frame'") == 5
     assert all(p.name in report for p in case)
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_a_whole_slide_from_upload_to_saved_summary(app_url, page):
+    """Upload the CMU slide on the Slides page, score it at 40X, see the heatmap, click a tile, save the summary."""
+    cmu = DATA.parent / "wsi" / "CMU-1-Small-Region.svs"
+    if not cmu.is_file():
+        pytest.skip("../shared/data/wsi/CMU-1-Small-Region.svs is absent")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{app_url}/Slides")
+    page.get_by_text("Whole-slide images").first.wait_for()
+    page.locator("input[type=file]").first.set_input_files(str(cmu))
+    page.get_by_text("aperio").first.wait_for()  # the slide's properties
+    page.get_by_role("button", name="Analyse slide").click()
+    page.get_by_text("tiles called").first.wait_for()
+    chart = page.locator("[data-testid='stPlotlyChart']")
+    chart.wait_for()
+    page.get_by_text("Tile at x").first.wait_for()
+    point = chart.locator(".scatterlayer path.point")
+    if point.count():  # a tile's marker: clicking selects it and the tile view follows
+        point.nth(point.count() - 1).click(force=True)
+        page.wait_for_timeout(2500)
+    page.get_by_text("Tile at x").first.wait_for()
+    page.get_by_text("Highest-probability tiles").wait_for()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "slides.png"), full_page=True)
+    page.get_by_label("Case reference (no patient names)").fill("BROWSER-SLIDE-CMU")
+    page.get_by_role("button", name="Save slide summary").click()
+    page.get_by_text("Saved as case").wait_for()
+    assert page.locator("[data-testid='stException']").count() == 0

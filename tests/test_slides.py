@@ -58,7 +58,7 @@ def _mosaic(tmp_path, mpp0: float = 0.245):
     paths = [FRAMES / p for p in picks["path"]]
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     assert all(f.shape == (460, 700, 3) for f in frames)
-    lvl1 = np.block([[frames[0], frames[1]], [frames[2], frames[3]]]) if False else np.concatenate(
+    lvl1 = np.concatenate(
         [np.concatenate(frames[:2], 1), np.concatenate(frames[2:], 1)], 0)
     lvl0 = lvl1.repeat(2, 0).repeat(2, 1)
     slide = write_pyramid(tmp_path / "mosaic.tif", lvl0, mpp0, levels=3)
@@ -144,3 +144,35 @@ def test_a_ten_gigapixel_sparse_pyramid_stays_within_a_memory_bound(tmp_path, ti
     pixels, n_tiles, peak_kb = map(int, r.stdout.split())
     assert pixels == 10**10 and 1 <= n_tiles <= 12
     assert peak_kb / 2**20 < 2.5, f"peak RSS {peak_kb / 2**20:.2f} GB"
+
+
+def test_the_slides_page_scores_the_cmu_slide_and_saves_its_summary(tiny_models_root, monkeypatch, tmp_path):
+    """AppTest: a slide from the server folder, refused at 100X with the reason, scored at 40X: summary, tile view
+    and the case saved to the history."""
+    _need(CMU)
+    from streamlit.testing.v1 import AppTest
+
+    from app.history import list_cases, open_store
+
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(tiny_models_root))
+    monkeypatch.setenv("BREAKHIS_HISTORY_DB", str(tmp_path / "history.db"))
+    monkeypatch.setenv("BREAKHIS_SLIDES_DIR", str(CMU.parent))
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "pages" / "6_Slides.py"), default_timeout=300)
+    at.run()
+    at.radio(key="slide_source").set_value("Server slide folder").run()
+    assert not at.exception, at.exception
+    at.selectbox(key="slide_task").set_value("malignancy at 100X").run()
+    assert any("0.499 µm/px" in str(e.value) and "refused" in str(e.value) for e in at.error)
+    at.selectbox(key="slide_task").set_value("malignancy at 40X").run()
+    at.button(key="slide_go").click().run()
+    assert not at.exception, at.exception
+    text = " ".join(str(x.value) for x in [*at.info, *at.warning, *at.markdown])
+    assert "tiles called" in text and "aperio" in at.table[0].value.to_string()
+    assert any("Tile at x" in str(h.value) for h in at.subheader)
+    at.text_input(key="slide_case_label").set_value("SLIDE-1")
+    at.get("form_submit_button")[0].click().run()
+    assert not at.exception, at.exception
+    assert any("Saved as case" in str(s.value) for s in at.success)
+    cases = list_cases(open_store(f"sqlite:///{tmp_path / 'history.db'}"))
+    assert cases["label"].tolist() == ["SLIDE-1"] and "tiles scored" in cases["pathologist_note"][0]
