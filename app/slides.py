@@ -64,6 +64,18 @@ def properties_table(info: SlideInfo) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["property", "value"])
 
 
+def mask_overlay(mask) -> "Image.Image":
+    """The slide thumbnail with the tissue mask tinted green (what tiling will cover) and non-tissue greyed."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(mask.thumbnail.convert("RGB"), dtype=np.float32)
+    out = rgb * 0.55 + 255 * 0.45  # greyed
+    m = mask.mask
+    out[m] = rgb[m] * 0.6 + np.array([40, 200, 60], np.float32) * 0.4
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
 def top_tiles(run, k: int = 6) -> pd.DataFrame:
     """The k tiles with the highest probability among those called or referred only as uncertain."""
     t = run.tiles[run.tiles[run.prob_column].notna()]

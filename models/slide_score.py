@@ -33,7 +33,7 @@ class SlideRun:
 
 def score_slide(path: str | Path, predictor: Predictor, task: str, magnification: str | None = None,
                 mpp: float | None = None, stride: float = 1.0, min_tissue: float = 0.25, max_tiles: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> SlideRun:
+                progress: Callable[[int, int], None] | None = None, mask_params: dict | None = None) -> SlideRun:
     """Open, mask, tile at the model's scale and predict every tile (refused with SlideError where the slide cannot
     give that scale)."""
     slide, info = open_slide(path, mpp)
@@ -41,7 +41,7 @@ def score_slide(path: str | Path, predictor: Predictor, task: str, magnification
         target_mpp, size = target_scale(task, magnification)
         what = "IDC patches" if task == "idc" else magnification
         upsample = check_reachable(info, target_mpp, what)
-        mask = tissue_mask(slide, info)
+        mask = tissue_mask(slide, info, **(mask_params or {}))
         grid = tile_grid(info, mask, target_mpp, size, stride, min_tissue)
         capped = max_tiles is not None and len(grid) > max_tiles
         grid = grid[:max_tiles] if capped else grid

@@ -5,14 +5,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.dashboard import DISCLAIMER
-from app.slides import (list_server_slides, properties_table, save_slide_case, server_slide_path, slide_folder,
+from app.slides import (list_server_slides, mask_overlay, properties_table, save_slide_case, server_slide_path, slide_folder,
                         store_upload, top_tiles)
 from app.ui_cache import cached_model, history_store
 from models.card import MAGNIFICATIONS, metric
 from models.engine import make_predictor
 from models.gradcam import gradcam_heatmap, gradcam_overlay
 from models.routing import resolve
-from models.slide import MAG_MPP, MAX_UPSAMPLE, IDC_MPP, SlideError, TileSpec, open_slide, read_tile, target_scale
+from models.slide import (IDC_MPP, MAG_MPP, MAX_UPSAMPLE, SlideError, TileSpec, open_slide, read_tile, target_scale,
+                          tissue_mask)
 from models.slide_score import SCALE_NOTE, heatmap_overlay, score_slide
 from models.textsafe import md_escape
 
@@ -59,6 +60,10 @@ mpp_text = c2.text_input("µm/px of level 0 (only if the slide does not state it
 stride = c3.select_slider("Tile step", options=[0.5, 0.75, 1.0], value=1.0, key="slide_stride",
                           help="1 = tiles edge to edge; 0.5 = half overlap (4x the tiles)")
 with st.expander("Tissue detection and tiling parameters"):
+    m1, m2 = st.columns(2)
+    min_sat = m1.slider("Minimum saturation counted as tissue (the Otsu threshold is never below it)", 0.0, 0.5, 0.07,
+                        0.01, key="slide_min_sat")
+    min_obj = m2.number_input("Smallest tissue piece kept (µm²)", 0, 1_000_000, 5000, 1000, key="slide_min_obj")
     min_tissue = st.slider("Share of a tile that must be tissue", 0.05, 1.0, 0.25, 0.05, key="slide_min_tissue")
     max_tiles = st.number_input("Score at most this many tiles", 1, 20000, 2000, key="slide_max_tiles")
 try:
@@ -69,11 +74,18 @@ except ValueError:
 
 try:
     slide, info = open_slide(path, mpp)
-    slide.close()
+    try:
+        mask = tissue_mask(slide, info, min_saturation=float(min_sat), min_object_um2=float(min_obj))
+    finally:
+        slide.close()
 except SlideError as exc:
     st.error(str(exc))
     st.stop()
-st.table(properties_table(info).set_index("property"))
+p1, p2 = st.columns([3, 2])
+p1.table(properties_table(info).set_index("property"))
+p2.image(mask_overlay(mask), caption=f"Tissue mask (green; {mask.mask.mean():.0%} of the slide; Otsu threshold on "
+                                     f"saturation {mask.threshold:.2f}, {mask.mpp:.1f} µm per mask pixel)",
+         width="stretch")
 target_mpp, _ = target_scale(task, mag)
 if info.mpp / target_mpp > MAX_UPSAMPLE:
     st.error(f"{'IDC patches need' if task == 'idc' else f'{mag} needs'} {target_mpp:g} µm/px; this slide is scanned at "
@@ -97,14 +109,15 @@ except Exception as exc:  # integrity failure or missing files: a message, not a
 auc = metric(lm.card.summary_at(mag) if mag and lm.card.magnification == "all" else lm.card.overall)
 st.markdown(f"Model `{route.model_id}`" + (f" · AUC {auc.fmt()} on patients it never saw" if auc else ""))
 
-params = (path, task, mag, mpp, stride, min_tissue, int(max_tiles))
+params = (path, task, mag, mpp, stride, min_tissue, int(max_tiles), min_sat, int(min_obj))
 if st.button("Analyse slide", type="primary", key="slide_go") or (st.session_state.get("slide_run_params") == params):
     if st.session_state.get("slide_run_params") != params:
         bar = st.progress(0.0, text="Scoring tiles…")
         try:
             run = score_slide(path, make_predictor(lm, magnification=mag), task, mag, mpp, stride, min_tissue,
                               int(max_tiles), progress=lambda i, n: bar.progress(i / max(n, 1),
-                                                                                 text=f"Scoring tile {i} of {n}"))
+                                                                                 text=f"Scoring tile {i} of {n}"),
+                              mask_params={"min_saturation": float(min_sat), "min_object_um2": float(min_obj)})
         except SlideError as exc:
             st.error(str(exc))
             st.stop()

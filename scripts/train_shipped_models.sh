@@ -136,6 +136,7 @@ if [[ $only == all || $only == verdicts ]]; then
   "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_ensemble --idc ../shared/data/idc
   "$PY" -m training calibrate-magnifications --model magnif_models/all/efficientnet_lite2_finetuned
   "$PY" -m training fit-refer --model magnif_models/all/efficientnet_lite2_finetuned --idc ../shared/data/idc
+  "$PY" -m training threshold-cv --model magnif_models/all/efficientnet_lite2_ensemble --out benchmarks/results/threshold_cv.json
   "$PY" -m training served-policy-gap --data "$DATA" --out benchmarks/results/served_policy_gap.json
   "$PY" -m training idc-finetune-cv --data ../shared/data/idc --size 112 --epochs 4 --also-frozen-size 224 \
       --save-backbone build/idc/lite2_idc_finetuned_backbone.safetensors \

@@ -119,6 +119,23 @@ def idc_init_section(path: Path) -> None:
           "seed per arm: the difference bounds the initialisation and run-to-run noise together.")
 
 
+def threshold_section(path: Path) -> None:
+    r = json.loads(path.read_text())
+    n = r["n_patients"]
+    print(f"{r['protocol']} ({n['benign']} benign / {n['malignant']} malignant patients).\n")
+    print("| magnification | balanced accuracy, threshold 0.5 | per-magnification threshold |")
+    print("|---|---|---|")
+    for g, m in sorted(r["per_magnification"].items(), key=lambda kv: int(kv[0].rstrip("X"))):
+        print(f"| {g} ({m['n_patients']['benign']}/{m['n_patients']['malignant']} patients) | {m['single']:.3f} | "
+              f"{m['per_magnification']:.3f} |")
+    print(f"| all | {r['balanced_accuracy_single_threshold']:.3f} | {r['balanced_accuracy_per_magnification']:.3f} |")
+    th = {g: sorted({f['thresholds'][g] for f in r['folds'] if g in f['thresholds']}) for g in r["per_magnification"]}
+    print(f"\nGain {r['difference']:+.3f} (paired patient-bootstrap 95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}): "
+          f"{'adopted' if r['adopted'] else 'not adopted; the card keeps one threshold (0.5) for every magnification'}. "
+          "Thresholds the inner folds chose: " + "; ".join(f"{g} {', '.join(f'{t:.2f}' for t in v) or 'none (too few patients)'}"
+                                                        for g, v in th.items()) + ".")
+
+
 def case_section(folder: Path) -> None:
     pol = json.loads((folder / "refer.json").read_text())
     cp = pol.get("case_policy")
@@ -216,6 +233,8 @@ def main() -> None:
                            ("Fold models vs the served model", served_gap_section,
                             ROOT / "benchmarks/results/served_policy_gap.json"),
                            ("IDC: fine-tuned vs frozen", idc_section, ROOT / "benchmarks/results/idc_finetune.json"),
+                           ("Per-magnification threshold", threshold_section,
+                            ROOT / "benchmarks/results/threshold_cv.json"),
                            ("IDC fine-tuning as the BreakHis initialisation", idc_init_section,
                             ROOT / "benchmarks/results/idc_init_breakhis.json"),
                            ("Quality control", qc_section, ROOT / "benchmarks/results/qc_refusals.json"),

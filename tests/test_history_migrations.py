@@ -13,12 +13,15 @@ from app.history import db_version, list_cases, open_store, save_case
 from tests.conftest import ROOT
 from tests.test_history import PROV, _back_to_schema_1, _case, url  # noqa: F401  (the sqlite/postgresql fixture)
 
-OPEN = "import sys; sys.path.insert(0, {root!r}); from app.history import open_store; open_store({url!r})"
+OPEN = ("import sys, time; sys.path.insert(0, {root!r}); from app.history import open_store; "
+        "time.sleep(max(0.0, {start!r} - time.time())); open_store({url!r})")  # all open at the same instant
 
 
 def _open_in(n: int, url: str, env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """n processes opening the store at the same moment (each waits on a shared start file)."""
-    code = OPEN.format(root=str(ROOT), url=url)
+    """n processes opening the store at the same moment (each imports first, then waits for a shared start time)."""
+    import time
+
+    code = OPEN.format(root=str(ROOT), url=url, start=time.time() + 8.0)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **(env or {})}) for _ in range(n)]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
@@ -46,6 +49,7 @@ def test_a_migration_killed_midway_leaves_the_database_as_it_was(url):  # noqa: 
     assert list_cases(eng)["label"].tolist() == ["KEEP"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["fresh", "schema-1"])
 def test_eight_processes_opening_at_once_all_succeed(url, start):  # noqa: F811
     if start == "schema-1":

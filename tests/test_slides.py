@@ -29,6 +29,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_the_cmu_slide_is_scored_at_40x_and_refused_at_finer_scales(tmp_path):
     _need(CMU)
     r = _cli(str(CMU), "--magnification", "40X", "--out", str(tmp_path))
@@ -65,6 +66,7 @@ def _mosaic(tmp_path, mpp0: float = 0.245):
     return slide, paths, [(0, 0), (1400, 0), (0, 920), (1400, 920)]
 
 
+@pytest.mark.slow
 def test_mosaic_tiles_score_exactly_as_their_frames_and_land_where_they_were_placed(tmp_path):
     _need(FRAMES)
     from models.engine import load_predictor
@@ -146,6 +148,7 @@ def test_a_ten_gigapixel_sparse_pyramid_stays_within_a_memory_bound(tmp_path, ti
     assert peak_kb / 2**20 < 2.5, f"peak RSS {peak_kb / 2**20:.2f} GB"
 
 
+@pytest.mark.slow
 def test_the_slides_page_scores_the_cmu_slide_and_saves_its_summary(tiny_models_root, monkeypatch, tmp_path):
     """AppTest: a slide from the server folder, refused at 100X with the reason, scored at 40X: summary, tile view
     and the case saved to the history."""

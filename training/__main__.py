@@ -650,6 +650,21 @@ def _run_paired_runs(args) -> int:
     return 0
 
 
+def _options_threshold_cv(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--model", required=True, type=Path, help="a pooled model folder (its predictions.csv)")
+    a.add_argument("--out", required=True, type=Path)
+
+
+def _run_threshold_cv(args) -> int:
+    from training.thresholds import write_threshold_cv
+
+    r = write_threshold_cv(args.model, args.out)
+    print(f"balanced accuracy, held-out patients: single threshold {r['balanced_accuracy_single_threshold']:.3f}, "
+          f"per magnification {r['balanced_accuracy_per_magnification']:.3f}, difference {r['difference']:+.3f} "
+          f"(95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}): {'adopted' if r['adopted'] else 'not adopted'}")
+    return 0
+
+
 COMMANDS = (
     Command("index", "index a data source and print the summary", _options_index, _run_index),
     Command("fetch-breakhis", "download the official BreaKHis_v1.tar.gz", _options_fetch_breakhis, _run_fetch_breakhis),
@@ -692,6 +707,8 @@ COMMANDS = (
             _options_train_tiles, _run_train_tiles),
     Command("paired-runs", "two runs of one recipe on the same folds: paired AUC difference, adopted or not",
             _options_paired_runs, _run_paired_runs),
+    Command("threshold-cv", "nested: does a per-magnification threshold beat the single one on held-out patients",
+            _options_threshold_cv, _run_threshold_cv),
     Command("select-defaults", "choose each magnification's model from validation",
             _options_select_defaults, _run_select_defaults),
 )
