@@ -165,10 +165,13 @@ def load_policy(folder: Path, card_sha256: str, threshold: float = 0.5, embeddin
     card, one that cannot be read or fails its checks (models.refer.ReferPolicy.load), one whose band does not contain
     the card's threshold or whose OOD scorer does not fit the model's embedding is not used, and every decision then
     says so (never a silent fallback)."""
-    from models.refer import PolicyError
+    from models.refer import PolicyError, PolicyUnreadable
 
     try:
         pol = ReferPolicy.load(folder)
+    except PolicyUnreadable as exc:
+        return None, f"the referral policy could not be read ({str(exc).split(': ', 1)[-1]}): band and " \
+                     "out-of-distribution checks not applied"
     except PolicyError as exc:
         return None, f"the referral policy was refused ({str(exc).split(': ', 1)[-1]}): band and out-of-distribution " \
                      "checks not applied"

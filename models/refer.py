@@ -121,12 +121,12 @@ class ReferPolicy:
             raw = json.loads(path.read_text())
             d = ReferPolicyFile.model_validate(raw).model_dump()
         except RecursionError:
-            raise PolicyError(f"{path}: JSON nested too deeply") from None
+            raise PolicyUnreadable(f"{path}: JSON nested too deeply") from None
         except ValidationError as exc:
             e = exc.errors()[0]
             raise PolicyError(f"{path}: {'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}") from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise PolicyError(f"{path}: not valid JSON ({exc})") from None
+            raise PolicyUnreadable(f"{path}: not valid JSON ({exc})") from None
         d["band"] = tuple(d["band"])
         ood_sha = d.pop("ood_sha256", "")
         pol = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "ood"})
@@ -145,6 +145,10 @@ class ReferPolicy:
 
 class PolicyError(ValueError):
     """A refer policy that cannot be trusted; the message is one line."""
+
+
+class PolicyUnreadable(PolicyError):
+    """A refer policy file that is not JSON at all (or nested too deeply to read)."""
 
 
 def _check_band(band: tuple[float, float]) -> tuple[float, float]:

@@ -93,6 +93,7 @@ def small_manifest(dest: Path, per_label: int = 3, own: int = 4, other: int = 2)
 
 
 @needs_shared
+@pytest.mark.slow  # end-to-end (issue 29: the default suite stays under 8 minutes; CI runs it)
 def test_hybrid_phased_cv_with_stain_tta_qc_and_cross_magnification(tmp_path):
     from models.gradcam import cam_branches, gradcam_heatmap
     from models.inference import load_model_folder

@@ -105,6 +105,7 @@ def test_mosaic_tiles_score_exactly_as_their_frames_and_land_where_they_were_pla
     assert boxes == {(x, y, 1400, 920) for x, y in origins}
 
 
+@pytest.mark.slow  # end-to-end (issue 29: the default suite stays under 8 minutes; CI runs it)
 def test_a_slide_without_mpp_is_refused_unless_stated_and_a_corrupt_one_is_one_line(tmp_path):
     _need(FRAMES)
     from models.slide import SlideError, open_slide
