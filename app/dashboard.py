@@ -358,15 +358,18 @@ def analyse_uploads(predictor, uploads: list[tuple[str, bytes]]) -> list[FramePr
     return predictor.predict(uploads, each=keep_thumbnail)
 
 
-def results_frame(results: list[FrameResult], threshold: float, provenance: dict | None = None) -> pd.DataFrame:
+def results_frame(results: list[FrameResult], threshold: float, provenance: dict | None = None,
+                  verdict=None) -> pd.DataFrame:
     """The downloadable results table (one row per uploaded file, failures included), with its provenance
-    (magnification, TTA, time, model id, weights and card sha256) on every row."""
+    (magnification, TTA, time, model id, weights and card sha256) and the case verdict on every row. A referred
+    frame has no label (the model declined to call it); a file that could not be analysed says so."""
     prov = provenance or {}
-    return pd.DataFrame([{**prov,
+    case = ({"case_verdict": verdict.verdict, "case_reason": verdict.reason} if verdict is not None else {})
+    return pd.DataFrame([{**prov, **case,
         "file": r.name, "model_id": r.model_id,
         "p_malignant": None if r.p_malignant is None else round(r.p_malignant, 4),
-        "label": r.label if not r.out_of_distribution else f"{r.label} (unreliable: not H&E-like)",
-        "decision": r.decision, "reason": r.reason,
+        "label": "" if r.decision == "refer" else r.label,
+        "decision": "not analysed" if r.error else r.decision, "reason": r.reason,
         "threshold": threshold, "error": r.error, "warnings": "; ".join(r.warnings),
     } for r in results])
 

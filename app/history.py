@@ -210,9 +210,9 @@ def list_cases(engine: Engine, verdict: str | None = None, search: str = "") -> 
     q = select(cases).order_by(cases.c.created_at.desc(), cases.c.id.desc())
     if verdict:
         q = q.where(cases.c.verdict == verdict)
-    if search:
-        like = f"%{search}%"
-        q = q.where(cases.c.label.like(like) | cases.c.pathologist_note.like(like))
+    if search:  # the text is data: % and _ match themselves, not any characters
+        like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        q = q.where(cases.c.label.like(like, escape="\\") | cases.c.pathologist_note.like(like, escape="\\"))
     with engine.connect() as c:
         return pd.DataFrame(c.execute(q).mappings().all(), columns=[col.name for col in cases.columns])
 

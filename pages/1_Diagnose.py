@@ -73,18 +73,25 @@ for i, f in enumerate(files):
 if progress:
     progress.empty()
 
-for res in results:
-    if res.error:
-        st.error(md_escape(res.error))
-
-table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta))
+# Refusals are not referrals: files that could not be analysed are listed apart, never counted as referred frames and
+# never saved into a case.
 ok = [(x, f) for x, f in zip(results, files) if not x.error]
-if len(results) > 1:
+refused = [x for x in results if x.error]
+if refused:
+    st.error(f"{len(refused)} of {len(results)} file(s) could not be analysed; they are listed here and nowhere else "
+             "(not counted as frames, not saved with the case):")
+    st.text("\n".join(x.error for x in refused))
+analysed = [x for x, _ in ok]
+verdict = None
+if analysed:
+    verdict, name_notes = case_summary(analysed, mag, lm.card.threshold, lm.case_policy)
+table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta),
+                      verdict if len(analysed) > 1 else None)
+if len(analysed) > 1:
     # The case is the unit of decision: its verdict leads, the frames follow.
-    verdict, name_notes = case_summary(results, mag, lm.card.threshold, lm.case_policy)
     st.subheader("Case verdict (if these frames are one case)")
     for n in name_notes:
-        st.warning(n)
+        st.warning(md_escape(n))
     text = (f"**Case: {verdict.verdict}**. {verdict.reason[0].upper() + verdict.reason[1:]}. {verdict.n_accepted} of "
             f"{verdict.n_frames} frames count toward the case ({verdict.n_band} of them uncertain on their own), "
             f"{verdict.n_referred} refused")
@@ -104,32 +111,32 @@ if len(results) > 1:
     pm = metric(lm.card.summary_at(mag), "patient_accuracy")
     if pm:
         st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
-if len(results) > 1:
-    show = table.assign(thumbnail=[png_data_url(x.thumbnail) for x in results])
-    n_ref = sum(x.decision == "refer" for x in results)
-    st.markdown(f"**{len(results)} frames**: {sum(x.decision == 'malignant' for x in results)} malignant, "
-                f"{sum(x.decision == 'benign' for x in results)} benign, **{n_ref} referred** on their own.")
-    st.dataframe(show[["thumbnail", "file", "decision", "p_malignant", "reason", "warnings", "error"]], hide_index=True,
+if len(analysed) > 1:
+    shown = table[[not x.error for x in results]].assign(thumbnail=[png_data_url(x.thumbnail) for x in analysed])
+    n_ref = sum(x.decision == "refer" for x in analysed)
+    st.markdown(f"**{len(analysed)} frames analysed**: {sum(x.decision == 'malignant' for x in analysed)} malignant, "
+                f"{sum(x.decision == 'benign' for x in analysed)} benign, **{n_ref} referred** on their own.")
+    st.dataframe(shown[["thumbnail", "file", "decision", "p_malignant", "reason", "warnings"]], hide_index=True,
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
                  width="stretch")
 st.download_button("Download results (CSV)", csv_safe(table).to_csv(index=False), "predictions.csv", "text/csv")
 
-if len(results) > 1:
+if analysed:  # a single frame can be saved as a case too
     with st.form("save_case", clear_on_submit=False):
-        st.markdown("**Save this case to the history** (with every frame's file hash, thumbnail, decision and the "
-                    "model's provenance)")
+        st.markdown("**Save this case to the history** (with every analysed frame's file hash, thumbnail, decision "
+                    "and the model's provenance; files that could not be analysed are not saved)")
         label = st.text_input("Case reference (your lab's id; no patient names)", key="case_label")
         call = st.selectbox("Your own call", ["", "benign", "malignant", "uncertain"], key="case_call")
         note = st.text_area("Note", key="case_note")
         if st.form_submit_button("Save case"):
             try:
                 with st.spinner(f"Computing each frame's {method} for the case record…"):
-                    heats = [None if x.error else heatmap_png(
-                        decode_frame(f.getvalue(), f.name),
-                        cached_heatmap(r.model_id, f.name, f.getvalue(), method, 1, branch), opacity,
-                        f"{method}, class malignant") for x, f in zip(results, files)]
-                cid = save_case(history_store(), label, mag, verdict, results, [f.getvalue() for f in files],
+                    heats = [heatmap_png(decode_frame(f.getvalue(), f.name),
+                                         cached_heatmap(r.model_id, f.name, f.getvalue(), method, 1, branch), opacity,
+                                         f"{method}, class malignant") if x.decision_kind in ("call", "band") else None
+                             for x, f in ok]
+                cid = save_case(history_store(), label, mag, verdict, analysed, [f.getvalue() for _, f in ok],
                                 export_provenance(lm, mag, tta), method, call, note, heatmaps=heats)
                 st.success(f"Saved as case {cid}: see the History page.")
             except Exception as exc:  # the database is down or full: say so, lose nothing on screen
@@ -162,26 +169,31 @@ else:
     st.warning(f"{lm.policy_note.capitalize()}: only quality-control failures are referred.")
 for w in pick.warnings:
     st.warning(w)
-with st.spinner(f"Computing {method}…"):
-    heat = cached_heatmap(r.model_id, pick_file.name, pick_file.getvalue(), method, target, branch)
-overlay = gradcam_overlay(frame, heat, opacity)
-a, b = st.columns(2)
-if lm.card.architecture == "tiles":  # a tile model: where its attention went, and the per-tile maps stitched together
-    boxes, weights, tiled_size = tile_attention(lm, frame)
-    a.image(tile_attention_overlay(frame, boxes, weights, tiled_size), width="stretch",
-            caption="tile attention: each native-resolution tile's weight in the prediction (weights sum to 1)")
-    b.image(overlay, width="stretch",
-            caption=f"{method} for class '{target_name}', computed per tile and stitched into one map; each tile's map "
-                    f"is scaled by its attention relative to the most-attended tile ({r.model_id})")
+if pick.decision_kind not in ("call", "band"):
+    # no heatmap on an image refused before any call (not tissue, failed quality, unlike the training frames): a
+    # heatmap there would draw hot spots on nothing
+    st.image(frame, caption="original (no heatmap: the frame was refused before any call)", width=450)
 else:
-    a.image(frame, caption="original", width="stretch")
-    b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
-st.image(colour_scale(700, 14), width="stretch",
-         caption=f"heatmap scale: blue = little, red = much contribution to the class '{target_name}' ({method}; the "
-                 "map is scaled to its own maximum, so compare regions within a frame, not across frames)")
-buf = io.BytesIO()
-overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
-st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")
+    with st.spinner(f"Computing {method}…"):
+        heat = cached_heatmap(r.model_id, pick_file.name, pick_file.getvalue(), method, target, branch)
+    overlay = gradcam_overlay(frame, heat, opacity)
+    a, b = st.columns(2)
+    if lm.card.architecture == "tiles":  # a tile model: where its attention went, and the per-tile maps stitched together
+        boxes, weights, tiled_size = tile_attention(lm, frame)
+        a.image(tile_attention_overlay(frame, boxes, weights, tiled_size), width="stretch",
+                caption="tile attention: each native-resolution tile's weight in the prediction (weights sum to 1)")
+        b.image(overlay, width="stretch",
+                caption=f"{method} for class '{target_name}', computed per tile and stitched into one map; each tile's map "
+                        f"is scaled by its attention relative to the most-attended tile ({r.model_id})")
+    else:
+        a.image(frame, caption="original", width="stretch")
+        b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
+    st.image(colour_scale(700, 14), width="stretch",
+             caption=f"heatmap scale: blue = little, red = much contribution to the class '{target_name}' ({method}; the "
+                     "map is scaled to its own maximum, so compare regions within a frame, not across frames)")
+    buf = io.BytesIO()
+    overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
+    st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")
 
 st.subheader("Subtype (research, weak)")
 sr = subtype_route()

@@ -22,7 +22,9 @@ verdict = c1.selectbox("Case verdict", ["any", "malignant", "benign", "refer"], 
 search = c2.text_input("Search case reference or note", key="hist_search")
 df = list_cases(store, None if verdict == "any" else verdict, search)
 if df.empty:
-    st.info("No saved cases yet: analyse frames on Diagnose and press 'Save case'.")
+    filtered = verdict != "any" or bool(search)
+    st.info("No case matches these filters." if filtered and not list_cases(store).empty else
+            "No saved cases yet: analyse frames on Diagnose and press 'Save case'.")
     st.stop()
 st.dataframe(df[["id", "created_at", "label", "magnification", "verdict", "mean_p", "n_frames", "n_referred",
                  "pathologist_call", "pathologist_note"]], hide_index=True, width="stretch")

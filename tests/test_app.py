@@ -93,18 +93,21 @@ def test_diagnose_bad_files_do_not_stop_the_batch():
         ("palette.png", _png(_he_frame(7).convert("P")), "image/png"),
     ]).run()
     assert not at.exception, at.exception
-    text = _texts(at)
+    text = _texts(at) + " " + " ".join(str(t.value) for t in at.text)
     assert "broken.png" in text and "notes.jpg: not a readable image" in text and "too small" in text
-    table = at.dataframe[0].value
-    assert list(table["file"]) == ["good.png", "broken.png", "notes.jpg", "grey.png", "tiny.png", "green.png",
-                                   "bomb.png", "deep.tif", "cmyk.jpg", "rgba.png", "palette.png"]
-    assert table["p_malignant"].notna().tolist() == [True, False, False, True, False, True, False, True, True, True, True]
-    assert "too large" in table.set_index("file").loc["bomb.png", "error"]
+    assert "too large" in text  # bomb.png: refused, listed apart
+    assert any("4 of 11 file(s) could not be analysed" in str(e.value) for e in at.error)
+    table = at.dataframe[0].value  # the analysed frames only: refusals are not referrals
+    assert list(table["file"]) == ["good.png", "grey.png", "green.png", "deep.tif", "cmyk.jpg", "rgba.png", "palette.png"]
+    assert table["p_malignant"].notna().all()
     assert "16-bit" in table.set_index("file").loc["deep.tif", "warnings"]
     assert "grayscale" in table.set_index("file").loc["grey.png", "warnings"]
     assert "H&E" in table.set_index("file").loc["green.png", "warnings"]
-    assert len(at.get("image")) == 3  # original + heatmap for the selected frame + the heatmap's colour scale
-    assert any(b.label.startswith("Download overlay") for b in at.get("download_button"))
+    good = table.set_index("file").loc["good.png"]
+    refused_before_a_call = good["decision"] == "refer" and not str(good["reason"]).startswith("uncertain")
+    # original + heatmap + the heatmap's colour scale; a frame refused before any call gets no heatmap at all
+    assert len(at.get("image")) == (1 if refused_before_a_call else 3)
+    assert refused_before_a_call or any(b.label.startswith("Download overlay") for b in at.get("download_button"))
 
 
 def test_metrics_page_renders_every_model_and_magnification(tiny_root):
@@ -370,3 +373,39 @@ def test_metrics_page_shows_the_subtype_confusion_matrix_with_patient_counts():
 def test_home_states_how_weak_the_subtype_model_is():
     at = _app("pages/0_Home.py")
     assert "Diagnose also shows a subtype within each call" in _texts(at) and "balanced accuracy" in _texts(at)
+
+
+def test_history_says_no_case_matches_when_filters_match_nothing(tmp_path, monkeypatch):
+    from app.dashboard import FrameResult
+    from app.history import open_store, save_case
+    from models.case import CaseFrame, case_verdict
+
+    eng = open_store(f"sqlite:///{tmp_path / 'history.db'}")
+    r = [FrameResult(name="f.png", task="malignancy", model_id="m", probability=0.9, decision="malignant",
+                     decision_kind="call")]
+    save_case(eng, "LAB-1", "100X", case_verdict([CaseFrame("f.png", "100X", "m", 0.9, "malignant", kind="call")]), r,
+              [b"x"], {})
+    at = _app("pages/4_History.py")
+    at.text_input(key="hist_search").set_value("%").run()
+    assert any("No case matches" in str(i.value) for i in at.info)
+
+
+def test_diagnose_lists_unreadable_files_apart_and_saves_a_single_frame():
+    at = _app("pages/1_Diagnose.py")
+    at.file_uploader(key="uploads").set_value([
+        ("good.png", _png(_he_frame()), "image/png"),
+        ("broken.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"),
+    ]).run()
+    assert not at.exception, at.exception
+    assert any("could not be analysed" in str(e.value) for e in at.error)
+    assert not any("Case verdict" in str(h.value) for h in at.subheader)  # one analysed frame: no case section
+    table = at.get("download_button")  # the CSV: the broken file is "not analysed", never "refer"
+    at.text_input(key="case_label").set_value("ONE-FRAME")
+    at.get("form_submit_button")[0].click().run()
+    assert not at.exception, at.exception
+    assert any("Saved as case" in str(s.value) for s in at.success)
+    from app.history import default_url, list_cases, open_store
+
+    cases = list_cases(open_store(default_url()))
+    assert cases["label"].tolist() == ["ONE-FRAME"] and int(cases["n_frames"][0]) == 1
+    assert table

@@ -130,3 +130,13 @@ def test_two_sessions_writing_at_once_lose_nothing(url):
     assert not errors
     eng = open_store(url)
     assert len(list_cases(eng)) == 30 and sum(len(case_frames(eng, int(i))) for i in list_cases(eng)["id"]) == 60
+
+
+def test_search_treats_percent_and_underscore_literally(tmp_path):
+    eng = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    results, verdict, data = _case()
+    for label in ("LAB_1", "LABX1", "100% sure", "plain"):
+        save_case(eng, label, "100X", verdict, results, data, PROV)
+    assert list_cases(eng, search="_")["label"].tolist() == ["LAB_1"]
+    assert list_cases(eng, search="%")["label"].tolist() == ["100% sure"]
+    assert len(list_cases(eng, search="")) == 4 and list_cases(eng, search="\\").empty
