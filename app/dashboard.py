@@ -324,6 +324,20 @@ def thumbnail_png(img) -> bytes:
     return b.getvalue()
 
 
+def readable_png(png: bytes | None) -> bytes | None:
+    """The bytes when they are an image PIL can read (a stored thumbnail or heatmap), else None: a damaged record
+    shows its caption instead of breaking the page."""
+    if not png:
+        return None
+    try:
+        from PIL import Image
+
+        Image.open(io.BytesIO(png)).verify()
+        return png
+    except Exception:  # noqa: BLE001 - any unreadable bytes
+        return None
+
+
 def png_data_url(png: bytes | None) -> str | None:
     """A PNG as a data: URL, for image columns in tables (None stays None)."""
     import base64

@@ -20,7 +20,7 @@ from sqlalchemy import (Boolean, Column, DateTime, Float, ForeignKey, Integer, L
                         Text, create_engine, event, func, insert, select, text)
 from sqlalchemy.engine import Engine
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 meta = MetaData()
 schema_version = Table("schema_version", meta, Column("version", Integer, primary_key=True),
                        Column("applied_at", DateTime(timezone=True), nullable=False))
@@ -51,8 +51,22 @@ frames = Table(
 )
 
 
+case_events = Table(  # schema 3: the audit trail, append-only (database triggers refuse UPDATE and DELETE)
+    "case_events", meta,
+    Column("id", Integer, primary_key=True),
+    Column("case_id", Integer, ForeignKey("cases.id"), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("app_user", String(100), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("pathologist_call", String(32), nullable=False, default=""),
+    Column("note", Text, nullable=False, default=""),
+    Column("reason", Text, nullable=False, default=""),
+)
+EVENT_KINDS = ("created", "amended", "signed_off", "withdrawn")
+
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"  # Alembic: env.py + versions/NNNN_*.py
-REVISIONS = {"0001": 1, "0002": 2}  # Alembic revision -> schema version (the one the older schema_version table kept)
+REVISIONS = {"0001": 1, "0002": 2, "0003": 3}  # Alembic revision -> schema version (the one the older schema_version table kept)
 _LOCK_KEY = 7245019  # PostgreSQL advisory lock held while the schema is created or migrated
 
 
@@ -194,6 +208,8 @@ def save_case(engine: Engine, label: str, magnification: str, verdict, results: 
             pathologist_note=note_s + (("\n[stored with changes: " + "; ".join(said) + "]") if said else ""),
             app_user=user_s,
         )).inserted_primary_key[0]
+        c.execute(insert(case_events).values(case_id=cid, at=_now(), app_user=user_s or "unknown", kind="created",
+                                             pathologist_call=pathologist_call, note=note_s, reason=""))
         for r, data, heat, name, warn in zip(results, files_bytes, heatmaps, names, warnings):
             c.execute(insert(frames).values(
                 case_id=cid, file_name=name, file_sha256=hashlib.sha256(data).hexdigest(),
@@ -203,6 +219,86 @@ def save_case(engine: Engine, label: str, magnification: str, verdict, results: 
                 reason=clean(r.reason or r.error, None, "reason"), warnings=warn, heatmap_method=heatmap_method,
                 heatmap_png=heat))
     return int(cid)
+
+
+class AuditError(ValueError):
+    """An action the audit trail does not allow (e.g. editing a signed-off case); the message is one line."""
+
+
+def case_events_frame(engine: Engine, case_id: int) -> pd.DataFrame:
+    """The case's events, oldest first."""
+    with engine.connect() as c:
+        rows = c.execute(select(case_events).where(case_events.c.case_id == case_id)
+                         .order_by(case_events.c.at, case_events.c.id)).mappings().all()
+    return pd.DataFrame(rows, columns=[col.name for col in case_events.columns])
+
+
+def case_state(engine: Engine, case_id: int) -> dict:
+    """Where a case stands: its current call and note (the latest amendment's, else the original), whether it is
+    signed off (and by whom) or withdrawn."""
+    ev = case_events_frame(engine, case_id)
+    state = {"call": "", "note": "", "signed_off_by": "", "withdrawn": False, "events": len(ev)}
+    for e in ev.to_dict("records"):
+        if e["kind"] in ("created", "amended"):
+            state["call"], state["note"] = e["pathologist_call"], e["note"]
+        elif e["kind"] == "signed_off":
+            state["signed_off_by"] = e["app_user"]
+        elif e["kind"] == "withdrawn":
+            state["withdrawn"] = True
+    return state
+
+
+def add_event(engine: Engine, case_id: int, kind: str, user: str, reason: str = "", call: str | None = None,
+              note: str | None = None) -> int:
+    """Append one event (amended, signed_off, withdrawn) with its user; the rules are checked first: a user name
+    is required, an amendment needs a reason, a withdrawn case takes no further event, a case is signed off once."""
+    from models.textsafe import clean_for_storage
+
+    if kind not in EVENT_KINDS or kind == "created":
+        raise AuditError(f"unknown event {kind!r}; one of {EVENT_KINDS[1:]}")
+    user_s, _ = clean_for_storage(user or "", 100, "user")
+    if not user_s.strip():
+        raise AuditError("a user name is required for every action on a case")
+    st = case_state(engine, case_id)
+    if st["events"] == 0:
+        raise AuditError(f"case {case_id} does not exist")
+    if st["withdrawn"]:
+        raise AuditError(f"case {case_id} was withdrawn: no further action is recorded on it")
+    if kind == "signed_off" and st["signed_off_by"]:
+        raise AuditError(f"case {case_id} is already signed off by {st['signed_off_by']}")
+    if kind in ("amended", "withdrawn") and not (reason or "").strip():
+        raise AuditError(f"{'an amendment' if kind == 'amended' else 'a withdrawal'} needs a reason")
+    reason_s, _ = clean_for_storage(reason or "", None, "reason")
+    note_s, _ = clean_for_storage(note if note is not None else st["note"], None, "note")
+    with engine.begin() as c:
+        eid = c.execute(insert(case_events).values(
+            case_id=case_id, at=_now(), app_user=user_s, kind=kind, reason=reason_s,
+            pathologist_call=call if call is not None else st["call"], note=note_s)).inserted_primary_key[0]
+    return int(eid)
+
+
+def edit_case(engine: Engine, case_id: int, label: str) -> None:
+    """Correct a case's reference before sign-off; refused (AuditError) once it is signed off or withdrawn: from
+    then on only a new event (an amendment) can change what the case says."""
+    st = case_state(engine, case_id)
+    if st["signed_off_by"] or st["withdrawn"]:
+        raise AuditError(f"case {case_id} is {'signed off' if st['signed_off_by'] else 'withdrawn'}: it cannot be "
+                         "edited, only amended by a new event")
+    from models.textsafe import clean_for_storage
+
+    with engine.begin() as c:
+        c.execute(cases.update().where(cases.c.id == case_id).values(label=clean_for_storage(label, 200, "label")[0]))
+
+
+def duplicate_cases(engine: Engine, files_bytes: list[bytes]) -> list[int]:
+    """Saved cases holding exactly these frames (by file sha256): saving them again asks first."""
+    want = sorted(hashlib.sha256(b).hexdigest() for b in files_bytes)
+    with engine.connect() as c:
+        rows = c.execute(select(frames.c.case_id, frames.c.file_sha256)).all()
+    by_case: dict[int, list[str]] = {}
+    for cid, h in rows:
+        by_case.setdefault(int(cid), []).append(h)
+    return sorted(cid for cid, hs in by_case.items() if sorted(hs) == want)
 
 
 def list_cases(engine: Engine, verdict: str | None = None, search: str = "") -> pd.DataFrame:
@@ -223,10 +319,40 @@ def case_frames(engine: Engine, case_id: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[col.name for col in frames.columns])
 
 
+def _model_lines(model_ids: list[str]) -> list[str]:
+    """What the report says about each model: its cross-validated AUC with CI and patients, its referral band."""
+    from models.card import CardError, ModelCard, metric
+    from models.config import models_root
+    from models.refer import ReferPolicy
+
+    out = []
+    for mid in model_ids:
+        folder = models_root() / mid
+        try:
+            card = ModelCard.from_json(folder / "card.json")
+        except (CardError, OSError):
+            out.append(f"{mid}: its model folder is not available where this report was made")
+            continue
+        auc, n = metric(card.overall), card.overall.get("n_patients") or {}
+        line = f"{mid}: AUC {auc.fmt() if auc else 'n/a'} on {n.get('benign', '?')} benign / {n.get('malignant', '?')} " \
+               "malignant patients it never saw (cross-validated)"
+        try:
+            pol = ReferPolicy.load(folder)
+        except Exception:  # noqa: BLE001 - said, not raised: the report is still written
+            pol = None
+        line += (f"; referral band p {pol.band[0]:.2f}-{pol.band[1]:.2f} (referred as uncertain)" if pol else
+                 "; no referral policy")
+        out.append(line)
+    return out
+
+
 def case_report_html(engine: Engine, case_id: int, disclaimer: str) -> str:
-    """A self-contained HTML report: the case, each frame's thumbnail and heatmap (with its colour scale), decision
-    and provenance, the disclaimer."""
+    """A self-contained HTML report: the case, its verdict and the pathologist's current call, the audit trail, each
+    frame's thumbnail and heatmap (with its colour scale), decision and full provenance (hashes, models' AUC with CI
+    and referral band, software commit, generation time), the disclaimer. Long labels wrap."""
     import base64
+
+    from models.config import software_version
 
     def img(png: bytes | None, alt: str) -> str:
         return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
@@ -234,29 +360,43 @@ def case_report_html(engine: Engine, case_id: int, disclaimer: str) -> str:
     with engine.connect() as c:
         case = c.execute(select(cases).where(cases.c.id == case_id)).mappings().one()
     fr = case_frames(engine, case_id)
+    ev = case_events_frame(engine, case_id)
+    state = case_state(engine, case_id)
     e = html.escape
     rows = []
     for r in fr.to_dict("records"):
         p = "" if r["p_malignant"] is None or r["p_malignant"] != r["p_malignant"] else f"{r['p_malignant']:.3f}"
         heat = img(r["heatmap_png"], "heatmap") or "<small>no heatmap stored</small>"
         rows.append(f"<tr><td>{img(r['thumbnail_png'], 'frame')}</td><td>{heat}<br><small>{e(r['heatmap_method'])}"
-                    f"</small></td><td>{e(r['file_name'])}<br><small>sha256 {r['file_sha256'][:16]}…</small></td>"
+                    f"</small></td><td>{e(r['file_name'])}<br><small>file sha256 {r['file_sha256']}</small></td>"
                     f"<td><b>{e(r['decision'])}</b><br><small>{e(r['reason'])}</small></td><td>{p}</td>"
-                    f"<td><small>{e(r['model_id'])}<br>weights {r['weights_sha256'][:12]}… card "
-                    f"{r['card_sha256'][:12]}…<br>TTA {r['tta']}</small></td></tr>")
+                    f"<td><small>{e(r['model_id'])}<br>weights sha256 {r['weights_sha256']}<br>card sha256 "
+                    f"{r['card_sha256']}<br>TTA {r['tta']}</small></td></tr>")
+    events = "".join(f"<li>{ev_['at']:%Y-%m-%d %H:%M} UTC · {e(ev_['kind'])} by {e(ev_['app_user'])}"
+                     + (f" · call {e(ev_['pathologist_call'])}" if ev_["pathologist_call"] else "")
+                     + (f" · reason: {e(ev_['reason'])}" if ev_["reason"] else "") + "</li>"
+                     for ev_ in ev.to_dict("records"))
+    models = "".join(f"<li>{e(m)}</li>" for m in _model_lines(sorted(set(fr["model_id"]))))
+    now = _now()
+    status = ("withdrawn" if state["withdrawn"] else f"signed off by {state['signed_off_by']}" if state["signed_off_by"]
+              else "not signed off")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Case {case_id}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{border-top:1px solid #ddd;padding:4px;
-vertical-align:top}}.warn{{background:#fff3cd;padding:.6em}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;overflow-wrap:anywhere}}td{{border-top:1px solid #ddd;
+padding:4px;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}}.warn{{background:#fff3cd;padding:.6em}}
+table{{table-layout:fixed;width:100%}}img{{max-width:100%}}</style></head><body>
 <p class="warn">{e(disclaimer)}</p>
 <h1>Case {case_id}: {e(case['label'])}</h1>
-<p>Saved {case['created_at']:%Y-%m-%d %H:%M} UTC · magnification {e(case['magnification'])} ·
-<b>case verdict: {e(case['verdict'])}</b> ({e(case['verdict_reason'])}) · {case['n_frames']} frames,
-{case['n_referred']} referred</p>
-<p>Pathologist's call: <b>{e(case['pathologist_call'] or 'not recorded')}</b>. Note: {e(case['pathologist_note'])}</p>
+<p><b>Case verdict: {e(case['verdict'])}</b> ({e(case['verdict_reason'])}) · {case['n_frames']} frames,
+{case['n_referred']} referred · magnification {e(case['magnification'])} · saved {case['created_at']:%Y-%m-%d %H:%M} UTC</p>
+<p>Pathologist's call: <b>{e(state['call'] or 'not recorded')}</b> · status: {e(status)}. Note: {e(state['note'])}</p>
+<h2>Audit trail</h2><ul>{events}</ul>
+<h2>Models</h2><ul>{models}</ul>
 <p><small>Heatmaps show where the model looked for the class 'malignant' (blue = little, red = much; each map is
 scaled to its own maximum, so compare regions within a frame, not across frames).</small></p>
 <table><tr><th>frame</th><th>heatmap</th><th>file</th><th>decision</th><th>p(malignant)</th><th>model</th></tr>
-{''.join(rows)}</table></body></html>"""
+{''.join(rows)}</table>
+<p><small>Report generated {now:%Y-%m-%d %H:%M:%S} UTC by software commit {e(software_version())}.</small></p>
+</body></html>"""
 
 
 def case_csv(engine: Engine, case_id: int) -> str:
@@ -273,3 +413,18 @@ def db_version(engine: Engine) -> int:
     with engine.connect() as c:
         rev = _alembic_revision(c) or _legacy_revision(c)
     return REVISIONS.get(rev, 0)
+
+
+USER_HEADERS = ("X-Forwarded-User", "X-Remote-User", "X-Auth-Request-User", "Remote-User")  # set by the proxy
+
+
+def user_from_headers(headers) -> str:
+    """The signed-in user as the authenticating reverse proxy states it (oauth2-proxy, nginx auth_request), or ""."""
+    for h in USER_HEADERS:
+        try:
+            v = headers.get(h) if headers is not None else None
+        except Exception:  # noqa: BLE001 - a headers object outside a browser session
+            v = None
+        if v:
+            return str(v)[:100]
+    return ""

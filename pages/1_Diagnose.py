@@ -12,7 +12,7 @@ from models.card import metric
 from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
                             tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
-from app.history import save_case
+from app.history import duplicate_cases, save_case, user_from_headers
 from app.ui_cache import cached_analysis, cached_heatmap, cached_model, cached_subtype, history_store
 from models.subtype import SUBTYPES, subtype_label
 
@@ -129,7 +129,16 @@ if analysed:  # a single frame can be saved as a case too
         label = st.text_input("Case reference (your lab's id; no patient names)", key="case_label")
         call = st.selectbox("Your own call", ["", "benign", "malignant", "uncertain"], key="case_call")
         note = st.text_area("Note", key="case_note")
+        user = user_from_headers(getattr(st.context, "headers", None)) or st.text_input(
+            "Your name (recorded with the case)", key="user_name")
+        again = st.checkbox("Save even if a case with the same frames exists", key="case_save_again")
         if st.form_submit_button("Save case"):
+            dups = duplicate_cases(history_store(), [f.getvalue() for _, f in ok])
+            if dups and not again:
+                st.warning(f"These frames are already saved as case {', '.join(map(str, dups))}. Tick 'Save even if a "
+                           "case with the same frames exists' to save a second case, or amend the existing one on "
+                           "History.")
+                st.stop()
             try:
                 with st.spinner(f"Computing each frame's {method} for the case record…"):
                     heats = [heatmap_png(decode_frame(f.getvalue(), f.name),
@@ -137,7 +146,7 @@ if analysed:  # a single frame can be saved as a case too
                                          f"{method}, class malignant") if x.decision_kind in ("call", "band") else None
                              for x, f in ok]
                 cid = save_case(history_store(), label, mag, verdict, analysed, [f.getvalue() for _, f in ok],
-                                export_provenance(lm, mag, tta), method, call, note, heatmaps=heats)
+                                export_provenance(lm, mag, tta), method, call, note, user=user, heatmaps=heats)
                 st.success(f"Saved as case {cid}: see the History page.")
             except Exception as exc:  # the database is down or full: say so, lose nothing on screen
                 st.error(f"The case could not be saved ({type(exc).__name__}: {exc}); the results above are unchanged.")

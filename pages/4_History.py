@@ -2,8 +2,10 @@
 import pandas as pd
 import streamlit as st
 
-from app.dashboard import DISCLAIMER, png_data_url
-from app.history import case_csv, case_frames, case_report_html, list_cases, read_only_note
+from app.dashboard import DISCLAIMER, png_data_url, readable_png
+from app.history import (AuditError, add_event, case_csv, case_events_frame, case_frames, case_report_html, case_state,
+                         list_cases, read_only_note, user_from_headers)
+from models.textsafe import md_escape
 from app.ui_cache import history_store
 
 st.set_page_config(page_title="History", page_icon="🗂️", layout="wide")
@@ -30,14 +32,60 @@ st.dataframe(df[["id", "created_at", "label", "magnification", "verdict", "mean_
                  "pathologist_call", "pathologist_note"]], hide_index=True, width="stretch")
 cid = st.selectbox("Open case", df["id"].tolist(), format_func=lambda i: f"{i}: {df.set_index('id').loc[i, 'label']}",
                    key="hist_case")
+case = df.set_index("id").loc[cid]
+state = case_state(store, int(cid))
 fr = case_frames(store, int(cid))
 st.subheader(f"Case {cid}")
-show = fr.assign(frame=fr["thumbnail_png"].map(png_data_url), heatmap=fr["heatmap_png"].map(png_data_url))
-show = show.drop(columns=["thumbnail_png", "heatmap_png"]).rename(columns={"p_malignant": "p(malignant)"})
-st.dataframe(pd.DataFrame(show), hide_index=True, width="stretch", row_height=70,
-             column_config={"frame": st.column_config.ImageColumn("frame"),
-                            "heatmap": st.column_config.ImageColumn("heatmap (class malignant)")},
-             column_order=["frame", "heatmap", *[c for c in show.columns if c not in ("frame", "heatmap")]])
+# the review leads with the verdict and its reason, then the pathologist's call and note; ids and hashes come last
+lead = f"Case verdict: {case['verdict']}. {str(case['verdict_reason'])[:1].upper()}{str(case['verdict_reason'])[1:]}."
+(st.warning if case["verdict"] == "refer" else st.info)(md_escape(lead))
+status = ("withdrawn" if state["withdrawn"] else f"signed off by {state['signed_off_by']}" if state["signed_off_by"]
+          else "open (not signed off)")
+st.markdown(f"**Pathologist's call:** {md_escape(state['call'] or 'not recorded')} · **status:** {md_escape(status)}")
+if state["note"]:
+    st.text(f"Note: {state['note']}")
+gallery = st.columns(4)
+for i, rec in enumerate(fr.to_dict("records")):
+    col = gallery[i % 4]
+    caption = (f"{rec['file_name']} · {rec['decision']}"
+               + ("" if rec["p_malignant"] is None or rec["p_malignant"] != rec["p_malignant"]
+                  else f" · p {rec['p_malignant']:.2f}"))
+    png = readable_png(rec["heatmap_png"]) or readable_png(rec["thumbnail_png"])
+    if png:
+        col.image(png, width="stretch", caption=caption)
+    else:
+        col.text(caption + " (no image stored)")
+ev = case_events_frame(store, int(cid))
+st.markdown("**Audit trail** (append-only)")
+st.dataframe(ev[["at", "app_user", "kind", "pathologist_call", "note", "reason"]], hide_index=True, width="stretch")
+
+user = user_from_headers(getattr(st.context, "headers", None))
+if user:
+    st.caption(f"Signed in as {md_escape(user)} (from the login proxy).")
+else:
+    user = st.text_input("Your name (recorded with every action)", key="user_name")
+if not state["withdrawn"]:
+    with st.form("case_action"):
+        action = st.radio("Action", ["sign off", "amend", "withdraw"], horizontal=True, key="hist_action")
+        new_call = st.selectbox("Amended call", ["", "benign", "malignant", "uncertain"], key="hist_new_call")
+        new_note = st.text_area("Amended note", key="hist_new_note")
+        reason = st.text_input("Reason (required to amend or withdraw)", key="hist_reason")
+        if st.form_submit_button("Record action"):
+            kind = {"sign off": "signed_off", "amend": "amended", "withdraw": "withdrawn"}[action]
+            try:
+                add_event(store, int(cid), kind, user, reason, call=(new_call or None) if kind == "amended" else None,
+                          note=(new_note or None) if kind == "amended" else None)
+                st.success(f"Recorded: {action} by {user}.")
+                st.rerun()
+            except AuditError as exc:
+                st.error(str(exc))
+with st.expander("Frames with ids, hashes and provenance"):
+    show = fr.assign(frame=fr["thumbnail_png"].map(png_data_url), heatmap=fr["heatmap_png"].map(png_data_url))
+    show = show.drop(columns=["thumbnail_png", "heatmap_png"]).rename(columns={"p_malignant": "p(malignant)"})
+    st.dataframe(pd.DataFrame(show), hide_index=True, width="stretch", row_height=70,
+                 column_config={"frame": st.column_config.ImageColumn("frame"),
+                                "heatmap": st.column_config.ImageColumn("heatmap (class malignant)")},
+                 column_order=["frame", "heatmap", *[c for c in show.columns if c not in ("frame", "heatmap")]])
 a, b = st.columns(2)
 a.download_button("Export report (HTML)", case_report_html(store, int(cid), DISCLAIMER), f"case_{cid}.html", "text/html")
 b.download_button("Export frames (CSV)", case_csv(store, int(cid)), f"case_{cid}.csv", "text/csv")

@@ -265,9 +265,12 @@ def test_a_case_saved_on_diagnose_is_found_on_history():
     h = _app("pages/4_History.py")
     table = h.dataframe[0].value
     assert list(table["label"]) == ["LAB-42"] and list(table["pathologist_call"]) == ["benign"]
-    frames = h.dataframe[1].value
+    assert list(h.dataframe[1].value["kind"]) == ["created"]  # the audit trail
+    frames = h.dataframe[2].value
     assert len(frames) == 3  # the case's frames, each with its hashes and decision
-    assert frames["heatmap"].str.startswith("data:image/png;base64,").all()  # each frame's heatmap was stored
+    called = (frames["decision"] != "refer") | frames["reason"].str.startswith("uncertain")
+    # each frame's heatmap was stored, except on frames refused before any call (no heatmap is drawn there)
+    assert (frames["heatmap"].fillna("").str.startswith("data:image/png;base64,") == called).all()
     labels = [b.label for b in h.get("download_button")]
     assert "Export report (HTML)" in labels and "Export frames (CSV)" in labels
 
@@ -409,3 +412,28 @@ def test_diagnose_lists_unreadable_files_apart_and_saves_a_single_frame():
     cases = list_cases(open_store(default_url()))
     assert cases["label"].tolist() == ["ONE-FRAME"] and int(cases["n_frames"][0]) == 1
     assert table
+
+
+def test_saving_the_same_frames_twice_asks_first_and_history_signs_off():
+    frames = [("a.png", _png(_he_frame(1)), "image/png"), ("b.png", _png(_he_frame(2)), "image/png")]
+    at = _app("pages/1_Diagnose.py")
+    at.file_uploader(key="uploads").set_value(frames).run()
+    at.text_input(key="case_label").set_value("DUP-1")
+    at.text_input(key="user_name").set_value("dr.test")
+    at.get("form_submit_button")[0].click().run()
+    assert any("Saved as case" in str(s.value) for s in at.success)
+    at.get("form_submit_button")[0].click().run()  # the same frames again: asked first, nothing saved
+    assert any("already saved as case" in str(w.value) for w in at.warning)
+    from app.history import default_url, list_cases, open_store
+
+    assert len(list_cases(open_store(default_url()))) == 1
+    h = _app("pages/4_History.py")
+    assert any("Case verdict:" in str(x.value) for x in [*h.info, *h.warning])  # the review leads with the verdict
+    h.text_input(key="user_name").set_value("dr.test").run()
+    h.get("form_submit_button")[0].click().run()  # default action: sign off
+    assert not h.exception, h.exception
+    h.run()
+    assert any("signed off by dr.test" in str(m.value) for m in h.markdown)
+    h.radio(key="hist_action").set_value("amend")
+    h.get("form_submit_button")[0].click().run()  # an amendment without a reason is refused, in words
+    assert any("needs a reason" in str(e.value) for e in h.error)

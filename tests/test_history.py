@@ -32,7 +32,8 @@ def url(request, tmp_path):
         pytest.skip("no PostgreSQL: BREAKHIS_TEST_PG_URL is unset (.ci/run sets it after scripts/start_postgres.sh)")
     eng = create_engine(PG_URL)
     with eng.begin() as c:  # a clean database for each test
-        c.exec_driver_sql("DROP TABLE IF EXISTS frames, cases, schema_version, alembic_version CASCADE")
+        c.exec_driver_sql("DROP TABLE IF EXISTS case_events, frames, cases, schema_version, alembic_version CASCADE")
+        c.exec_driver_sql("DROP FUNCTION IF EXISTS case_events_append_only() CASCADE")
     eng.dispose()
     return PG_URL
 
@@ -66,12 +67,16 @@ def test_saved_case_comes_back_with_its_audit_trail(url):
 def _back_to_schema_1(eng, legacy: bool) -> None:
     """Turn a current database back into a schema-1 one: Alembic at 0001, or (legacy) the pre-Alembic schema_version
     table saying 1 and no alembic_version at all."""
+    created = list_cases(eng)["created_at"][0]  # read before the schema change locks the tables
     with eng.begin() as c:
+        c.exec_driver_sql("DROP TABLE case_events")  # schema 3's audit trail (its triggers go with it)
+        if eng.dialect.name == "postgresql":
+            c.exec_driver_sql("DROP FUNCTION IF EXISTS case_events_append_only() CASCADE")
         c.exec_driver_sql("ALTER TABLE frames DROP COLUMN heatmap_png")
         if legacy:
             c.exec_driver_sql("DROP TABLE alembic_version")
             schema_version.create(c)
-            c.execute(schema_version.insert().values(version=1, applied_at=list_cases(eng)["created_at"][0]))
+            c.execute(schema_version.insert().values(version=1, applied_at=created))
         else:
             c.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
     eng.dispose()
@@ -87,9 +92,13 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_cases(url, legacy):
     _back_to_schema_1(eng, legacy)
     assert db_version(create_engine(url)) == 1
     eng = open_store(url)
-    assert db_version(eng) == SCHEMA_VERSION == 2
+    assert db_version(eng) == SCHEMA_VERSION == 3
     with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
+    # the case saved before the audit trail existed got its "created" event from the migration
+    from app.history import case_events_frame
+
+    assert case_events_frame(eng, cid)["kind"].tolist() == ["created"]
     fr = case_frames(eng, cid)
     assert len(fr) == 3 and fr["heatmap_png"].isna().all() and list_cases(eng)["label"].tolist() == ["OLD"]
     new = save_case(eng, "NEW", "100X", verdict, results, data, PROV, heatmaps=[b"h"] * 3)
@@ -103,7 +112,7 @@ def test_reopening_does_not_migrate_twice_and_a_newer_schema_is_refused(url):
     open_store(url)
     eng = open_store(url)
     with eng.begin() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
         c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     with pytest.raises(RuntimeError, match="newer"):
         open_store(url)
@@ -140,3 +149,55 @@ def test_search_treats_percent_and_underscore_literally(tmp_path):
     assert list_cases(eng, search="_")["label"].tolist() == ["LAB_1"]
     assert list_cases(eng, search="%")["label"].tolist() == ["100% sure"]
     assert len(list_cases(eng, search="")) == 4 and list_cases(eng, search="\\").empty
+
+
+def test_the_audit_trail_is_append_only_and_a_signed_off_case_refuses_edits(url):
+    from sqlalchemy.exc import DBAPIError
+
+    from app.history import (AuditError, add_event, case_events_frame, case_state, duplicate_cases, edit_case)
+
+    eng = open_store(url)
+    results, verdict, data = _case()
+    cid = save_case(eng, "AUDIT-1", "100X", verdict, results, data, PROV, pathologist_call="malignant", note="first",
+                    user="dr.a")
+    assert duplicate_cases(eng, data) == [cid] and duplicate_cases(eng, data[:2]) == []
+    edit_case(eng, cid, "AUDIT-1b")  # before sign-off a reference can be corrected
+    with pytest.raises(AuditError, match="user name"):
+        add_event(eng, cid, "signed_off", "")
+    add_event(eng, cid, "signed_off", "dr.a")
+    with pytest.raises(AuditError, match="cannot be edited"):
+        edit_case(eng, cid, "changed after sign-off")
+    with pytest.raises(AuditError, match="already signed off"):
+        add_event(eng, cid, "signed_off", "dr.b")
+    with pytest.raises(AuditError, match="needs a reason"):
+        add_event(eng, cid, "amended", "dr.b", call="benign")
+    add_event(eng, cid, "amended", "dr.b", reason="second opinion", call="benign", note="revised")
+    st = case_state(eng, cid)
+    assert st["call"] == "benign" and st["note"] == "revised" and st["signed_off_by"] == "dr.a"
+    add_event(eng, cid, "withdrawn", "dr.b", reason="wrong patient")
+    with pytest.raises(AuditError, match="withdrawn"):
+        add_event(eng, cid, "amended", "dr.c", reason="x")
+    ev = case_events_frame(eng, cid)
+    assert ev["kind"].tolist() == ["created", "signed_off", "amended", "withdrawn"]
+    assert ev["app_user"].tolist() == ["dr.a", "dr.a", "dr.b", "dr.b"]
+    for sql in ("UPDATE case_events SET note = 'x'", "DELETE FROM case_events"):  # refused by the database itself
+        with pytest.raises(DBAPIError, match="append-only"):
+            with eng.begin() as c:
+                c.exec_driver_sql(sql)
+    assert len(case_events_frame(eng, cid)) == 4
+
+
+def test_the_report_carries_full_hashes_the_models_figures_and_its_provenance(tmp_path, monkeypatch):
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(ROOT / "magnif_models"))
+    eng = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    results, verdict, data = _case()
+    for r in results:
+        r.model_id = "all/efficientnet_lite2_ensemble"
+    cid = save_case(eng, "X" * 190, "100X", verdict, results, data, PROV, user="dr.a")
+    report = case_report_html(eng, cid, "Research aid only")
+    assert "a" * 64 in report and "b" * 64 in report  # full weights and card sha256, never cut
+    assert "AUC 0.679" in report and "referral band p" in report and "benign /" in report
+    assert "Report generated" in report and "software commit" in report and "overflow-wrap:anywhere" in report
+    assert "created by dr.a" in report

@@ -62,7 +62,8 @@ def test_predict_cli_keeps_going_after_bad_files(tiny_folder, tmp_path):
     p = float(rows[1]["p_malignant"])
     assert 0 <= p <= 1 and rows[1]["label"] in ("benign", "malignant") and rows[1]["model_id"] == "100X/efficientnet_lite2"
     lm = load_model_folder(tiny_folder)
-    assert p == pytest.approx(float(lm.predict_images([Image.open(good).convert("RGB")])[0]), abs=1e-12)
+    # the CLI (its own process) and this process agree to float32 precision: oneDNN may pick other kernels per process
+    assert p == pytest.approx(float(lm.predict_images([Image.open(good).convert("RGB")])[0]), abs=1e-6)
 
 
 def test_predict_cli_without_a_model_says_what_to_train(tmp_path):
