@@ -120,6 +120,16 @@ def subtype_results_table(card: ModelCard) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def evidence_label(auc: Metric | None, n_patients: dict) -> str:
+    """What a routed figure is worth, in words that follow its CI: a CI reaching 0.5 is "no better than chance"
+    whatever the point estimate; then few patients; else "better than chance"."""
+    if auc is None or auc.value != auc.value:
+        return "not measured"
+    if auc.ci95[0] <= 0.5:
+        return "no better than chance (its 95% CI includes 0.5)"
+    return "few patients" if few_patients(n_patients) else "better than chance"
+
+
 def _fmt_ci(m: Metric | None) -> str:
     if m is None or m.value != m.value:
         return "n/a"
@@ -163,7 +173,7 @@ def inventory(root: str | Path | None = None) -> pd.DataFrame:
             "AUC (95% CI)": _fmt_ci(metric(s)),
             "patients tested (benign/malignant)": f"{n['benign']}/{n['malignant']}",
             "patients trained on": trained["benign"]["patients"] + trained["malignant"]["patients"],
-            "evidence": "few patients" if few_patients(n) else "moderate",
+            "evidence": evidence_label(metric(s), n),
             "serves because": defaults.get(mag, {}).get("reason", ""),
         })
     return pd.DataFrame(rows)

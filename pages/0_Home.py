@@ -27,6 +27,18 @@ st.dataframe(inv, hide_index=True, width="stretch")
 few = [r["magnification"] for r in inv.to_dict("records") if r.get("evidence") == "few patients"]
 if few:
     st.info("Trained and tested on few patients: " + ", ".join(few) + ". Their confidence intervals are wide.")
+chance = [r["magnification"] for r in inv.to_dict("records") if str(r.get("evidence", "")).startswith("no better")]
+if chance:
+    st.warning("At " + ", ".join(chance) + " the routed model's AUC CI includes 0.5: on patients it never saw it is "
+               "not shown to be better than chance there.")
+with st.expander("What the routing words mean"):
+    st.markdown("- **pooled**: one model trained on frames of every magnification, scored here on one of them.\n"
+                "- **borrowed**: a model trained at another magnification, scored on this one's frames.\n"
+                "- **incumbent**: the ImageNet-pretrained reference recipe, which serves unless a challenger beats it.\n"
+                "- **challenger**: any other model; it displaces the incumbent only if its AUC advantage on the same "
+                "held-out frames has a 95% CI above zero (paired patient bootstrap).\n"
+                "- **no better than chance**: the AUC's 95% CI includes 0.5.\n"
+                "- **few patients**: fewer than 20 held-out patients, or fewer than 5 of a class, behind the figure.")
 
 st.subheader("What a verdict is worth: cases and frames")
 st.markdown("The case (a patient's frames at one magnification) is the unit of decision. Frames the model is unsure "

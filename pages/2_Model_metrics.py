@@ -8,7 +8,7 @@ from models.refer import ReferPolicy
 from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metric_name, metrics_table, model_folder,
                            phases_table, robustness_rows, scan_cards, source_and_worst, subtype_caveat, subtype_confusion,
                            subtype_results_table, subtype_route)
-from models.routing import train_command
+from models.routing import resolve, train_command
 from models.metrics import patient_table
 from app.ui_cache import cached_cards
 
@@ -58,7 +58,16 @@ if not avail:
     st.error(f"No model covers {mag}. Train one with:")
     st.code(train_command("malignancy", mag if mag != ALL else "100X"), language="bash")
     st.stop()
-mid = st.selectbox("Model", avail, key="metrics_model")
+served = resolve("malignancy", mag).model_id if mag != ALL else None
+if served in avail:  # open on the model in use for this magnification, marked
+    avail = [served, *[m for m in avail if m != served]]
+if st.session_state.get("metrics_mag_shown") != mag:  # a new magnification opens on its model in use
+    st.session_state["metrics_mag_shown"] = mag
+    st.session_state.pop("metrics_model", None)
+mid = st.selectbox("Model", avail, key="metrics_model",
+                   format_func=lambda m: f"{m} (in use at {mag})" if m == served else m)
+if mid == served:
+    st.success(f"{mid} is the model in use for {mag} (magnif_models/defaults.json).")
 card = cards[mid]
 at = mag if card.magnification == ALL and mag != ALL else None
 summary = card.summary_at(at) if at else card.overall

@@ -437,3 +437,19 @@ def test_saving_the_same_frames_twice_asks_first_and_history_signs_off():
     h.radio(key="hist_action").set_value("amend")
     h.get("form_submit_button")[0].click().run()  # an amendment without a reason is refused, in words
     assert any("needs a reason" in str(e.value) for e in h.error)
+
+
+def test_home_labels_a_ci_that_includes_chance_and_metrics_opens_on_the_routed_model():
+    from app.dashboard import evidence_label
+    from models.card import Metric
+
+    assert evidence_label(Metric(0.67, (0.49, 0.85)), {"benign": 20, "malignant": 20}).startswith("no better than chance")
+    assert evidence_label(Metric(0.81, (0.55, 0.93)), {"benign": 4, "malignant": 14}) == "few patients"
+    assert evidence_label(Metric(0.81, (0.60, 0.93)), {"benign": 12, "malignant": 14}) == "better than chance"
+    at = _app("pages/2_Model_metrics.py")
+    at.selectbox(key="metrics_mag").set_value("100X").run()
+    from models.routing import resolve
+
+    served = resolve("malignancy", "100X").model_id
+    assert at.selectbox(key="metrics_model").value == served
+    assert any("model in use for 100X" in str(s.value) for s in at.success)
