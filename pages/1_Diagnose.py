@@ -204,39 +204,47 @@ else:
     overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
     st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")
 
-st.subheader("Subtype (research, weak)")
+# The subtype is research only: a collapsed section with its balanced accuracy and chance level, never in headline
+# type, and absent for a referred frame (there is no benign/malignant call to place it in).
+if pick.decision == "refer":
+    st.caption("No subtype is shown for a referred frame: there is no benign/malignant call to place it in.")
+    st.stop()
 sr = subtype_route()
 if sr is None:
-    st.info("No subtype model is routed: train one with `python -m training train --task subtype --data "
-            "../shared/data/breakhis --out magnif_models/subtype/efficientnet_lite2_subtype` and re-run "
-            "`python -m training select-defaults`.")
+    st.caption("No subtype model is routed: train one with `python -m training train --task subtype --data "
+               "../shared/data/breakhis --out magnif_models/subtype/efficientnet_lite2_subtype` and re-run "
+               "`python -m training select-defaults`.")
     st.stop()
-st.warning(subtype_caveat(sr))
-try:
-    slm = cached_model(sr["model_id"])
-except Exception as exc:  # integrity failure or missing files: a message, not a traceback
-    st.error(f"Subtype model {sr['model_id']} could not be loaded: {exc}")
-    st.stop()
-call = subtype_for_frame(slm, cached_subtype(sr["model_id"], pick_file.name, pick_file.getvalue()), pick.p_malignant,
-                         pick.decision)
-if call is None:
-    st.info("No subtype for this frame: it was referred, so there is no benign/malignant call to place it in.")
-    st.stop()
-s1, s2 = st.columns([1, 2])
-s1.metric("Subtype (within the call above)", subtype_label(call.subtype), help="P(subtype) = P(benign or malignant) from the routed model x P(subtype | that call) "
-                                  "from the subtype model: the subtype always agrees with the verdict above. Not calibrated.")
-s1.caption(f"p = {call.p_subtype:.2f} (not calibrated). " + subtype_recall_line(call))
-s2.dataframe(subtype_call_rows(call), hide_index=True, width="stretch",
-             column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0,
-                                                                            format="%.2f")})
-s2.caption("Top 3 subtypes of the eight. The confusion matrix of the subtype model is on the Model metrics page.")
-if not st.toggle("Explain a subtype (Grad-CAM of the subtype model, per tile and stitched)", value=False,
-                 key="subtype_cam"):
-    st.stop()
-sub_target = st.selectbox("Subtype to explain", range(len(SUBTYPES)), index=SUBTYPES.index(call.subtype),
-                          format_func=lambda i: subtype_label(SUBTYPES[i]), key="subtype_target")
-with st.spinner(f"Computing {method} for {subtype_label(SUBTYPES[sub_target])}…"):
-    sub_heat = cached_heatmap(sr["model_id"], pick_file.name, pick_file.getvalue(), method, sub_target, "cnn")
-st.image(gradcam_overlay(frame, sub_heat, opacity), width="stretch")
-st.caption(f"{method} for the subtype '{subtype_label(SUBTYPES[sub_target])}', computed per tile and stitched "
-           f"({sr['model_id']}; same colour scale as above)")
+k_testable = max(1, len(sr.get("testable_classes") or []))
+with st.expander(f"Subtype: research only (balanced accuracy {sr['balanced_accuracy']:.2f} where a guess scores "
+                 f"{1 / k_testable:.2f})", expanded=False):
+    st.warning(subtype_caveat(sr))
+    try:
+        slm = cached_model(sr["model_id"])
+    except Exception as exc:  # integrity failure or missing files: a message, not a traceback
+        st.error(f"Subtype model {sr['model_id']} could not be loaded: {exc}")
+        st.stop()
+    call = subtype_for_frame(slm, cached_subtype(sr["model_id"], pick_file.name, pick_file.getvalue()),
+                             pick.p_malignant, pick.decision)
+    if call is None:
+        st.info("No subtype for this frame: it was not read or not called.")
+        st.stop()
+    s1, s2 = st.columns([1, 2])
+    s1.markdown(f"Subtype (within the call above): **{subtype_label(call.subtype)}**",
+                help="P(subtype) = P(benign or malignant) from the routed model x P(subtype | that call) from the subtype "
+                     "model: the subtype always agrees with the verdict above. Not calibrated.")
+    s1.caption(f"p = {call.p_subtype:.2f} (not calibrated). " + subtype_recall_line(call))
+    s2.dataframe(subtype_call_rows(call), hide_index=True, width="stretch",
+                 column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0,
+                                                                                format="%.2f")})
+    s2.caption("Top 3 subtypes of the eight. The confusion matrix of the subtype model is on the Model metrics page.")
+    if not st.toggle("Explain a subtype (Grad-CAM of the subtype model, per tile and stitched)", value=False,
+                     key="subtype_cam"):
+        st.stop()
+    sub_target = st.selectbox("Subtype to explain", range(len(SUBTYPES)), index=SUBTYPES.index(call.subtype),
+                              format_func=lambda i: subtype_label(SUBTYPES[i]), key="subtype_target")
+    with st.spinner(f"Computing {method} for {subtype_label(SUBTYPES[sub_target])}…"):
+        sub_heat = cached_heatmap(sr["model_id"], pick_file.name, pick_file.getvalue(), method, sub_target, "cnn")
+    st.image(gradcam_overlay(frame, sub_heat, opacity), width="stretch")
+    st.caption(f"{method} for the subtype '{subtype_label(SUBTYPES[sub_target])}', computed per tile and stitched "
+               f"({sr['model_id']}; same colour scale as above)")

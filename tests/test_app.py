@@ -334,9 +334,12 @@ def test_diagnose_shows_the_subtype_within_the_call_with_its_recall_and_gradcam(
     assert not at.exception, at.exception
     assert "Subtype model `subtype/efficientnet_lite2_subtype`" in _texts(at) and "where a guess scores" in _texts(at)
     verdict = next(m for m in at.metric if m.label.startswith("Prediction:"))
-    sub = next(m for m in at.metric if m.label.startswith("Subtype"))
+    assert not any(m.label.startswith("Subtype") for m in at.metric)  # never in headline type
+    assert any(str(e.label).startswith("Subtype: research only (balanced accuracy") for e in at.expander)
+    sub_label = next(str(m.value) for m in at.markdown
+                     if str(m.value).startswith("Subtype (within the call above)")).split("**")[1]
     side = MALIGNANT_SUBTYPES if verdict.label.endswith("malignant") else BENIGN_SUBTYPES
-    assert sub.value in [subtype_label(s) for s in side]  # the subtype agrees with the verdict beside it
+    assert sub_label in [subtype_label(s) for s in side]  # the subtype agrees with the verdict beside it
     top3 = at.dataframe[-1].value
     assert len(top3) == 3 and list(top3.columns) == ["subtype", "probability"]
     assert top3["probability"].is_monotonic_decreasing
@@ -344,7 +347,7 @@ def test_diagnose_shows_the_subtype_within_the_call_with_its_recall_and_gradcam(
     assert not any("for the subtype" in str(c.value) for c in at.caption)  # Grad-CAM only on demand
     at.toggle(key="subtype_cam").set_value(True).run()
     assert at.selectbox(key="subtype_target").value == next(
-        i for i, s in enumerate(BENIGN_SUBTYPES + MALIGNANT_SUBTYPES) if subtype_label(s) == sub.value)
+        i for i, s in enumerate(BENIGN_SUBTYPES + MALIGNANT_SUBTYPES) if subtype_label(s) == sub_label)
     at.selectbox(key="subtype_target").set_value(6).run()
     assert not at.exception, at.exception
     assert any("for the subtype 'mucinous carcinoma'" in str(c.value) for c in at.caption)
@@ -355,8 +358,8 @@ def test_diagnose_gives_no_subtype_for_a_referred_frame():
     flat = Image.new("RGB", (700, 460), (120, 200, 90))
     at.file_uploader(key="uploads").set_value([("flat.png", _png(flat), "image/png")]).run()
     assert not at.exception, at.exception
-    assert "No subtype for this frame: it was referred" in _texts(at)
-    assert not any(m.label.startswith("Subtype") for m in at.metric)
+    assert "No subtype is shown for a referred frame" in _texts(at)
+    assert not any(str(e.label).startswith("Subtype") for e in at.expander)
 
 
 def test_metrics_page_shows_the_subtype_confusion_matrix_with_patient_counts():

@@ -93,9 +93,12 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "diagnose.png"), full_page=True)
     # below the heatmap: the subtype within the call, with its caveat, top 3 and the class's CV recall
+    section = page.get_by_text("Subtype: research only").first  # collapsed: opened on demand
+    section.wait_for()
+    section.scroll_into_view_if_needed()
+    section.click()
     sub = page.get_by_text("Subtype (within the call above)")
     sub.wait_for()
-    sub.scroll_into_view_if_needed()
     page.get_by_text("where a guess scores").first.wait_for()
     page.get_by_text("In patient-grouped CV the subtype model recognised").wait_for()
     page.wait_for_timeout(800)
