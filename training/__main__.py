@@ -13,6 +13,13 @@ from models.card import ALL, MAGNIFICATIONS, metric
 from models.cli_table import Command, build_parser
 
 
+def _write_result(res: dict, out: Path) -> None:
+    """A command's results JSON, with the command line that produced it."""
+    res["command"] = "python -m training " + " ".join(sys.argv[1:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+
+
 def _fmt(m) -> str:
     return "n/a" if m is None else f"{m.value:.3f} (95% CI {m.ci95[0]:.3f}-{m.ci95[1]:.3f})"
 
@@ -383,9 +390,7 @@ def _run_repeats_cv(args) -> int:
     res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k, args.incumbent_runs)
     if args.name:
         res["model_id"] = args.name
-    res["command"] = "python -m training " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    _write_result(res, args.out)
     r = res["recipe"]
     print(f"{res['model_id']} over seeds {res['seeds']}: per-fold AUC {r['per_fold_auc_mean']:.3f} ± "
           f"{r['per_fold_auc_sd']:.3f}; pooled by seed {[round(a, 3) for a in r['pooled_auc_by_seed']]}; seed-averaged "
@@ -413,9 +418,7 @@ def _run_frozen_cv(args) -> int:
     df = select_rows(index_source(args.data), args.magnification)
     whole, tiles = frozen_features(df["path"].tolist(), weights, default_cache_dir())
     res = repeated_cv(df, whole, tiles, args.recipes or RECIPES, tuple(args.split_seeds), args.k, args.n_boot)
-    res["command"] = "python -m training " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    _write_result(res, args.out)
     for r, v in res["recipes"].items():
         a_ = v["summary"]["auc"]
         print(f"{r:28s} per-fold AUC {v['per_fold_auc_mean']:.3f}±{v['per_fold_auc_sd']:.3f}  pooled {a_['value']:.3f} "
@@ -434,9 +437,7 @@ def _run_scale_cv(args) -> int:
         raise ValueError("--scales must include 1.0 (the training scale)")
     means = scaled_tile_means(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), scales, default_cache_dir())
     res = scale_shift_cv(df, means, scales, tuple(args.split_seeds), n_boot=args.n_boot)
-    res["command"] = "python -m training " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    _write_result(res, args.out)
     for sc, row in res["by_test_scale"].items():
         d = row["scale_aug_minus_plain"]
         print(f"test scale {sc}: plain AUC {row['plain']['value']:.3f}  scale-augmented {row['scale_aug']['value']:.3f}"
@@ -455,9 +456,7 @@ def _run_subtype_cv(args) -> int:
     parent = routed_parent(df, args.parent_model) if args.parent_model else None
     res = subtype_cv(df, tiles.mean(1), split_seeds=tuple(args.split_seeds), k=args.k, n_boot=args.n_boot,
                      parent=parent)
-    res["command"] = "python -m training " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    _write_result(res, args.out)
     print(markdown_tables(res))
     return 0
 
@@ -471,9 +470,7 @@ def _run_idc_cv(args) -> int:
     feats = {s: patch_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), s, default_cache_dir())
              for s in args.sizes}
     res = idc_cv(df, feats, tuple(args.split_seeds), args.k, args.n_boot)
-    res["command"] = "python -m training " + " ".join(sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    _write_result(res, args.out)
     print(markdown_table(res))
     return 0
 
