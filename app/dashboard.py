@@ -334,6 +334,21 @@ def thumbnail_png(img) -> bytes:
     return b.getvalue()
 
 
+@dataclass(frozen=True)
+class KeptUpload:
+    """An uploaded file kept in the session (name and bytes), read like Streamlit's UploadedFile."""
+
+    name: str
+    data: bytes
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
 def readable_png(png: bytes | None) -> bytes | None:
     """The bytes when they are an image PIL can read (a stored thumbnail or heatmap), else None: a damaged record
     shows its caption instead of breaking the page."""

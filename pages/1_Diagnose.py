@@ -13,6 +13,7 @@ from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scal
                             tile_attention, tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from app.history import duplicate_cases, save_case, user_from_headers
+from app.dashboard import KeptUpload
 from app.ui_cache import cached_analysis, cached_heatmap, cached_model, cached_subtype, history_store
 from models.subtype import SUBTYPES, subtype_label
 
@@ -20,7 +21,11 @@ st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
 st.title("Diagnose")
 st.warning(DISCLAIMER)
 
-mag = st.radio("Magnification of the uploaded frames", MAGNIFICATIONS, index=1, horizontal=True, key="magnification")
+# Work survives navigation: the chosen magnification and the uploads are kept in the session (widget values are
+# dropped by Streamlit when another page is shown, so they are copied to keys of their own).
+mag = st.radio("Magnification of the uploaded frames", MAGNIFICATIONS, horizontal=True, key="magnification",
+               index=MAGNIFICATIONS.index(st.session_state.get("kept_magnification", "100X")))
+st.session_state["kept_magnification"] = mag
 r = resolve("malignancy", mag)
 if r.model_id is None:
     for note in r.notes:
@@ -56,6 +61,15 @@ tta = c4.toggle("Test-time augmentation (8 views)", value=False, key="tta",
 files = st.file_uploader("Upload H&E frames (PNG, JPEG, TIFF, BMP, WebP)",
                          type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp"],
                          accept_multiple_files=True, key="uploads")
+if files:
+    st.session_state["kept_uploads"] = [KeptUpload(f.name, f.getvalue()) for f in files]
+elif st.session_state.get("kept_uploads"):
+    files = st.session_state["kept_uploads"]
+    k1, k2 = st.columns([4, 1])
+    k1.info(f"Showing the {len(files)} frame(s) uploaded earlier in this session.")
+    if k2.button("Clear them", key="clear_kept_uploads"):
+        st.session_state.pop("kept_uploads")
+        st.rerun()
 if not files:
     st.info("Upload one or more frames to get predictions.")
     st.stop()
@@ -87,11 +101,11 @@ if analysed:
     verdict, name_notes = case_summary(analysed, mag, lm.card.threshold, lm.case_policy)
 table = results_frame(results, lm.card.threshold, export_provenance(lm, mag, tta),
                       verdict if len(analysed) > 1 else None)
+for n in (name_notes if analysed else []):  # a file named ...-40-... analysed at another magnification
+    st.warning(md_escape(n))
 if len(analysed) > 1:
     # The case is the unit of decision: its verdict leads, the frames follow.
     st.subheader("Case verdict (if these frames are one case)")
-    for n in name_notes:
-        st.warning(md_escape(n))
     text = (f"**Case: {verdict.verdict}**. {verdict.reason[0].upper() + verdict.reason[1:]}. {verdict.n_accepted} of "
             f"{verdict.n_frames} frames count toward the case ({verdict.n_band} of them uncertain on their own), "
             f"{verdict.n_referred} refused")

@@ -456,3 +456,20 @@ def test_home_labels_a_ci_that_includes_chance_and_metrics_opens_on_the_routed_m
     served = resolve("malignancy", "100X").model_id
     assert at.selectbox(key="metrics_model").value == served
     assert any("model in use for 100X" in str(s.value) for s in at.success)
+
+
+def test_uploads_and_magnification_survive_a_visit_to_another_page_and_a_name_mismatch_is_said():
+    at = _app("pages/1_Diagnose.py")
+    at.radio(key="magnification").set_value("40X").run()
+    at.file_uploader(key="uploads").set_value([("SOB_B_A-14-22549AB-100-001.png", _png(_he_frame(3)), "image/png")]).run()
+    assert any("the file name says 100X but 40X was chosen" in str(w.value) for w in at.warning)
+    # another page: Streamlit drops this page's widget values; the kept copies bring them back
+    state = {k: at.session_state[k] for k in ("kept_magnification", "kept_uploads")}
+    back = AppTest.from_file(str(ROOT / "pages" / "1_Diagnose.py"), default_timeout=120)
+    for k, v in state.items():
+        back.session_state[k] = v
+    back.run()
+    assert not back.exception, back.exception
+    assert back.radio(key="magnification").value == "40X"
+    assert any("uploaded earlier in this session" in str(i.value) for i in back.info)
+    assert any("Model for **40X**" in str(m.value) for m in back.markdown)
