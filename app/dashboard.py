@@ -492,6 +492,15 @@ def compare_agreement(results: list[FrameResult]) -> tuple[str, str]:
     return "success", f"The models agree: {calls.pop()} (each outside its referral band, quality control passed)."
 
 
+def decision_rule(lm) -> str:
+    """Each model's own decision rule, in one line (Compare states it beside every model's call)."""
+    pol = lm.policy
+    if pol is None:
+        return f"no refer policy: p ≥ {lm.card.threshold:.2f} is called malignant, only quality failures are referred"
+    return (f"own refer policy: refer when {pol.band[0]:.2f} ≤ p ≤ {pol.band[1]:.2f} or unlike its training frames; "
+            f"else p ≥ {lm.card.threshold:.2f} is malignant")
+
+
 def case_summary(results: list[FrameResult], magnification: str, threshold: float, policy=None):
     """The case verdict over one upload (models.case, under the model's case policy where it has one), and the
     file-name / picker disagreements to warn about."""

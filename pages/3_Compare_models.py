@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from models.card import ALL, MAGNIFICATIONS, metric
-from app.dashboard import (DISCLAIMER, compare_agreement, curves, decode_frame, model_folder, repeats_rows,
+from app.dashboard import (DISCLAIMER, compare_agreement, decision_rule, curves, decode_frame, model_folder, repeats_rows,
                            routing_evidence, rule1_summary)
 from models.routing import resolve
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay
@@ -100,6 +100,7 @@ if up is not None:
         results.append(r)
         call = f"**refer**: {r.reason}" if r.decision == "refer" else f"**{r.decision}**"
         col.markdown(f"**{mid}**  \n{call}  \np(malignant) = {r.p_malignant:.3f}")
+        col.caption("Rule: " + decision_rule(lm))
         for w in r.warnings:
             col.warning(w)
         b = branch_pref if branch_pref in cam_branches(lm) else "cnn"

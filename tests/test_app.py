@@ -473,3 +473,17 @@ def test_uploads_and_magnification_survive_a_visit_to_another_page_and_a_name_mi
     assert back.radio(key="magnification").value == "40X"
     assert any("uploaded earlier in this session" in str(i.value) for i in back.info)
     assert any("Model for **40X**" in str(m.value) for m in back.markdown)
+
+
+def test_compare_states_each_models_decision_rule():
+    from app.dashboard import decision_rule
+    from models.inference import load_model_folder
+
+    shipped = load_model_folder(ROOT / "magnif_models" / "all" / "efficientnet_lite2_ensemble")
+    assert decision_rule(shipped).startswith("own refer policy: refer when 0.")
+    at = _app("pages/3_Compare_models.py")
+    at.multiselect(key="cmp_models").set_value(["100X/efficientnet_lite2", "all/resnet50"]).run()
+    at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
+    assert not at.exception, at.exception
+    rules = [str(c.value) for c in at.caption if str(c.value).startswith("Rule: ")]
+    assert len(rules) == 2 and all("no refer policy" in r for r in rules)  # the tiny models have none: said plainly
