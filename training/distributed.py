@@ -97,13 +97,13 @@ def wrap(model: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
     return DDP(model)
 
 
-def sharded_rows(compute: Callable[[np.ndarray], np.ndarray], idx: np.ndarray) -> np.ndarray:
-    """compute(idx) for every row, each rank computing a contiguous shard and all ranks gathering the whole, in order
-    (frozen features, validation logits: pure functions of the frames, so sharding changes nothing but speed)."""
+def sharded_rows(compute: Callable[[slice], np.ndarray], n: int) -> np.ndarray:
+    """compute(rows) for rows 0..n-1, each rank computing a contiguous slice and all ranks gathering the whole, in
+    order (frozen features, validation logits: pure functions of the frames, so sharding changes nothing but speed).
+    A slice, not an index array: the caller's tensors are viewed, never copied. Outside torchrun: compute(0..n)."""
     if not is_distributed():
-        return compute(idx)
-    share = local_share(len(idx))
-    local = compute(idx[share])
+        return compute(slice(0, n))
+    local = compute(local_share(n))
     parts: list = [None] * world()[1]
     dist.all_gather_object(parts, local)
-    return np.concatenate([p for p in parts if p is not None and len(p)], axis=0) if len(idx) else local
+    return np.concatenate([p for p in parts if p is not None and len(p)], axis=0) if n else local

@@ -178,7 +178,7 @@ def extract_features(model: HistoClassifier, images: torch.Tensor, cfg: Preproce
     """Under torchrun each rank extracts a contiguous shard of the frames and all ranks gather the whole."""
     from training.distributed import sharded_rows
 
-    return sharded_rows(lambda idx: _extract_features(model, images[idx], cfg, batch, tta), np.arange(len(images)))
+    return sharded_rows(lambda rows: _extract_features(model, images[rows], cfg, batch, tta), len(images))
 
 
 def _extract_features(model: HistoClassifier, images: torch.Tensor, cfg: PreprocessConfig, batch: int = 16,
@@ -340,7 +340,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig
     """Under torchrun each rank scores a contiguous shard of idx and all ranks gather the whole, in order."""
     from training.distributed import sharded_rows
 
-    return sharded_rows(lambda part: _predict_logits(model, images, cfg, part, tta, compute), np.asarray(idx))
+    idx = np.asarray(idx)
+    return sharded_rows(lambda rows: _predict_logits(model, images, cfg, idx[rows], tta, compute), len(idx))
 
 
 def _predict_logits(model: nn.Module, images: torch.Tensor, cfg: PreprocessConfig, idx: np.ndarray,
