@@ -98,6 +98,13 @@ def idc_section(path: Path) -> None:
               "selection optimism is small, but it is not an independent estimate: no held-out IDC patients remain).")
 
 
+def _by_magnification(d: dict) -> list:
+    """A per-magnification dict's items in the microscope's order (40X, 100X, 200X, 400X)."""
+    from models.card import MAGNIFICATIONS
+
+    return sorted(d.items(), key=lambda kv: MAGNIFICATIONS.index(kv[0]) if kv[0] in MAGNIFICATIONS else 9)
+
+
 def idc_init_section(path: Path) -> None:
     r = json.loads(path.read_text())
     d = r["pooled"]
@@ -110,7 +117,7 @@ def idc_init_section(path: Path) -> None:
     print(f"| ImageNet (shipped single run) | {d['auc_incumbent']:.3f} | — |")
     print(f"| IDC fine-tuned (in-domain tissue first) | {d['auc_challenger']:.3f} | {d['difference']:+.3f} "
           f"({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}) |")
-    for mag, m in sorted(r["per_magnification"].items(), key=lambda kv: int(kv[0].rstrip("X"))):
+    for mag, m in _by_magnification(r["per_magnification"]):
         print(f"| &nbsp;&nbsp;at {mag} ({m['n_patients']['benign']}/{m['n_patients']['malignant']} patients) | "
               f"{m['auc_challenger']:.3f} vs {m['auc_incumbent']:.3f} | {m['difference']:+.3f} "
               f"({m['ci95'][0]:+.3f} to {m['ci95'][1]:+.3f}) |")
@@ -125,7 +132,7 @@ def threshold_section(path: Path) -> None:
     print(f"{r['protocol']} ({n['benign']} benign / {n['malignant']} malignant patients).\n")
     print("| magnification | balanced accuracy, threshold 0.5 | per-magnification threshold |")
     print("|---|---|---|")
-    for g, m in sorted(r["per_magnification"].items(), key=lambda kv: int(kv[0].rstrip("X"))):
+    for g, m in _by_magnification(r["per_magnification"]):
         print(f"| {g} ({m['n_patients']['benign']}/{m['n_patients']['malignant']} patients) | {m['single']:.3f} | "
               f"{m['per_magnification']:.3f} |")
     print(f"| all | {r['balanced_accuracy_single_threshold']:.3f} | {r['balanced_accuracy_per_magnification']:.3f} |")
