@@ -573,3 +573,28 @@ def case_evidence_line(policy) -> str:
     return (f"Case policy validated on held-out patients ({n['benign']} benign / {n['malignant']} malignant): cases of "
             f"6 frames are called {_pct_ci(blk['coverage'])} of the time, and are right {_pct_ci(blk['accuracy'])} of "
             "the times they are called; the rest are referred.")
+
+
+def uncertainty_evidence_line(model_id: str, result: str | Path | None = None) -> str:
+    """What the held-out check (scripts/frame_uncertainty_check.py) says about per-frame uncertainty for this model,
+    in one sentence; empty when it was not run for it. A signal is called validated only when its CI is above 0.5."""
+    path = Path(result) if result else results_dir() / "frame_uncertainty.json"
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    if Path(str(res.get("model", ""))).name != Path(model_id).name:
+        return ""
+    ed = res.get("error_detection", {})
+    names = {"closeness_to_threshold": "closeness to the threshold",
+             "ensemble_member_spread": "the ensemble members' disagreement"}
+    parts = [f"{names.get(k, k)} (AUROC {v['auroc_for_errors']:.2f}, 95% CI {v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})"
+             for k, v in ed.items() if isinstance(v, dict)]
+    if not parts:
+        return ""
+    ok = [k for k, v in ed.items() if isinstance(v, dict) and v.get("validated")]
+    head = ("On out-of-fold frames, " + " and ".join(parts) + (
+        " told wrong calls from right ones better than chance only for " + ", ".join(names.get(k, k) for k in ok)
+        if ok else " did not tell wrong calls from right ones better than chance: one frame's p is weak evidence; "
+                   "the case verdict over several frames is what was validated"))
+    return head + f" ({res['patients']} patients; `{res.get('command', 'scripts/frame_uncertainty_check.py')}`)."

@@ -43,7 +43,7 @@ def cached_analysis(model_id: str, name: str, data: bytes, magnification: str, t
     return _cached_analysis(model_id, current_root(), name, data, magnification, tta)
 
 
-@st.cache_data(max_entries=16, ttl=3600, show_spinner=False)  # 16 maps of a 700x460 frame: about 20 MB
+@st.cache_data(max_entries=32, ttl=3600, show_spinner=False)  # 32 maps of a 700x460 frame: about 40 MB (Compare's 7+)
 def _cached_heatmap(model_id: str, root: str, name: str, data: bytes, method: str, target: int, branch: str):
     from app.dashboard import decode_frame
     from models.gradcam import gradcam_heatmap
@@ -54,6 +54,18 @@ def _cached_heatmap(model_id: str, root: str, name: str, data: bytes, method: st
 def cached_heatmap(model_id: str, name: str, data: bytes, method: str, target: int, branch: str = "cnn"):
     """Grad-CAM for one uploaded frame, computed once per method/class/branch: the opacity slider only re-blends."""
     return _cached_heatmap(model_id, current_root(), name, data, method, target, branch)
+
+
+@st.cache_data(ttl=600, show_spinner=False)
+def _cached_reliability(model_id: str, root: str):
+    from models.uncertainty import bins_from_predictions
+
+    return bins_from_predictions(model_folder(model_id, root))
+
+
+def cached_reliability(model_id: str):
+    """The model's out-of-fold reliability bins (models.uncertainty), read once: each frame's 'how firm is this p'."""
+    return _cached_reliability(model_id, current_root())
 
 
 @st.cache_resource(show_spinner=False)

@@ -9,12 +9,16 @@ from app.dashboard import (DISCLAIMER, MAX_FILES_PER_UPLOAD, case_evidence_line,
 from models.routing import resolve
 from models.textsafe import csv_safe, md_escape
 from models.card import metric
-from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, colour_scale, gradcam_overlay, overlay_with_scale,
-                            tile_attention, tile_attention_overlay)
+from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay, overlay_with_scale, tile_attention,
+                            tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from app.history import duplicate_cases, save_case, user_from_headers
-from app.dashboard import KeptUpload
-from app.ui_cache import cached_analysis, cached_heatmap, cached_model, cached_subtype, history_store
+from app.dashboard import KeptUpload, uncertainty_evidence_line
+from app.viewer import VIEWER_CAPTION, frame_viewer
+from models.slide import MAG_MPP
+from models.uncertainty import short_uncertainty, uncertainty_line
+from app.ui_cache import (cached_analysis, cached_heatmap, cached_model, cached_reliability, cached_subtype,
+                          history_store)
 from models.subtype import SUBTYPES, subtype_label
 
 st.set_page_config(page_title="Diagnose", page_icon="🔬", layout="wide")
@@ -126,12 +130,16 @@ if len(analysed) > 1:
     if pm:
         st.caption(f"For scale: this model's patient-level accuracy at {mag} in cross-validation was {pm.fmt()}.")
 if len(analysed) > 1:
-    shown = table[[not x.error for x in results]].assign(thumbnail=[png_data_url(x.thumbnail) for x in analysed])
+    bins = cached_reliability(r.model_id)
+    shown = table[[not x.error for x in results]].assign(
+        thumbnail=[png_data_url(x.thumbnail) for x in analysed],
+        similar=[short_uncertainty(x.p_malignant, bins) for x in analysed])
     n_ref = sum(x.decision == "refer" for x in analysed)
     st.markdown(f"**{len(analysed)} frames analysed**: {sum(x.decision == 'malignant' for x in analysed)} malignant, "
                 f"{sum(x.decision == 'benign' for x in analysed)} benign, **{n_ref} referred** on their own.")
-    st.dataframe(shown[["thumbnail", "file", "decision", "p_malignant", "reason", "warnings"]], hide_index=True,
+    st.dataframe(shown[["thumbnail", "file", "decision", "p_malignant", "similar", "reason", "warnings"]], hide_index=True,
                  column_config={"thumbnail": st.column_config.ImageColumn("frame"),
+                                "similar": st.column_config.TextColumn("how often frames scored like it were malignant"),
                                 "p_malignant": st.column_config.ProgressColumn("p(malignant)", min_value=0.0, max_value=1.0, format="%.3f")},
                  width="stretch")
 st.download_button("Download results (CSV)", csv_safe(table).to_csv(index=False), "predictions.csv", "text/csv")
@@ -181,8 +189,14 @@ if pick.decision == "refer":  # never in the large verdict type: the model decli
 else:
     st.metric(f"Prediction: {pick.decision}", f"p(malignant) = {pick.p_malignant:.3f}",
               help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
-st.caption(performance_line(lm.card, mag))
 pol = lm.policy
+bins = cached_reliability(r.model_id)
+st.markdown("**How firm is this p?** " + md_escape(uncertainty_line(pick.p_malignant, bins,
+                                                                     pol.band if pol is not None else None)))
+ev_line = uncertainty_evidence_line(r.model_id)
+if ev_line:
+    st.caption(ev_line)
+st.caption(performance_line(lm.card, mag))
 if pol is not None:
     st.caption(f"Referral policy: frames with p between {pol.band[0]:.2f} and {pol.band[1]:.2f} are referred; outside "
                f"that band this model was {pol.accepted_accuracy:.0%} accurate on {pol.coverage:.0%} of its out-of-fold "
@@ -192,28 +206,31 @@ else:
     st.warning(f"{lm.policy_note.capitalize()}: only quality-control failures are referred.")
 for w in pick.warnings:
     st.warning(w)
+um_per_px = MAG_MPP.get(mag)
 if pick.decision_kind not in ("call", "band"):
     # no heatmap on an image refused before any call (not tissue, failed quality, unlike the training frames): a
     # heatmap there would draw hot spots on nothing
-    st.image(frame, caption="original (no heatmap: the frame was refused before any call)", width=450)
+    st.plotly_chart(frame_viewer(frame, um_per_px=um_per_px), width="stretch", key="viewer_refused")
+    st.caption("original (no heatmap: the frame was refused before any call). " + VIEWER_CAPTION)
 else:
     with st.spinner(f"Computing {method}…"):
         heat = cached_heatmap(r.model_id, pick_file.name, pick_file.getvalue(), method, target, branch)
     overlay = gradcam_overlay(frame, heat, opacity)
-    a, b = st.columns(2)
     if lm.card.architecture == "tiles":  # a tile model: where its attention went, and the per-tile maps stitched together
         boxes, weights, tiled_size = tile_attention(lm, frame)
-        a.image(tile_attention_overlay(frame, boxes, weights, tiled_size), width="stretch",
-                caption="tile attention: each native-resolution tile's weight in the prediction (weights sum to 1)")
-        b.image(overlay, width="stretch",
-                caption=f"{method} for class '{target_name}', computed per tile and stitched into one map; each tile's map "
-                        f"is scaled by its attention relative to the most-attended tile ({r.model_id})")
+        panels = [("tile attention (weights sum to 1)", tile_attention_overlay(frame, boxes, weights, tiled_size)),
+                  (f"{method}, class '{target_name}', per tile, stitched", overlay)]
+        note = ("Tile attention: each native-resolution tile's weight in the prediction. The heatmap is computed per "
+                "tile and stitched into one map; each tile's map is scaled by its attention relative to the "
+                "most-attended tile. ")
     else:
-        a.image(frame, caption="original", width="stretch")
-        b.image(overlay, caption=f"{method} for class '{target_name}', {CAM_BRANCHES[branch]} ({r.model_id})", width="stretch")
-    st.image(colour_scale(700, 14), width="stretch",
-             caption=f"heatmap scale: blue = little, red = much contribution to the class '{target_name}' ({method}; the "
-                     "map is scaled to its own maximum, so compare regions within a frame, not across frames)")
+        panels = [(f"{method}, class '{target_name}', {CAM_BRANCHES[branch]}", overlay)]
+        note = ""
+    st.plotly_chart(frame_viewer(frame, panels, columns=len(panels) + 1, um_per_px=um_per_px), width="stretch",
+                    key="viewer")
+    st.caption(note + f"heatmap scale: blue = little, red = much contribution to the class '{target_name}' ({method}, "
+               f"{r.model_id}; the map is scaled to its own maximum, so compare regions within a frame, not across "
+               "frames). " + VIEWER_CAPTION)
     buf = io.BytesIO()
     overlay_with_scale(overlay, f"{method}, class {target_name}, {r.model_id}").save(buf, "PNG")
     st.download_button("Download overlay (PNG)", buf.getvalue(), f"{pick.name.rsplit('.', 1)[0]}_{method}.png", "image/png")

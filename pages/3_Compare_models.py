@@ -1,4 +1,6 @@
 """Compare models: metrics table and overlaid ROC; all chosen models on one uploaded image."""
+import time
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -8,7 +10,10 @@ from app.dashboard import (DISCLAIMER, compare_agreement, decision_rule, curves,
                            routing_evidence, rule1_summary)
 from models.routing import resolve
 from models.gradcam import CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_overlay
-from app.ui_cache import cached_analysis, cached_cards, cached_heatmap, cached_model
+from app.ui_cache import cached_analysis, cached_cards, cached_heatmap, cached_model, cached_reliability
+from app.viewer import VIEWER_CAPTION, frame_viewer
+from models.slide import MAG_MPP
+from models.uncertainty import short_uncertainty
 
 st.set_page_config(page_title="Compare models", page_icon="⚖️", layout="wide")
 st.title("Compare models")
@@ -86,27 +91,44 @@ branch_pref = cm2.selectbox("Hybrid models: explain which branch", list(CAM_BRAN
 up = st.file_uploader("Upload one frame", type=["png", "jpg", "jpeg", "tif", "tiff"], key="cmp_upload")
 if up is not None:
     data = up.getvalue()
-    results, frame = [], None
-    for col, mid in zip(st.columns(len(chosen)), chosen):
+    results, calls, panels, frame = [], [], [], None
+    t0 = time.perf_counter()
+    for mid in chosen:
         try:
             lm = cached_model(mid)
         except Exception as exc:
-            col.error(f"{mid}: cannot load ({exc})")
+            st.error(f"{mid}: cannot load ({exc})")
             continue
         r = cached_analysis(mid, up.name, data, mag)
         if r.error:
             st.error(r.error)
             break
         results.append(r)
-        call = f"**refer**: {r.reason}" if r.decision == "refer" else f"**{r.decision}**"
-        col.markdown(f"**{mid}**  \n{call}  \np(malignant) = {r.p_malignant:.3f}")
-        col.caption("Rule: " + decision_rule(lm))
-        for w in r.warnings:
-            col.warning(w)
+        calls.append({"model": mid, "decision": r.decision, "reason": r.reason if r.decision == "refer" else "",
+                      "p(malignant)": round(r.p_malignant, 3) if r.p_malignant is not None else None,
+                      "how often frames scored like it were malignant": short_uncertainty(r.p_malignant,
+                                                                                           cached_reliability(mid)),
+                      "rule": decision_rule(lm), "warnings": "; ".join(r.warnings)})
         b = branch_pref if branch_pref in cam_branches(lm) else "cnn"
+        calls[-1]["heatmap"] = f"{method}, {CAM_BRANCHES[b]}"
+        if r.decision_kind not in ("call", "band"):
+            calls[-1]["heatmap"] = "none: refused before any call"
+            continue  # no heatmap on an image refused before any call
         frame = frame or decode_frame(data, up.name)  # decoded once for all the models' overlays
-        col.image(gradcam_overlay(frame, cached_heatmap(mid, up.name, data, method, 1, b)), width="stretch")
-        col.caption(f"{method}, {CAM_BRANCHES[b]}")
+        panels.append((f"{mid} ({r.decision}, p {r.p_malignant:.2f}) · {method}, {CAM_BRANCHES[b]}",
+                       gradcam_overlay(frame, cached_heatmap(mid, up.name, data, method, 1, b))))
+    if calls:
+        # each model's call under its own decision rule, stated beside it
+        st.dataframe(pd.DataFrame(calls), hide_index=True, width="stretch")
     if len(results) > 1:
         kind, text = compare_agreement(results)
         (st.success if kind == "success" else st.warning)(text)
+    if results and not panels:
+        st.info("No heatmaps: every model refused this image before any call.")
+    if panels:
+        st.plotly_chart(frame_viewer(frame, panels, columns=2, um_per_px=MAG_MPP.get(mag)), width="stretch",
+                        key="cmp_viewer")
+        st.caption("Each overlay is the model's map for the class 'malignant', scaled to its own maximum (compare "
+                   "regions, not colours, across models). " + VIEWER_CAPTION)
+    st.caption(f"{len(results)} model(s) on this frame in {time.perf_counter() - t0:.1f} s (calls and maps are cached "
+               "per frame and model: a second look is instant; `python benchmarks/compare_latency.py` measures it).")

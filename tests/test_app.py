@@ -36,6 +36,23 @@ def _he_frame(seed=0) -> Image.Image:
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
+def _viewer_figures(at) -> list[dict]:
+    """The Plotly figures the page drew (the zoomable frame viewer is one)."""
+    import json
+
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def _viewer_images(at) -> int:
+    """Image panels in the page's viewer figures (0 when none)."""
+    return sum(sum(t.get("type") == "image" for t in f["data"]) for f in _viewer_figures(at)
+               if any(t.get("type") == "image" for t in f["data"]))
+
+
+def _viewer_has_colour_bar(at) -> bool:
+    return any(t.get("type") == "heatmap" and t.get("showscale") for f in _viewer_figures(at) for t in f["data"])
+
+
 def _texts(at) -> str:
     return " ".join(str(x.value) for kind in ("markdown", "warning", "error", "info", "caption", "success", "code")
                     for x in getattr(at, kind))
@@ -105,8 +122,9 @@ def test_diagnose_bad_files_do_not_stop_the_batch():
     assert "H&E" in table.set_index("file").loc["green.png", "warnings"]
     good = table.set_index("file").loc["good.png"]
     refused_before_a_call = good["decision"] == "refer" and not str(good["reason"]).startswith("uncertain")
-    # original + heatmap + the heatmap's colour scale; a frame refused before any call gets no heatmap at all
-    assert len(at.get("image")) == (1 if refused_before_a_call else 3)
+    # the viewer: original + heatmap (with its colour bar); a frame refused before any call gets no heatmap at all
+    assert _viewer_images(at) == (1 if refused_before_a_call else 2)
+    assert _viewer_has_colour_bar(at) == (not refused_before_a_call)
     assert refused_before_a_call or any(b.label.startswith("Download overlay") for b in at.get("download_button"))
 
 
@@ -130,10 +148,21 @@ def test_compare_page_runs_models_side_by_side():
     at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
     assert not at.exception, at.exception
     assert "agree" in _texts(at) or "refer" in _texts(at)
+    calls = at.dataframe[-1].value.set_index("model")
+    assert list(calls.index) == ["100X/efficientnet_lite2", "all/resnet50"] and calls["rule"].str.len().gt(0).all()
+    called = calls["decision"].ne("refer") | calls["reason"].str.startswith("uncertain")
+    # one zoomable figure: the original and each called model's overlay, on matched axes, with one colour bar
+    assert _viewer_images(at) == 1 + called.sum() and (_viewer_has_colour_bar(at) == bool(called.any()))
+    if called.any():
+        fig = _viewer_figures(at)[-1]
+        assert {v.get("matches") for k, v in fig["layout"].items()
+                if k.startswith("xaxis") and k != "xaxis" and v.get("visible", True)} == {"x"}
     flat = Image.new("RGB", (700, 460), (200, 120, 190))  # not histology: no model may "agree" on it
     at.file_uploader(key="cmp_upload").set_value(("flat.png", _png(flat), "image/png")).run()
     assert not at.exception, at.exception
-    assert not at.success and "refer it to the pathologist" in _texts(at) and "**refer**" in _texts(at)
+    assert not at.success and "refer it to the pathologist" in _texts(at)
+    assert set(at.dataframe[-1].value["decision"]) == {"refer"}
+    assert _viewer_images(at) == 0 and "every model refused this image" in _texts(at)  # no heatmaps on refused images
 
 
 def test_compare_shows_how_far_each_recipe_moves_under_repeated_cv(tmp_path):
@@ -187,9 +216,10 @@ def test_compare_offers_hybrid_branches_and_tta_column():
         at.selectbox(key="cmp_branch").set_value(branch).run()
         at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(4)), "image/png")).run()
         assert not at.exception, (branch, at.exception)
-        captions = " ".join(str(c.value) for c in at.caption)
-        assert "ViT branch" in captions or "CNN + ViT" in captions
-        assert "CNN branch" in captions  # the single-branch model falls back to its CNN map
+        maps = at.dataframe[-1].value.set_index("model")["heatmap"]
+        assert "ViT branch" in maps["all/hybrid"] or "CNN + ViT" in maps["all/hybrid"] or "refused" in maps["all/hybrid"]
+        # the single-branch model falls back to its CNN map
+        assert "CNN branch" in maps["100X/efficientnet_lite2"] or "refused" in maps["100X/efficientnet_lite2"]
 
 
 def test_diagnose_tta_toggle_predicts_with_eight_views():
@@ -246,6 +276,7 @@ def test_diagnose_refers_a_non_histology_frame_and_exports_provenance():
     assert "referred" in _texts(at) and "Case: refer" in _texts(at)  # one tissue frame called: no case CI
     at.selectbox(key="heatmap_pick").set_value(0).run()
     assert "Refer to the pathologist" in _texts(at)
+    assert "How firm is this p?" in _texts(at)  # every frame's p comes with its uncertainty
     assert not any(m.label.startswith("Prediction") for m in at.metric)  # a referred frame gets no verdict type
     assert "How good is this model" in _texts(at)
     from app.dashboard import export_provenance, results_frame  # noqa: F401  (the CSV the page offers)
@@ -485,5 +516,5 @@ def test_compare_states_each_models_decision_rule():
     at.multiselect(key="cmp_models").set_value(["100X/efficientnet_lite2", "all/resnet50"]).run()
     at.file_uploader(key="cmp_upload").set_value(("f.png", _png(_he_frame(3)), "image/png")).run()
     assert not at.exception, at.exception
-    rules = [str(c.value) for c in at.caption if str(c.value).startswith("Rule: ")]
+    rules = list(at.dataframe[-1].value["rule"])  # each model's rule in the table, beside its call
     assert len(rules) == 2 and all("no refer policy" in r for r in rules)  # the tiny models have none: said plainly
