@@ -381,6 +381,21 @@ def heatmap_png(frame, heatmap, opacity: float, caption: str, width: int = 350) 
     return b.getvalue()
 
 
+def full_resolution_images(frame, heatmap=None, opacity: float = 0.45) -> tuple[bytes, bytes | None]:
+    """What History's zoomable viewer shows of a saved frame: the frame as analysed (lossless PNG, so nothing a
+    pathologist zooms into is a compression artefact) and, where a heatmap was drawn, its full-size overlay (JPEG,
+    quality 90: a derived picture, a fifth of the PNG's size)."""
+    from models.gradcam import gradcam_overlay
+
+    b = io.BytesIO()
+    frame.convert("RGB").save(b, "PNG", optimize=True)
+    if heatmap is None:
+        return b.getvalue(), None
+    o = io.BytesIO()
+    gradcam_overlay(frame, heatmap, opacity).save(o, "JPEG", quality=90)
+    return b.getvalue(), o.getvalue()
+
+
 def decode_frame(data: bytes, name: str):
     """The RGB frame the model analysed (same loader, same reductions and turns), for heatmaps and display."""
     from models.preprocess import load_image

@@ -20,7 +20,7 @@ from sqlalchemy import (Boolean, Column, DateTime, Float, ForeignKey, Integer, L
                         Text, create_engine, event, func, insert, select, text)
 from sqlalchemy.engine import Engine
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 meta = MetaData()
 schema_version = Table("schema_version", meta, Column("version", Integer, primary_key=True),
                        Column("applied_at", DateTime(timezone=True), nullable=False))
@@ -48,6 +48,9 @@ frames = Table(
     Column("p_malignant", Float), Column("decision", String(16), nullable=False), Column("reason", Text, nullable=False),
     Column("warnings", Text, nullable=False), Column("heatmap_method", String(32), nullable=False, default=""),
     Column("heatmap_png", LargeBinary),  # schema 2: the frame's heatmap over it, with its colour scale, for the report
+    # schema 4: the frame as analysed (lossless PNG, full resolution) and its full-size overlay (JPEG: a derived
+    # picture), so History's viewer can zoom to nuclei
+    Column("frame_png", LargeBinary), Column("overlay_jpeg", LargeBinary),
 )
 
 
@@ -66,7 +69,7 @@ EVENT_KINDS = ("created", "amended", "signed_off", "withdrawn")
 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"  # Alembic: env.py + versions/NNNN_*.py
-REVISIONS = {"0001": 1, "0002": 2, "0003": 3}  # Alembic revision -> schema version (the one the older schema_version table kept)
+REVISIONS = {"0001": 1, "0002": 2, "0003": 3, "0004": 4}  # Alembic revision -> schema version (the one the older schema_version table kept)
 _LOCK_KEY = 7245019  # PostgreSQL advisory lock held while the schema is created or migrated
 
 
@@ -185,11 +188,15 @@ def _now() -> _dt.datetime:
 
 def save_case(engine: Engine, label: str, magnification: str, verdict, results: list, files_bytes: list[bytes],
               provenance: dict, heatmap_method: str = "", pathologist_call: str = "", note: str = "",
-              user: str = "", heatmaps: list[bytes | None] | None = None) -> int:
-    """Store one case and its frames in one transaction (heatmaps: one PNG or None per frame); returns the case id."""
+              user: str = "", heatmaps: list[bytes | None] | None = None,
+              full_frames: list[bytes | None] | None = None, overlays: list[bytes | None] | None = None) -> int:
+    """Store one case and its frames in one transaction (heatmaps: one small PNG or None per frame; full_frames /
+    overlays: the full-resolution frame PNG and overlay JPEG per frame, or None); returns the case id."""
     from models.textsafe import clean_for_storage
 
     heatmaps = heatmaps or [None] * len(results)
+    full_frames = full_frames or [None] * len(results)
+    overlays = overlays or [None] * len(results)
     said: list[str] = []  # what was changed in the user's text before storing it (NUL, controls, truncation)
 
     def clean(text: str, limit: int | None, what: str) -> str:
@@ -210,14 +217,15 @@ def save_case(engine: Engine, label: str, magnification: str, verdict, results: 
         )).inserted_primary_key[0]
         c.execute(insert(case_events).values(case_id=cid, at=_now(), app_user=user_s or "unknown", kind="created",
                                              pathologist_call=pathologist_call, note=note_s, reason=""))
-        for r, data, heat, name, warn in zip(results, files_bytes, heatmaps, names, warnings):
+        for r, data, heat, name, warn, full, ov in zip(results, files_bytes, heatmaps, names, warnings, full_frames,
+                                                       overlays):
             c.execute(insert(frames).values(
                 case_id=cid, file_name=name, file_sha256=hashlib.sha256(data).hexdigest(),
                 thumbnail_png=r.thumbnail, magnification=magnification, model_id=r.model_id,
                 weights_sha256=provenance.get("weights_sha256", ""), card_sha256=provenance.get("card_sha256", ""),
                 tta=bool(provenance.get("tta", False)), p_malignant=r.p_malignant, decision=r.decision,
                 reason=clean(r.reason or r.error, None, "reason"), warnings=warn, heatmap_method=heatmap_method,
-                heatmap_png=heat))
+                heatmap_png=heat, frame_png=full, overlay_jpeg=ov))
     return int(cid)
 
 

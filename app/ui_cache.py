@@ -68,6 +68,20 @@ def cached_reliability(model_id: str):
     return _cached_reliability(model_id, current_root())
 
 
+def cached_reliability_or_none(model_id: str):
+    """The bins of a model named in a saved case, or [] when that model is no longer in the models root. The id is
+    data from the database: only an id under the models root is read (never an explicit path)."""
+    from pathlib import Path
+
+    root = Path(current_root()).resolve()
+    try:
+        if Path(model_id).is_absolute() or not (root / model_id).resolve().is_relative_to(root):
+            return []
+        return cached_reliability(model_id)
+    except Exception:  # noqa: BLE001 - a removed or renamed model folder: the case still opens
+        return []
+
+
 @st.cache_resource(show_spinner=False)
 def _history(url: str):
     from app.history import open_store

@@ -13,7 +13,7 @@ from models.gradcam import (CAM_BRANCHES, CAM_METHODS, cam_branches, gradcam_ove
                             tile_attention_overlay)
 from models.inference import MAGNIFICATIONS
 from app.history import duplicate_cases, save_case, user_from_headers
-from app.dashboard import KeptUpload, uncertainty_evidence_line
+from app.dashboard import KeptUpload, full_resolution_images, uncertainty_evidence_line
 from app.viewer import VIEWER_CAPTION, frame_viewer
 from models.slide import MAG_MPP
 from models.uncertainty import short_uncertainty, uncertainty_line
@@ -162,13 +162,19 @@ if analysed:  # a single frame can be saved as a case too
                            "History.")
                 st.stop()
             try:
+                heats, fulls, overlays = [], [], []
                 with st.spinner(f"Computing each frame's {method} for the case record…"):
-                    heats = [heatmap_png(decode_frame(f.getvalue(), f.name),
-                                         cached_heatmap(r.model_id, f.name, f.getvalue(), method, 1, branch), opacity,
-                                         f"{method}, class malignant") if x.decision_kind in ("call", "band") else None
-                             for x, f in ok]
+                    for x, f in ok:
+                        fr_img = decode_frame(f.getvalue(), f.name)
+                        hm = (cached_heatmap(r.model_id, f.name, f.getvalue(), method, 1, branch)
+                              if x.decision_kind in ("call", "band") else None)  # none on a refused frame
+                        heats.append(None if hm is None else heatmap_png(fr_img, hm, opacity, f"{method}, class malignant"))
+                        full, ov = full_resolution_images(fr_img, hm, opacity)
+                        fulls.append(full)
+                        overlays.append(ov)
                 cid = save_case(history_store(), label, mag, verdict, analysed, [f.getvalue() for _, f in ok],
-                                export_provenance(lm, mag, tta), method, call, note, user=user, heatmaps=heats)
+                                export_provenance(lm, mag, tta), method, call, note, user=user, heatmaps=heats,
+                                full_frames=fulls, overlays=overlays)
                 st.success(f"Saved as case {cid}: see the History page.")
             except Exception as exc:  # the database is down or full: say so, lose nothing on screen
                 st.error(f"The case could not be saved ({type(exc).__name__}: {exc}); the results above are unchanged.")

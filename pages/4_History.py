@@ -1,12 +1,18 @@
 """History: saved cases with their audit trail; reopen one, export its report (HTML) or its frames (CSV)."""
+import io
+
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from app.dashboard import DISCLAIMER, png_data_url, readable_png
 from app.history import (AuditError, add_event, case_csv, case_events_frame, case_frames, case_report_html, case_state,
                          list_cases, read_only_note, user_from_headers)
 from models.textsafe import md_escape
-from app.ui_cache import history_store
+from app.ui_cache import cached_reliability_or_none, history_store
+from app.viewer import VIEWER_CAPTION, frame_viewer
+from models.slide import MAG_MPP
+from models.uncertainty import short_uncertainty
 
 st.set_page_config(page_title="History", page_icon="🗂️", layout="wide")
 st.title("Case history")
@@ -55,6 +61,27 @@ for i, rec in enumerate(fr.to_dict("records")):
         col.image(png, width="stretch", caption=caption)
     else:
         col.text(caption + " (no image stored)")
+# a closer look: the saved frame at full resolution and its overlay, zooming and panning together
+look = st.selectbox("Look closer at frame", range(len(fr)), format_func=lambda i: str(fr["file_name"].iloc[i]),
+                    key="hist_look")
+rec = fr.iloc[look]
+full = readable_png(rec.get("frame_png"))
+original = Image.open(io.BytesIO(full or readable_png(rec["thumbnail_png"]) or b"")) if (
+    full or readable_png(rec["thumbnail_png"])) else None
+if original is None:
+    st.text("No image of this frame was stored.")
+else:
+    ov = readable_png(rec.get("overlay_jpeg"))
+    panels = [(f"{rec['heatmap_method'] or 'heatmap'}, class malignant", Image.open(io.BytesIO(ov)))] if ov else []
+    st.plotly_chart(frame_viewer(original, panels, um_per_px=MAG_MPP.get(str(rec["magnification"]))),
+                    width="stretch", key="hist_viewer")
+    firm = short_uncertainty(rec["p_malignant"], cached_reliability_or_none(str(rec["model_id"])))
+    st.caption((f"{rec['decision']}, p {rec['p_malignant']:.3f}" if rec["p_malignant"] == rec["p_malignant"] and
+                rec["p_malignant"] is not None else str(rec["decision"]))
+               + (f" ({firm})" if firm else "") + ". "
+               + ("" if full else "Saved before full-resolution frames were kept: this is the stored thumbnail. ")
+               + ("" if ov else "No heatmap was stored for this frame (refused before any call, or saved without one). ")
+               + VIEWER_CAPTION)
 ev = case_events_frame(store, int(cid))
 st.markdown("**Audit trail** (append-only)")
 st.dataframe(ev[["at", "app_user", "kind", "pathologist_call", "note", "reason"]], hide_index=True, width="stretch")
@@ -81,7 +108,8 @@ if not state["withdrawn"]:
                 st.error(str(exc))
 with st.expander("Frames with ids, hashes and provenance"):
     show = fr.assign(frame=fr["thumbnail_png"].map(png_data_url), heatmap=fr["heatmap_png"].map(png_data_url))
-    show = show.drop(columns=["thumbnail_png", "heatmap_png"]).rename(columns={"p_malignant": "p(malignant)"})
+    show = show.drop(columns=["thumbnail_png", "heatmap_png", "frame_png", "overlay_jpeg"]).rename(
+        columns={"p_malignant": "p(malignant)"})
     st.dataframe(pd.DataFrame(show), hide_index=True, width="stretch", row_height=70,
                  column_config={"frame": st.column_config.ImageColumn("frame"),
                                 "heatmap": st.column_config.ImageColumn("heatmap (class malignant)")},

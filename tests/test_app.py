@@ -463,6 +463,10 @@ def test_saving_the_same_frames_twice_asks_first_and_history_signs_off():
     assert len(list_cases(open_store(default_url()))) == 1
     h = _app("pages/4_History.py")
     assert any("Case verdict:" in str(x.value) for x in [*h.info, *h.warning])  # the review leads with the verdict
+    # a closer look: the stored frame at full resolution (700x460, not the thumbnail) in the zoomable viewer
+    fig = _viewer_figures(h)[0]
+    assert fig["layout"]["xaxis"]["range"] == [0, 700] and _viewer_images(h) in (1, 2)
+    assert "stored thumbnail" not in _texts(h)
     h.text_input(key="user_name").set_value("dr.test").run()
     h.get("form_submit_button")[0].click().run()  # default action: sign off
     assert not h.exception, h.exception

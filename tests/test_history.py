@@ -73,6 +73,8 @@ def _back_to_schema_1(eng, legacy: bool) -> None:
         if eng.dialect.name == "postgresql":
             c.exec_driver_sql("DROP FUNCTION IF EXISTS case_events_append_only() CASCADE")
         c.exec_driver_sql("ALTER TABLE frames DROP COLUMN heatmap_png")
+        c.exec_driver_sql("ALTER TABLE frames DROP COLUMN frame_png")  # schema 4's full-resolution frame and overlay
+        c.exec_driver_sql("ALTER TABLE frames DROP COLUMN overlay_jpeg")
         if legacy:
             c.exec_driver_sql("DROP TABLE alembic_version")
             schema_version.create(c)
@@ -92,17 +94,21 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_cases(url, legacy):
     _back_to_schema_1(eng, legacy)
     assert db_version(create_engine(url)) == 1
     eng = open_store(url)
-    assert db_version(eng) == SCHEMA_VERSION == 3
+    assert db_version(eng) == SCHEMA_VERSION == 4
     with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0004"]
     # the case saved before the audit trail existed got its "created" event from the migration
     from app.history import case_events_frame
 
     assert case_events_frame(eng, cid)["kind"].tolist() == ["created"]
     fr = case_frames(eng, cid)
     assert len(fr) == 3 and fr["heatmap_png"].isna().all() and list_cases(eng)["label"].tolist() == ["OLD"]
-    new = save_case(eng, "NEW", "100X", verdict, results, data, PROV, heatmaps=[b"h"] * 3)
-    assert list(case_frames(eng, new)["heatmap_png"]) == [b"h"] * 3
+    assert fr["frame_png"].isna().all() and fr["overlay_jpeg"].isna().all()  # schema 4's columns, empty for old cases
+    new = save_case(eng, "NEW", "100X", verdict, results, data, PROV, heatmaps=[b"h"] * 3, full_frames=[b"F"] * 3,
+                    overlays=[b"O", None, b"O"])
+    got = case_frames(eng, new)
+    assert list(got["heatmap_png"]) == [b"h"] * 3 and list(got["frame_png"]) == [b"F"] * 3
+    assert list(got["overlay_jpeg"]) == [b"O", None, b"O"]
     if eng.dialect.name == "sqlite":
         with eng.connect() as c:  # the store is in WAL mode
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -112,7 +118,7 @@ def test_reopening_does_not_migrate_twice_and_a_newer_schema_is_refused(url):
     open_store(url)
     eng = open_store(url)
     with eng.begin() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0004"]
         c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     with pytest.raises(RuntimeError, match="newer"):
         open_store(url)

@@ -45,7 +45,7 @@ def test_a_migration_killed_midway_leaves_the_database_as_it_was(url):  # noqa: 
     assert r.returncode == 9, r.stderr[-2000:]
     assert db_version(create_engine(url)) == 1 and "heatmap_png" not in _columns(url)
     eng = open_store(url)  # the next open migrates cleanly: no "duplicate column"
-    assert db_version(eng) == 3 and "heatmap_png" in _columns(url)
+    assert db_version(eng) == 4 and "heatmap_png" in _columns(url)
     assert list_cases(eng)["label"].tolist() == ["KEEP"]
 
 
@@ -62,8 +62,8 @@ def test_eight_processes_opening_at_once_all_succeed(url, start):  # noqa: F811
     assert not failed, failed
     eng = open_store(url)
     with eng.connect() as c:
-        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
-    assert db_version(eng) == 3 and len(list_cases(eng)) == (1 if start == "schema-1" else 0)
+        assert c.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0004"]
+    assert db_version(eng) == 4 and len(list_cases(eng)) == (1 if start == "schema-1" else 0)
 
 
 def test_a_read_only_database_opens_for_reading(tmp_path):
