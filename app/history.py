@@ -13,6 +13,7 @@ import hashlib
 import html
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -354,40 +355,64 @@ def _model_lines(model_ids: list[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class CaseReport:
+    """Everything a case report says, gathered once for the HTML and the PDF (so the two cannot drift apart)."""
+
+    case: dict
+    frames: list[dict]
+    events: list[dict]
+    state: dict
+    status: str
+    model_lines: list[str]
+    generated_at: _dt.datetime
+    commit: str
+
+
+def case_report_content(engine: Engine, case_id: int) -> CaseReport:
+    """The case, its frames, audit trail, current state, models' evidence, generation time and software commit."""
+    from models.config import software_version
+
+    with engine.connect() as c:
+        case = dict(c.execute(select(cases).where(cases.c.id == case_id)).mappings().one())
+    fr = case_frames(engine, case_id)
+    state = case_state(engine, case_id)
+    status = ("withdrawn" if state["withdrawn"] else f"signed off by {state['signed_off_by']}" if state["signed_off_by"]
+              else "not signed off")
+    return CaseReport(case, fr.to_dict("records"), case_events_frame(engine, case_id).to_dict("records"), state,
+                      status, _model_lines(sorted(set(fr["model_id"]))), _now(), software_version())
+
+
+def p_text(p) -> str:
+    """A stored probability as text ('' when none was made)."""
+    return "" if p is None or p != p else f"{p:.3f}"
+
+
 def case_report_html(engine: Engine, case_id: int, disclaimer: str) -> str:
     """A self-contained HTML report: the case, its verdict and the pathologist's current call, the audit trail, each
     frame's thumbnail and heatmap (with its colour scale), decision and full provenance (hashes, models' AUC with CI
     and referral band, software commit, generation time), the disclaimer. Long labels wrap."""
     import base64
 
-    from models.config import software_version
-
     def img(png: bytes | None, alt: str) -> str:
         return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
 
-    with engine.connect() as c:
-        case = c.execute(select(cases).where(cases.c.id == case_id)).mappings().one()
-    fr = case_frames(engine, case_id)
-    ev = case_events_frame(engine, case_id)
-    state = case_state(engine, case_id)
+    rep = case_report_content(engine, case_id)
+    case, state = rep.case, rep.state
     e = html.escape
     rows = []
-    for r in fr.to_dict("records"):
-        p = "" if r["p_malignant"] is None or r["p_malignant"] != r["p_malignant"] else f"{r['p_malignant']:.3f}"
+    for r in rep.frames:
         heat = img(r["heatmap_png"], "heatmap") or "<small>no heatmap stored</small>"
         rows.append(f"<tr><td>{img(r['thumbnail_png'], 'frame')}</td><td>{heat}<br><small>{e(r['heatmap_method'])}"
                     f"</small></td><td>{e(r['file_name'])}<br><small>file sha256 {r['file_sha256']}</small></td>"
-                    f"<td><b>{e(r['decision'])}</b><br><small>{e(r['reason'])}</small></td><td>{p}</td>"
+                    f"<td><b>{e(r['decision'])}</b><br><small>{e(r['reason'])}</small></td><td>{p_text(r['p_malignant'])}</td>"
                     f"<td><small>{e(r['model_id'])}<br>weights sha256 {r['weights_sha256']}<br>card sha256 "
                     f"{r['card_sha256']}<br>TTA {r['tta']}</small></td></tr>")
     events = "".join(f"<li>{ev_['at']:%Y-%m-%d %H:%M} UTC · {e(ev_['kind'])} by {e(ev_['app_user'])}"
                      + (f" · call {e(ev_['pathologist_call'])}" if ev_["pathologist_call"] else "")
                      + (f" · reason: {e(ev_['reason'])}" if ev_["reason"] else "") + "</li>"
-                     for ev_ in ev.to_dict("records"))
-    models = "".join(f"<li>{e(m)}</li>" for m in _model_lines(sorted(set(fr["model_id"]))))
-    now = _now()
-    status = ("withdrawn" if state["withdrawn"] else f"signed off by {state['signed_off_by']}" if state["signed_off_by"]
-              else "not signed off")
+                     for ev_ in rep.events)
+    models = "".join(f"<li>{e(m)}</li>" for m in rep.model_lines)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Case {case_id}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;overflow-wrap:anywhere}}td{{border-top:1px solid #ddd;
 padding:4px;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}}.warn{{background:#fff3cd;padding:.6em}}
@@ -396,14 +421,14 @@ table{{table-layout:fixed;width:100%}}img{{max-width:100%}}</style></head><body>
 <h1>Case {case_id}: {e(case['label'])}</h1>
 <p><b>Case verdict: {e(case['verdict'])}</b> ({e(case['verdict_reason'])}) · {case['n_frames']} frames,
 {case['n_referred']} referred · magnification {e(case['magnification'])} · saved {case['created_at']:%Y-%m-%d %H:%M} UTC</p>
-<p>Pathologist's call: <b>{e(state['call'] or 'not recorded')}</b> · status: {e(status)}. Note: {e(state['note'])}</p>
+<p>Pathologist's call: <b>{e(state['call'] or 'not recorded')}</b> · status: {e(rep.status)}. Note: {e(state['note'])}</p>
 <h2>Audit trail</h2><ul>{events}</ul>
 <h2>Models</h2><ul>{models}</ul>
 <p><small>Heatmaps show where the model looked for the class 'malignant' (blue = little, red = much; each map is
 scaled to its own maximum, so compare regions within a frame, not across frames).</small></p>
 <table><tr><th>frame</th><th>heatmap</th><th>file</th><th>decision</th><th>p(malignant)</th><th>model</th></tr>
 {''.join(rows)}</table>
-<p><small>Report generated {now:%Y-%m-%d %H:%M:%S} UTC by software commit {e(software_version())}.</small></p>
+<p><small>Report generated {rep.generated_at:%Y-%m-%d %H:%M:%S} UTC by software commit {e(rep.commit)}.</small></p>
 </body></html>"""
 
 
@@ -412,7 +437,19 @@ def case_csv(engine: Engine, case_id: int) -> str:
     from models.textsafe import csv_safe
 
     # every text cell neutralised: a file name like =HYPERLINK(...) stays text in a spreadsheet (OWASP CSV injection)
-    csv_safe(case_frames(engine, case_id).drop(columns=["thumbnail_png", "heatmap_png"])).to_csv(buf, index=False)
+    # each row carries the case verdict and the pathologist's current call; a referred frame has no label (the model
+    # declined to call it); images stay out of the CSV
+    fr = case_frames(engine, case_id).drop(columns=["thumbnail_png", "heatmap_png", "frame_png", "overlay_jpeg"])
+    with engine.connect() as c:
+        case = c.execute(select(cases).where(cases.c.id == case_id)).mappings().one()
+    state = case_state(engine, case_id)
+    fr.insert(1, "case_label", case["label"])
+    fr.insert(2, "case_verdict", case["verdict"])
+    fr.insert(3, "case_reason", case["verdict_reason"])
+    fr.insert(4, "pathologist_call", state["call"] or "")
+    fr.insert(5, "case_status", "withdrawn" if state["withdrawn"] else "signed off" if state["signed_off_by"] else "open")
+    fr["label"] = [("" if d == "refer" else d) for d in fr["decision"]]
+    csv_safe(fr).to_csv(buf, index=False)
     return buf.getvalue()
 
 

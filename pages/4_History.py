@@ -9,6 +9,7 @@ from app.dashboard import DISCLAIMER, png_data_url, readable_png
 from app.history import (AuditError, add_event, case_csv, case_events_frame, case_frames, case_report_html, case_state,
                          list_cases, read_only_note, user_from_headers)
 from models.textsafe import md_escape
+from app.report_pdf import PdfUnavailable, case_report_pdf
 from app.ui_cache import cached_reliability_or_none, history_store
 from app.viewer import VIEWER_CAPTION, frame_viewer
 from models.slide import MAG_MPP
@@ -114,6 +115,11 @@ with st.expander("Frames with ids, hashes and provenance"):
                  column_config={"frame": st.column_config.ImageColumn("frame"),
                                 "heatmap": st.column_config.ImageColumn("heatmap (class malignant)")},
                  column_order=["frame", "heatmap", *[c for c in show.columns if c not in ("frame", "heatmap")]])
-a, b = st.columns(2)
+a, b, c = st.columns(3)
 a.download_button("Export report (HTML)", case_report_html(store, int(cid), DISCLAIMER), f"case_{cid}.html", "text/html")
-b.download_button("Export frames (CSV)", case_csv(store, int(cid)), f"case_{cid}.csv", "text/csv")
+try:
+    b.download_button("Export report (PDF)", case_report_pdf(store, int(cid), DISCLAIMER), f"case_{cid}.pdf",
+                      "application/pdf")
+except PdfUnavailable as exc:
+    b.caption(f"No PDF: {exc}.")
+c.download_button("Export frames (CSV)", case_csv(store, int(cid)), f"case_{cid}.csv", "text/csv")

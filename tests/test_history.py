@@ -207,3 +207,62 @@ def test_the_report_carries_full_hashes_the_models_figures_and_its_provenance(tm
     assert "AUC 0.679" in report and "referral band p" in report and "benign /" in report
     assert "Report generated" in report and "software commit" in report and "overflow-wrap:anywhere" in report
     assert "created by dr.a" in report
+
+
+def test_the_pdf_report_says_what_the_html_says_and_wraps_long_text(tmp_path, monkeypatch):
+    """The PDF (fpdf2) read back with pypdf: verdict, call, full hashes, the model's AUC with CI and band, commit,
+    generation time; a 190-character label without spaces wraps inside the A4 page; Unicode prints as typed."""
+    import io
+
+    from pypdf import PdfReader
+
+    from app.history import add_event
+    from app.report_pdf import case_report_pdf
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("BREAKHIS_MODELS_DIR", str(ROOT / "magnif_models"))
+    eng = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    results, verdict, data = _case()
+    for i, r in enumerate(results):
+        r.model_id = "all/efficientnet_lite2_ensemble"
+        r.thumbnail = _png_bytes((10 * i, 80, 90))
+    cid = save_case(eng, "Ł" + "X" * 189, "100X", verdict, results, data, PROV, user="dr.ä", pathologist_call="benign",
+                    heatmaps=[_png_bytes((200, 10 * i, 150)) for i in range(3)])
+    add_event(eng, cid, "signed_off", "dr.ä")
+    pdf = case_report_pdf(eng, cid, "Research aid only, not a diagnosis")
+    reader = PdfReader(io.BytesIO(pdf))
+    text = " ".join(page.extract_text() for page in reader.pages).replace("\n", " ")
+    flat = text.replace(" ", "")
+    assert "not a diagnosis" in text and f"Case verdict: {verdict.verdict}" in text
+    assert "a" * 64 in flat and "b" * 64 in flat  # full hashes, never cut
+    assert "AUC 0.679" in text and "referral band p" in text and "software commit" in text and "Report generated" in text
+    assert "signed off by dr.ä" in text and "Pathologist's call: benign" in text and "Ł" + "X" * 189 in flat
+    assert all(float(p.mediabox.width) < 600 for p in reader.pages)  # A4 (595 pt): the long label wrapped
+    assert sum(len(p.images) for p in reader.pages) >= 6  # each frame's thumbnail and heatmap
+
+
+def _png_bytes(colour=(200, 100, 150)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (350, 230), colour).save(b, "PNG")
+    return b.getvalue()
+
+
+def test_the_case_csv_carries_the_case_verdict_and_no_label_on_referred_rows(tmp_path):
+    import io
+
+    import pandas as pd
+
+    eng = open_store(f"sqlite:///{tmp_path / 'h.db'}")
+    results, verdict, data = _case()
+    results[1].decision = "refer"
+    cid = save_case(eng, "CSV-1", "100X", verdict, results, data, PROV, pathologist_call="malignant",
+                    full_frames=[b"F"] * 3)
+    df = pd.read_csv(io.StringIO(case_csv(eng, cid)), keep_default_na=False)
+    assert set(df["case_verdict"]) == {verdict.verdict} and set(df["pathologist_call"]) == {"malignant"}
+    assert df.loc[1, "decision"] == "refer" and df.loc[1, "label"] == ""
+    assert all(df.loc[[0, 2], "label"] == df.loc[[0, 2], "decision"])
+    assert not {"frame_png", "overlay_jpeg", "thumbnail_png", "heatmap_png"} & set(df.columns)
