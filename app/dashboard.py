@@ -613,3 +613,33 @@ def uncertainty_evidence_line(model_id: str, result: str | Path | None = None) -
         if ok else " did not tell wrong calls from right ones better than chance: one frame's p is weak evidence; "
                    "the case verdict over several frames is what was validated"))
     return head + f" ({res['patients']} patients; `{res.get('command', 'scripts/frame_uncertainty_check.py')}`)."
+
+
+def baseline_sentence(folder: str | Path, magnification: str | None = None, n_boot: int = 1000) -> str:
+    """Whether a model beats its frozen-feature baseline, in words, from a paired patient bootstrap on the same
+    out-of-fold frames (predictions.csv's p_baseline column); empty when the folder has no baseline scores."""
+    from models.metrics import paired_auc_difference
+
+    path = Path(folder) / "predictions.csv"
+    if not path.is_file():
+        return ""
+    p = pd.read_csv(path, dtype={"patient": str})
+    if "p_baseline" not in p:
+        return ""
+    if magnification:
+        p = p[p["magnification"] == magnification]
+    p = p.dropna(subset=["p_malignant", "p_baseline"])
+    if p.empty or p["label"].nunique() < 2:
+        return ""
+    score = "logit" if "logit" in p and p["logit"].notna().all() else "p_malignant"
+    d = paired_auc_difference(p["label"], p[score], p["p_baseline"], p["patient"], n_boot=n_boot)
+    diff, (lo, hi) = d["difference"], d["ci95"]
+    n = d["n_patients"]
+    tail = (f"(AUC {diff:+.3f}; paired patient-bootstrap 95% CI {lo:+.3f} to {hi:+.3f}; {n['benign']} benign / "
+            f"{n['malignant']} malignant patients, same out-of-fold frames)")
+    if lo > 0:
+        return f"This model beats the frozen-feature baseline {tail}."
+    if diff <= 0:
+        return f"This model does not beat the frozen-feature baseline: its AUC is lower {tail}."
+    return (f"This model does not beat the frozen-feature baseline by a margin these patients can show: its AUC is "
+            f"higher, but the CI includes no difference {tail}.")

@@ -68,6 +68,18 @@ def cached_reliability(model_id: str):
     return _cached_reliability(model_id, current_root())
 
 
+@st.cache_data(ttl=600, show_spinner=False)
+def _cached_baseline_sentence(model_id: str, root: str, magnification: str | None):
+    from app.dashboard import baseline_sentence
+
+    return baseline_sentence(model_folder(model_id, root), magnification)
+
+
+def cached_baseline_sentence(model_id: str, magnification: str | None):
+    """Whether the model beats its frozen baseline (a paired bootstrap: computed once per model and magnification)."""
+    return _cached_baseline_sentence(model_id, current_root(), magnification)
+
+
 def cached_reliability_or_none(model_id: str):
     """The bins of a model named in a saved case, or [] when that model is no longer in the models root. The id is
     data from the database: only an id under the models root is read (never an explicit path)."""

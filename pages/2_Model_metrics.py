@@ -10,7 +10,7 @@ from app.dashboard import (DISCLAIMER, cross_magnification_rows, curves, metric_
                            subtype_results_table, subtype_route)
 from models.routing import resolve, train_command
 from models.metrics import patient_table
-from app.ui_cache import cached_cards
+from app.ui_cache import cached_baseline_sentence, cached_cards
 
 st.set_page_config(page_title="Model metrics", page_icon="📈", layout="wide")
 st.title("Model metrics")
@@ -107,10 +107,11 @@ if cur and "roc" in cur:
     fig.update_layout(title="Precision-recall", xaxis_title="recall", yaxis_title="precision", height=380)
     b.plotly_chart(fig, width="stretch")
 cm = summary["confusion_matrix"]
-fig = go.Figure(go.Heatmap(z=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], x=["pred benign", "pred malignant"],
+fig = go.Figure(go.Heatmap(z=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], x=["called benign", "called malignant"],
                            y=["benign", "malignant"], text=[[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]],
                            texttemplate="%{text}", colorscale="Purples", showscale=False))
-fig.update_layout(title="Confusion matrix (images)", height=340)
+fig.update_layout(title=f"Confusion matrix (out-of-fold frames, threshold {summary.get('threshold', card.threshold):.2f})",
+                  xaxis_title="model's call", yaxis_title="true class (patient's diagnosis)", height=340)
 a.plotly_chart(fig, width="stretch")
 if cur:
     rel = cur["reliability"]
@@ -126,8 +127,10 @@ st.subheader("Baseline")
 if base:
     bm = metric(base)
     delta = mt.loc["auc"].value - bm.value
+    said = cached_baseline_sentence(mid, at)
     st.markdown(f"{card.baseline.get('description', '')}: AUC {bm.value:.3f} (95% CI {bm.ci95[0]:.3f}–{bm.ci95[1]:.3f}). "
-                f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same patients.")
+                + (said or f"This model {'beats' if delta > 0 else 'does not beat'} it by {delta:+.3f} AUC on the same "
+                   "patients (no paired comparison: the folder has no baseline scores per frame)."))
 
 st.subheader("Refer when unsure: risk-coverage")
 pol = ReferPolicy.load(model_folder(mid))
@@ -204,7 +207,9 @@ if card.training_log:
         if col in log:
             fig.add_scatter(x=log["step"], y=log[col], name=f"final model {col}", line={"dash": "dot"},
                             text=log["phase"] + " epoch " + log["epoch"].astype(str))
-fig.update_layout(xaxis_title="evaluation step (head phase every 5 epochs, then each fine-tuning epoch)", height=360)
+fig.update_layout(title="Training curves: validation AUC per fold (solid) and the final model's loss and AUC (dotted)",
+                  xaxis_title="evaluation step (head phase every 5 epochs, then each fine-tuning epoch)",
+                  yaxis_title="AUC (val_auc) or loss (train_loss, val_loss)", legend_title_text="curve", height=380)
 st.plotly_chart(fig, width="stretch")
 if folds:
     st.caption(f"Final model schedule: {card.recipe.get('final_model_schedule', {})}")

@@ -62,3 +62,31 @@ def test_the_page_calls_an_uncertainty_validated_only_when_its_ci_is_above_chanc
     res["error_detection"]["closeness_to_threshold"].update(ci95=[0.55, 0.72], validated=True)
     f.write_text(json.dumps(res))
     assert "better than chance only for closeness to the threshold" in uncertainty_evidence_line("all/m", f)
+
+
+def test_the_baseline_comparison_is_said_in_words_from_a_paired_bootstrap(tmp_path):
+    """'beats' only when the paired CI is above zero; 'does not beat' (lower) and 'not by a margin these patients can
+    show' (higher, CI includes zero) otherwise; the words never say 'beats it by -0.013'."""
+    import pandas as pd
+
+    from app.dashboard import baseline_sentence
+
+    rng = np.random.default_rng(0)
+    pats = np.repeat([f"P{i}" for i in range(40)], 8)
+    y = np.repeat(np.arange(40) % 2, 8)
+    good = y + rng.normal(0, 0.4, len(y))
+    noisy = y + rng.normal(0, 3.0, len(y))
+
+    def sentence(model, base):
+        d = tmp_path / f"m{rng.integers(1e9)}"
+        d.mkdir()
+        pd.DataFrame({"patient": pats, "label": y, "magnification": "100X", "p_malignant": model,
+                      "p_baseline": base}).to_csv(d / "predictions.csv", index=False)
+        return baseline_sentence(d, "100X", n_boot=300)
+
+    assert sentence(good, noisy).startswith("This model beats the frozen-feature baseline")
+    assert sentence(noisy, good).startswith("This model does not beat the frozen-feature baseline: its AUC is lower")
+    close = good + rng.normal(0, 0.05, len(y))
+    s = sentence(close, good)
+    assert "does not beat" in s and "20 benign / 20 malignant patients" in s
+    assert baseline_sentence(tmp_path / "absent") == ""
