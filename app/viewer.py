@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from PIL import Image
 
-PANEL_WIDTH_PX = 620  # a panel at this width shows a 700-px frame near its native size
+CONTENT_WIDTH_PX = 1100  # a wide Streamlit page's content width at a common 1400-px window: panels share it
 
 
 def _data_url(img: Image.Image, lossless: bool = True) -> str:
@@ -66,7 +66,8 @@ def frame_viewer(original: Image.Image, overlays: list[tuple[str, Image.Image]] 
         r, c = divmod(i, cols)
         # every panel's axes follow the first panel's: zoom and pan move them all to the same region
         fig.update_xaxes(matches="x", range=[0, w], showgrid=False, zeroline=False, row=r + 1, col=c + 1)
-        fig.update_yaxes(matches="y", range=[h, 0], showgrid=False, zeroline=False, row=r + 1, col=c + 1)
+        fig.update_yaxes(matches="y", range=[h, 0], showgrid=False, zeroline=False, row=r + 1, col=c + 1,
+                         showticklabels=c == 0)  # labels on the first column only: they would overprint the images
     for i in range(len(panels), rows * cols):  # an empty slot in the last row: no axes drawn
         r, c = divmod(i, cols)
         fig.update_xaxes(visible=False, row=r + 1, col=c + 1)
@@ -77,7 +78,7 @@ def frame_viewer(original: Image.Image, overlays: list[tuple[str, Image.Image]] 
         vals = np.linspace(0, h, 4).round()
         fig.update_yaxes(tickvals=vals, ticktext=[f"{v * um_per_px:.0f}" for v in vals])
     fig.update_xaxes(title_text=unit, row=rows, col=1)
-    panel_h = PANEL_WIDTH_PX * h / w
+    panel_h = CONTENT_WIDTH_PX / cols * h / w  # square pixels: the height that fits panels of that width
     fig.update_layout(height=int(rows * panel_h + 90 + (30 if title else 0)), margin={"l": 10, "r": 10, "t": 60 if title else 30, "b": 40},
                       dragmode="zoom", title=title, showlegend=False)
     return fig

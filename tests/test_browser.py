@@ -221,3 +221,132 @@ def test_a_whole_slide_from_upload_to_saved_summary(app_url, page):
     page.get_by_role("button", name="Save slide summary").click()
     page.get_by_text("Saved as case").wait_for()
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def _nav(page, name: str) -> None:
+    """Go to another page through the sidebar, as a user would (a fresh URL would start a new session)."""
+    page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()
+
+
+def _shot(name: str, page) -> None:
+    page.wait_for_timeout(1200)
+    page.screenshot(path=str(ARTIFACTS / f"walk_{name}.png"), full_page=True)
+    assert page.locator("[data-testid='stException']").count() == 0, name
+
+
+def test_a_pathologists_review_from_upload_to_signed_off_amended_exported_case(app_url, page, tmp_path):
+    """Issue 27's walk: 6 files at 40X (one unreadable), History and back (uploads and 40X kept), the unreadable
+    file listed apart, the case saved with a user name, signed off, amended, exported (HTML, PDF, CSV) and the
+    exports checked: the report's AUC, band, commit and full hashes; the CSV's case verdict; a referred row with no
+    label. A screenshot of each step under tests/artifacts/walk_*.png."""
+    import hashlib
+    import io
+    import re
+
+    import pandas as pd
+
+    from models.config import software_version
+    from models.routing import default_model_id
+
+    frames = [DATA / "40X" / f"SOB_M_DC-14-2773-40-{i}.jpg" for i in ("003", "004", "015", "018", "019")]
+    if not all(f.is_file() for f in frames) or default_model_id("40X") is None:
+        pytest.skip("needs patient 2773's 40X frames in ../shared and a model serving 40X")
+    unreadable = tmp_path / "SOB_M_DC-14-2773-40-999.png"
+    unreadable.write_text("this is a text file, not an image")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    page.goto(f"{app_url}/Diagnose")
+    page.get_by_text("Magnification of the uploaded frames").wait_for()
+    page.locator("label").filter(has_text="40X").first.click()
+    page.get_by_text("Model for 40X").wait_for()
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in frames] + [str(unreadable)])
+    page.get_by_text("Case verdict (if these frames are one case)").wait_for()
+    page.get_by_text("1 of 6 file(s) could not be analysed").wait_for()  # listed apart, not a referred frame
+    page.get_by_text("5 frames analysed").wait_for()
+    page.get_by_text("How firm is this p?").first.wait_for()
+    _shot("1_diagnose_40x", page)
+
+    _nav(page, "History")
+    page.get_by_text("Case history").first.wait_for()
+    _shot("2_history_visit", page)
+    _nav(page, "Diagnose")
+    page.get_by_text("Showing the 6 frame(s) uploaded earlier in this session").wait_for()  # uploads kept
+    page.get_by_text("Model for 40X").wait_for()  # and 40X, not the default 100X
+    page.get_by_text("1 of 6 file(s) could not be analysed").wait_for()
+    _shot("3_diagnose_after_history", page)
+
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download results (CSV)").click()
+    results = pd.read_csv(dl.value.path(), keep_default_na=False)
+    assert set(results["case_verdict"]) <= {"malignant", "benign", "refer"} and results["case_verdict"].ne("").all()
+    assert results.set_index("file").loc[unreadable.name, "decision"] == "not analysed"
+    referred = results[results["decision"] == "refer"]
+    assert len(referred), "frame 004 of patient 2773 sits in the referral band; pick another frame if the model changed"
+    assert referred["label"].eq("").all()  # a referred row carries no label
+
+    page.get_by_label("Case reference (your lab's id; no patient names)").fill("WALK-2773-40X")
+    page.get_by_label("Your name (recorded with the case)").fill("dr.walk")
+    page.get_by_role("button", name="Save case").click()
+    saved = page.get_by_text(re.compile(r"Saved as case \d+"))
+    saved.wait_for()
+    cid = re.search(r"Saved as case (\d+)", saved.inner_text()).group(1)
+    _shot("4_saved", page)
+
+    _nav(page, "History")
+    page.get_by_text("Case history").first.wait_for()
+    pick = page.get_by_test_id("stSelectbox").filter(has_text="Open case")
+    for _ in range(5):  # open the saved case (another test may have saved one before)
+        pick.locator("input").click()
+        try:
+            page.get_by_role("option", name=f"{cid}: WALK-2773-40X").click(timeout=10_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; try again
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(2000)
+    page.get_by_role("heading", name=f"Case {cid}").wait_for()
+    page.get_by_text("Case verdict:").first.wait_for()
+    page.get_by_text("Look closer at frame").wait_for()
+    name = page.get_by_label("Your name (recorded with every action)")
+    if name.count() and not name.input_value():
+        name.fill("dr.walk")
+        name.press("Enter")
+        page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Record action").click()  # the default action: sign off
+    page.get_by_text("signed off by dr.walk").first.wait_for()
+    _shot("5_signed_off", page)
+
+    page.locator("label").filter(has_text="amend").first.click()
+    call = page.get_by_test_id("stSelectbox").filter(has_text="Amended call")
+    call.locator("input").click()
+    page.get_by_role("option", name="malignant", exact=True).click()
+    page.get_by_label("Reason (required to amend or withdraw)").fill("second look at 100X frames")
+    page.get_by_role("button", name="Record action").click()
+    page.get_by_text("Pathologist's call: malignant").first.wait_for()  # the amended call leads the case view
+    _shot("6_amended", page)
+
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export report (HTML)").click()
+    report = Path(dl.value.path()).read_text()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export report (PDF)").click()
+    pdf = Path(dl.value.path()).read_bytes()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Export frames (CSV)").click()
+    case_rows = pd.read_csv(dl.value.path(), keep_default_na=False)
+
+    weights = str(results["weights_sha256"].iloc[0])
+    assert re.fullmatch(r"[0-9a-f]{64}", weights) and weights in report  # full hashes, never cut
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() in report for f in frames)
+    assert hashlib.sha256(unreadable.read_bytes()).hexdigest() not in report  # never saved into the case
+    assert re.search(r"AUC 0\.\d{3} \(0\.\d{3}–0\.\d{3}\)", report) or "AUC 0." in report
+    assert re.search(r"referral band p 0\.\d\d-0\.\d\d", report)
+    assert f"software commit {software_version()}" in report
+    assert "signed off by dr.walk" in report and "amended by dr.walk" in report and "not a diagnosis" in report
+    from pypdf import PdfReader
+
+    pdf_text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+    assert "Case verdict" in pdf_text and "WALK-2773-40X" in pdf_text and "dr.walk" in pdf_text
+    assert len(case_rows) == 5 and case_rows["case_verdict"].ne("").all()
+    assert set(case_rows["pathologist_call"]) == {"malignant"} and set(case_rows["case_status"]) == {"signed off"}
+    assert case_rows.loc[case_rows["decision"] == "refer", "label"].eq("").all() and (case_rows["decision"] == "refer").any()
+    _shot("7_exported", page)
