@@ -134,6 +134,16 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
 
+def _upload_on_diagnose(page, app_url: str, magnification: str, files: list) -> None:
+    """Open Diagnose, pick the magnification, upload the files and wait for the case verdict."""
+    page.goto(f"{app_url}/Diagnose")
+    page.get_by_text("Magnification of the uploaded frames").wait_for()
+    page.locator("label").filter(has_text=magnification).first.click()
+    page.get_by_text(f"Model for {magnification}").wait_for()
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in files])
+    page.get_by_text("Case verdict (if these frames are one case)").wait_for()
+
+
 def test_a_whole_case_from_upload_to_exported_report(app_url, page):
     """Upload 5 frames of one patient, read the case verdict, open frame 3's heatmap, save the case, find it on
     History and export its report, as a pathologist would."""
@@ -143,12 +153,7 @@ def test_a_whole_case_from_upload_to_exported_report(app_url, page):
     if len(case) < 5 or default_model_id("100X") is None:
         pytest.skip("needs 5 frames of patient 21998AB at 100X in ../shared and a model serving 100X")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.goto(f"{app_url}/Diagnose")
-    page.get_by_text("Magnification of the uploaded frames").wait_for()
-    page.locator("label").filter(has_text="100X").first.click()
-    page.get_by_text("Model for 100X").wait_for()
-    page.locator("input[type=file]").first.set_input_files([str(p) for p in case])
-    page.get_by_text("Case verdict (if these frames are one case)").wait_for()
+    _upload_on_diagnose(page, app_url, "100X", case)
     verdict = page.get_by_text("Case: ").first
     verdict.wait_for()
     assert any(v in verdict.inner_text() for v in ("malignant", "benign", "refer"))
@@ -255,12 +260,7 @@ def test_a_pathologists_review_from_upload_to_signed_off_amended_exported_case(a
     unreadable.write_text("this is a text file, not an image")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    page.goto(f"{app_url}/Diagnose")
-    page.get_by_text("Magnification of the uploaded frames").wait_for()
-    page.locator("label").filter(has_text="40X").first.click()
-    page.get_by_text("Model for 40X").wait_for()
-    page.locator("input[type=file]").first.set_input_files([str(p) for p in frames] + [str(unreadable)])
-    page.get_by_text("Case verdict (if these frames are one case)").wait_for()
+    _upload_on_diagnose(page, app_url, "40X", frames + [unreadable])
     page.get_by_text("1 of 6 file(s) could not be analysed").wait_for()  # listed apart, not a referred frame
     page.get_by_text("5 frames analysed").wait_for()
     page.get_by_text("How firm is this p?").first.wait_for()
