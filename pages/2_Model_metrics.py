@@ -51,14 +51,21 @@ if task == "subtype":
     st.stop()
 
 cards = cached_cards()
-mag = st.selectbox("Magnification", ["all", *MAGNIFICATIONS], key="metrics_mag")
+# opens at the magnification chosen on Diagnose (kept in the session), so it opens on the model serving it
+mag_options = ["all", *MAGNIFICATIONS]
+mag = st.selectbox("Magnification", mag_options, key="metrics_mag",
+                   index=mag_options.index(st.session_state.get("kept_magnification", "all")))
 avail = [mid for mid, c in cards.items() if c.magnification == mag or (c.magnification == ALL and mag in c.per_magnification)]
 # (a model trained at another magnification is shown at its own; its cross-magnification check is on its page)
 if not avail:
     st.error(f"No model covers {mag}. Train one with:")
     st.code(train_command("malignancy", mag if mag != ALL else "100X"), language="bash")
     st.stop()
-served = resolve("malignancy", mag).model_id if mag != ALL else None
+if mag != ALL:
+    served = resolve("malignancy", mag).model_id
+else:  # "all": the model in use at every magnification, where one model serves them all
+    in_use = {resolve("malignancy", m).model_id for m in MAGNIFICATIONS}
+    served = in_use.pop() if len(in_use) == 1 else None
 if served in avail:  # open on the model in use for this magnification, marked
     avail = [served, *[m for m in avail if m != served]]
 if st.session_state.get("metrics_mag_shown") != mag:  # a new magnification opens on its model in use

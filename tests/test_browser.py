@@ -86,10 +86,11 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     frame = sorted((FRAMES / "200X").glob("*.png"))[0]
     page.locator("input[type=file]").first.set_input_files(str(frame))
     page.get_by_text("p(malignant) =").first.wait_for()
-    heat = page.locator("[data-testid='stImage']")
-    heat.nth(1).wait_for()
-    assert heat.count() >= 2
-    page.get_by_text("Grad-CAM for class").first.wait_for()
+    page.get_by_text("How firm is this p?").first.wait_for()
+    viewer = page.locator("[data-testid='stPlotlyChart']").first  # the zoomable viewer: original + overlay
+    viewer.wait_for()
+    page.get_by_text("heatmap scale: blue = little").first.wait_for()
+    assert viewer.locator("image").count() >= 2  # both panels drawn (SVG <image> elements)
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "diagnose.png"), full_page=True)
     # below the heatmap: the subtype within the call, with its caveat, top 3 and the class's CV recall
@@ -106,7 +107,7 @@ def test_upload_200x_frame_shows_prediction_and_heatmap(app_url, page):
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
 
     page.goto(f"{app_url}/Model_metrics")
-    page.get_by_text("Training curves").wait_for()
+    page.get_by_text("Training curves", exact=True).wait_for()
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "model_metrics.png"), full_page=True)
     assert page.locator("[data-testid='stException']").count() == 0  # no traceback on any page
