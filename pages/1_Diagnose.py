@@ -16,7 +16,7 @@ from app.history import duplicate_cases, save_case, user_from_headers
 from app.dashboard import KeptUpload, full_resolution_images, uncertainty_evidence_line
 from app.viewer import VIEWER_CAPTION, frame_viewer
 from models.slide import MAG_MPP
-from models.uncertainty import short_uncertainty, uncertainty_line
+from models.uncertainty import band_position, short_uncertainty, uncertainty_line
 from app.ui_cache import (cached_analysis, cached_heatmap, cached_model, cached_reliability, cached_subtype,
                           history_store)
 from models.subtype import SUBTYPES, subtype_label
@@ -193,8 +193,12 @@ if pick.decision == "refer":  # never in the large verdict type: the model decli
     st.markdown(f"<span style='color:#777'>p(malignant) = {pick.p_malignant:.3f} (shown for reference; not a call)"
                 "</span>", unsafe_allow_html=True)
 else:
-    st.metric(f"Prediction: {pick.decision}", f"p(malignant) = {pick.p_malignant:.3f}",
+    # the headline is the decision and its reason; the probability comes second
+    st.metric("Prediction for this frame", pick.decision,
               help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
+    band = lm.policy.band if lm.policy is not None else None
+    st.markdown(f"Reason: p(malignant) = {pick.p_malignant:.3f}, "
+                + (band_position(pick.p_malignant, band) if band else f"threshold {lm.card.threshold:.2f}") + ".")
 pol = lm.policy
 bins = cached_reliability(r.model_id)
 st.markdown("**How firm is this p?** " + md_escape(uncertainty_line(pick.p_malignant, bins,

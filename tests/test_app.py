@@ -226,10 +226,13 @@ def test_diagnose_tta_toggle_predicts_with_eight_views():
     at = _app("pages/1_Diagnose.py")
     assert at.toggle(key="tta").value is False
     at.file_uploader(key="uploads").set_value([("a.png", _png(_he_frame(8)), "image/png")]).run()
-    plain = at.metric[0].value
+    def reason() -> str:  # "Reason: p(malignant) = 0.xxx, ..." under the headline decision
+        return next(str(m.value) for m in at.markdown if str(m.value).startswith("Reason: p(malignant) = "))
+
+    plain = reason()
     at.toggle(key="tta").set_value(True).run()
     assert not at.exception, at.exception
-    assert at.metric[0].value != plain  # the 8-view mean differs from the single view
+    assert reason() != plain  # the 8-view mean differs from the single view
 
 
 def test_diagnose_batch_heatmap_for_a_later_frame():
@@ -364,12 +367,14 @@ def test_diagnose_shows_the_subtype_within_the_call_with_its_recall_and_gradcam(
     at.file_uploader(key="uploads").set_value([("a.png", _png(_he_frame(8)), "image/png")]).run()
     assert not at.exception, at.exception
     assert "Subtype model `subtype/efficientnet_lite2_subtype`" in _texts(at) and "where a guess scores" in _texts(at)
-    verdict = next(m for m in at.metric if m.label.startswith("Prediction:"))
+    verdict = next(m for m in at.metric if m.label == "Prediction for this frame")  # the decision in headline type
+    assert verdict.value in ("benign", "malignant") and any(str(m.value).startswith("Reason: p(malignant) = ")
+                                                             for m in at.markdown)  # its reason, then p
     assert not any(m.label.startswith("Subtype") for m in at.metric)  # never in headline type
     assert any(str(e.label).startswith("Subtype: research only (balanced accuracy") for e in at.expander)
     sub_label = next(str(m.value) for m in at.markdown
                      if str(m.value).startswith("Subtype (within the call above)")).split("**")[1]
-    side = MALIGNANT_SUBTYPES if verdict.label.endswith("malignant") else BENIGN_SUBTYPES
+    side = MALIGNANT_SUBTYPES if verdict.value == "malignant" else BENIGN_SUBTYPES
     assert sub_label in [subtype_label(s) for s in side]  # the subtype agrees with the verdict beside it
     top3 = at.dataframe[-1].value
     assert len(top3) == 3 and list(top3.columns) == ["subtype", "probability"]
