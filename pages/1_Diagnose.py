@@ -145,7 +145,10 @@ if len(analysed) > 1:
 st.download_button("Download results (CSV)", csv_safe(table).to_csv(index=False), "predictions.csv", "text/csv")
 
 if analysed:  # a single frame can be saved as a case too
-    with st.form("save_case", clear_on_submit=False):
+    # one frame: its result leads, so the form waits in a collapsed section; a case of several: the form is open
+    save_area = (st.expander("Save this frame as a case to the history", expanded=False) if len(analysed) == 1
+                 else st.container())
+    with save_area, st.form("save_case", clear_on_submit=False):
         st.markdown("**Save this case to the history** (with every analysed frame's file hash, thumbnail, decision "
                     "and the model's provenance; files that could not be analysed are not saved)")
         label = st.text_input("Case reference (your lab's id; no patient names)", key="case_label")
