@@ -590,15 +590,17 @@ def case_evidence_line(policy) -> str:
             "the times they are called; the rest are referred.")
 
 
-def uncertainty_evidence_line(model_id: str, result: str | Path | None = None) -> str:
+def uncertainty_evidence_line(model_id: str, result: str | Path | None = None, root: str | Path | None = None) -> str:
     """What the held-out check (scripts/frame_uncertainty_check.py) says about per-frame uncertainty for this model,
-    in one sentence; empty when it was not run for it. A signal is called validated only when its CI is above 0.5."""
+    in one sentence; empty when it was not run for this very card (same sha256). A signal is called validated only
+    when its CI is above 0.5."""
     path = Path(result) if result else results_dir() / "frame_uncertainty.json"
     try:
         res = json.loads(path.read_text())
+        card = model_folder(model_id, root) / "card.json"
+        if res.get("card_sha256") != file_sha256(card):
+            return ""  # measured for another model, or for an earlier version of this one
     except (OSError, ValueError):
-        return ""
-    if Path(str(res.get("model", ""))).name != Path(model_id).name:
         return ""
     ed = res.get("error_detection", {})
     names = {"closeness_to_threshold": "closeness to the threshold",

@@ -87,7 +87,10 @@ def main() -> None:
     a = ap.parse_args()
     pred = pd.read_csv(a.model / "predictions.csv", dtype={"patient": str}).dropna(subset=["p_malignant"])
     card = json.loads((a.model / "card.json").read_text())
-    res = {"model": str(a.model), "command": "python scripts/frame_uncertainty_check.py", **check(pred),
+    from models.archs import file_sha256
+
+    res = {"model": str(a.model), "card_sha256": file_sha256(a.model / "card.json"),
+           "command": "python scripts/frame_uncertainty_check.py", **check(pred),
            "error_detection": error_detection(pred, float(card["threshold"]), float(card["temperature"]))}
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"{a.model.name}: {res['patients']} patients, {res['model_frames']} out-of-fold frames; held-out malignant "

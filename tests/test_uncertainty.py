@@ -52,16 +52,26 @@ def test_a_frame_falls_in_its_bin_and_the_words_say_where_it_sits():
 def test_the_page_calls_an_uncertainty_validated_only_when_its_ci_is_above_chance(tmp_path):
     from app.dashboard import uncertainty_evidence_line
 
-    res = {"model": "magnif_models/all/m", "patients": 38, "command": "python scripts/frame_uncertainty_check.py",
+    from models.archs import file_sha256
+
+    root = tmp_path / "models"
+    for mid in ("all/m", "100X/m"):
+        (root / mid).mkdir(parents=True)
+        (root / mid / "card.json").write_text(json.dumps({"model_id": mid}))
+    res = {"model": "magnif_models/all/m", "card_sha256": file_sha256(root / "all/m/card.json"), "patients": 38,
+           "command": "python scripts/frame_uncertainty_check.py",
            "error_detection": {"error_rate": 0.3, "closeness_to_threshold":
                                {"auroc_for_errors": 0.58, "ci95": [0.45, 0.72], "validated": False}}}
     f = tmp_path / "r.json"
     f.write_text(json.dumps(res))
-    assert "did not tell wrong calls from right ones better than chance" in uncertainty_evidence_line("all/m", f)
-    assert uncertainty_evidence_line("all/other", f) == ""  # measured for another model: not shown
+    line = uncertainty_evidence_line("all/m", f, root)
+    assert "did not tell wrong calls from right ones better than chance" in line
+    assert uncertainty_evidence_line("100X/m", f, root) == ""  # same folder name, another model: not shown
     res["error_detection"]["closeness_to_threshold"].update(ci95=[0.55, 0.72], validated=True)
     f.write_text(json.dumps(res))
-    assert "better than chance only for closeness to the threshold" in uncertainty_evidence_line("all/m", f)
+    assert "better than chance only for closeness to the threshold" in uncertainty_evidence_line("all/m", f, root)
+    (root / "all/m/card.json").write_text(json.dumps({"model_id": "all/m", "retrained": True}))
+    assert uncertainty_evidence_line("all/m", f, root) == ""  # the card changed since it was measured
 
 
 def test_the_baseline_comparison_is_said_in_words_from_a_paired_bootstrap(tmp_path):
