@@ -126,4 +126,5 @@ def save_slide_case(store, run, label: str, note: str = "", user: str = "", k: i
         slide.close()
     prov = {"weights_sha256": lm.card.weights_sha256, "card_sha256": lm.card_sha256, "tta": False}
     return save_case(store, label, run.summary["magnification"] or "IDC", verdict, results, data, prov,
-                     note="\n".join(x for x in (note, summary) if x), user=user)
+                     note="\n".join(x for x in (note, summary) if x), user=user,
+                     full_frames=data)  # each tile as read (the model's input), for History's zoomable viewer

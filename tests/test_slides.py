@@ -180,5 +180,11 @@ def test_the_slides_page_scores_the_cmu_slide_and_saves_its_summary(tiny_models_
     at.get("form_submit_button")[0].click().run()
     assert not at.exception, at.exception
     assert any("Saved as case" in str(s.value) for s in at.success)
-    cases = list_cases(open_store(f"sqlite:///{tmp_path / 'history.db'}"))
+    store = open_store(f"sqlite:///{tmp_path / 'history.db'}")
+    cases = list_cases(store)
     assert cases["label"].tolist() == ["SLIDE-1"] and "tiles scored" in cases["pathologist_note"][0]
+    from app.dashboard import readable_png
+    from app.history import case_frames
+
+    tiles = case_frames(store, int(cases["id"][0]))  # each tile kept at the model's input size for the viewer
+    assert len(tiles) and all(readable_png(b) for b in tiles["frame_png"])
