@@ -102,14 +102,16 @@ def band_position(p: float, band: tuple[float, float] | None) -> str:
     return f"{p - hi:.2f} above the referral band ({lo:.2f}-{hi:.2f})"
 
 
-def uncertainty_line(p: float, bins: list[ReliabilityBin], band: tuple[float, float] | None) -> str:
-    """One sentence a pathologist can weigh: the band position and what happened to out-of-fold frames like it."""
+def uncertainty_line(p: float, bins: list[ReliabilityBin], band: tuple[float, float] | None,
+                     with_band_position: bool = True) -> str:
+    """One sentence a pathologist can weigh: the band position (unless the page already said it) and what happened
+    to out-of-fold frames like it."""
     b = bin_for(p, bins)
-    where = band_position(p, band)
+    where = band_position(p, band) if with_band_position else ""
     if b is None:
         return (where[:1].upper() + where[1:] + ". " if where else "") + "No out-of-fold predictions to say how " \
             "often frames scored like this were malignant."
-    return (f"{where[:1].upper() + where[1:]}. Of the out-of-fold frames this model scored {b.p_lo:.2f}-{b.p_hi:.2f} "
+    return ((f"{where[:1].upper() + where[1:]}. " if where else "") + f"Of the out-of-fold frames this model scored {b.p_lo:.2f}-{b.p_hi:.2f} "
             f"(patients it never saw: {b.n_frames} frames of {b.n_patients} patients), {b.share_malignant:.0%} were "
             f"malignant (95% CI {b.ci[0]:.0%}-{b.ci[1]:.0%}).")
 

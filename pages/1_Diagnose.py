@@ -201,11 +201,15 @@ else:
               help=f"Calibrated by temperature scaling on validation patients; threshold {lm.card.threshold:.2f}")
     band = lm.policy.band if lm.policy is not None else None
     st.markdown(f"Reason: p(malignant) = {pick.p_malignant:.3f}, "
-                + (band_position(pick.p_malignant, band) if band else f"threshold {lm.card.threshold:.2f}") + ".")
+                + (band_position(pick.p_malignant, band) if band else
+                   f"{'at or above' if pick.p_malignant >= lm.card.threshold else 'below'} the threshold "
+                   f"{lm.card.threshold:.2f} (no referral band is fitted for this model)") + ".")
 pol = lm.policy
 bins = cached_reliability(r.model_id)
+# the band position is already in the reason above (a call) or in the referral's reason; said here only without a band
 st.markdown("**How firm is this p?** " + md_escape(uncertainty_line(pick.p_malignant, bins,
-                                                                     pol.band if pol is not None else None)))
+                                                                     pol.band if pol is not None else None,
+                                                                     with_band_position=pol is None)))
 ev_line = uncertainty_evidence_line(r.model_id)
 if ev_line:
     st.caption(ev_line)

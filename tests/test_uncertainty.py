@@ -46,6 +46,7 @@ def test_a_frame_falls_in_its_bin_and_the_words_say_where_it_sits():
     b = bin_for(0.9, bins)
     assert f"{b.n_frames} frames of {b.n_patients} patients" in line and f"{b.share_malignant:.0%} were malignant" in line
     assert "No out-of-fold predictions" in uncertainty_line(0.9, [], None)
+    assert uncertainty_line(0.9, bins, (0.3, 0.7), with_band_position=False).startswith("Of the out-of-fold frames")
     assert short_uncertainty(0.9, bins).startswith(f"malignant in {b.share_malignant:.0%}")
 
 
