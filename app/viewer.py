@@ -78,7 +78,8 @@ def frame_viewer(original: Image.Image, overlays: list[tuple[str, Image.Image]] 
         vals = np.linspace(0, h, 4).round()
         fig.update_yaxes(tickvals=vals, ticktext=[f"{v * um_per_px:.0f}" for v in vals])
     fig.update_xaxes(title_text=unit, row=rows, col=1)
-    panel_h = CONTENT_WIDTH_PX / cols * h / w  # square pixels: the height that fits panels of that width
+    panel_w = min(CONTENT_WIDTH_PX / cols, 760)  # one panel alone is not blown up to the page's width
+    panel_h = panel_w * h / w  # square pixels: the height that fits panels of that width
     fig.update_layout(height=int(rows * panel_h + 90 + (30 if title else 0)), margin={"l": 10, "r": 10, "t": 60 if title else 30, "b": 40},
                       dragmode="zoom", title=title, showlegend=False)
     return fig

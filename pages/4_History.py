@@ -74,7 +74,10 @@ if original is None:
 else:
     ov = readable_png(rec.get("overlay_jpeg"))
     panels = [(f"{rec['heatmap_method'] or 'heatmap'}, class malignant", Image.open(io.BytesIO(ov)))] if ov else []
-    st.plotly_chart(frame_viewer(original, panels, um_per_px=MAG_MPP.get(str(rec["magnification"]))),
+    # a stored image covers one frame's field (700 px wide at the magnification's nominal µm/px), whatever its own
+    # width: a full frame, a slide tile at the model's input size or an old case's thumbnail
+    mpp = MAG_MPP.get(str(rec["magnification"]))
+    st.plotly_chart(frame_viewer(original, panels, um_per_px=round(mpp * 700 / original.width, 3) if mpp else None),
                     width="stretch", key="hist_viewer")
     firm = short_uncertainty(rec["p_malignant"], cached_reliability_or_none(str(rec["model_id"])))
     st.caption((f"{rec['decision']}, p {rec['p_malignant']:.3f}" if rec["p_malignant"] == rec["p_malignant"] and
