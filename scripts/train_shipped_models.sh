@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every model in magnif_models/ from ../shared/data/breakhis (the only data used), then the
 # leakage demonstration and the validation-driven defaults. About 4 hours on 2 AVX2 CPU cores (fp32).
-#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|repeats|tasks|verdicts|select]
+#   scripts/train_shipped_models.sh [all|lite2|resnet|hybrid|generalisation|repeats|tasks|verdicts|rule1-ensemble|select]
 # Every run splits its out-of-fold figures by QC and (single-magnification models) predicts held-out patients'
 # frames at the other magnifications; --tta-eval also scores the same fold models with 8-view TTA.
 set -euo pipefail
@@ -120,6 +120,27 @@ if [[ $only == all || $only == tasks ]]; then
       --out benchmarks/results/subtype_cv.json
   "$PY" -m training train --task subtype --strategy hierarchical --data "$DATA" \
       --parent-model magnif_models/all/efficientnet_lite2_finetuned --n-boot 500 --out magnif_models/subtype/efficientnet_lite2_subtype
+fi
+if [[ $only == rule1-ensemble ]]; then
+  # Issue 25 (open): the seed ensemble under rule 1 on split seeds 0-2. Split seed 0's members are the shipped run and
+  # build/ensemble/member_train{10,20}; each further split seed needs its single run (training seed = split seed, also
+  # the single recipe's rule-1 repeat) and training seeds 10 and 20: 6 full runs, 25-30 min each with bf16 on 2 cores.
+  # Then repeats-cv reads every split seed's members as one ensemble, beside the single runs on the same folds.
+  for s in 1 2; do
+    run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
+        --colour-aug hed --balanced-sampling --cv 5 --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
+    for t in 10 20; do
+      run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
+          --colour-aug hed --balanced-sampling --cv 5 --seed $s --train-seed $t --out build/ensemble_s$s/member_train$t
+    done
+  done
+  "$PY" -m training repeats-cv --data "$DATA" --seed-ensemble --name "all/efficientnet_lite2_ensemble recipe" \
+      --runs magnif_models/all/efficientnet_lite2_finetuned build/ensemble/member_train10 build/ensemble/member_train20 \
+             build/repeats/all/efficientnet_lite2_finetuned_seed1 build/ensemble_s1/member_train10 build/ensemble_s1/member_train20 \
+             build/repeats/all/efficientnet_lite2_finetuned_seed2 build/ensemble_s2/member_train10 build/ensemble_s2/member_train20 \
+      --incumbent-runs magnif_models/all/efficientnet_lite2_finetuned build/repeats/all/efficientnet_lite2_finetuned_seed1 \
+             build/repeats/all/efficientnet_lite2_finetuned_seed2 \
+      --out benchmarks/results/repeats_lite2_ensemble_3seeds.json
 fi
 if [[ $only == all || $only == verdicts ]]; then
   # Issue 25. The routed recipe as a seed ensemble: the shipped run (training seed 0) and the same command with

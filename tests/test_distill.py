@@ -117,3 +117,44 @@ def test_trained_runs_are_read_back_on_frozen_cv_folds_and_compared(tmp_path):
     c.to_json(runs[1] / "card.json")
     with pytest.raises(ValueError, match="more than --seed/--train-seed"):
         trained_runs_cv(df, runs, whole, tiles, n_boot=20, k=4)
+
+
+def test_a_seed_ensemble_is_read_over_split_seeds_as_the_mean_of_its_members(tmp_path):
+    """Issue 25's rule 1 for the seed ensemble: on each split seed, every run of that seed is a member and the
+    ensemble's logit is their mean; the summary is over split seeds; unequal member counts are refused."""
+    import pytest
+
+    from models.card import ModelCard
+    from models.metrics import _safe_auc
+    from tests.conftest import make_model_folder
+    from training.frozen_cv import trained_runs_cv
+    from training.splits import grouped_kfold
+
+    rng = np.random.default_rng(3)
+    df, y = _patients()
+    df["path"] = [f"/data/f{i}.png" for i in range(len(df))]
+    whole, tiles = rng.normal(size=(len(y), 8)), rng.normal(size=(len(y), 6, 8))
+    runs, logits = [], {}
+    for seed, train_seed in ((0, None), (0, 10), (1, None), (1, 10)):
+        f = make_model_folder(tmp_path / "all" / f"run{seed}_{train_seed}", "efficientnet_lite2", "all", seed=seed)
+        c = ModelCard.from_json(f / "card.json")
+        c.hyperparameters = {"lr": 2e-4, "seed": seed, **({"train_seed": train_seed} if train_seed is not None else {})}
+        c.evaluation["per_fold"] = [{"auc": 0.5, "temperature_fit": "fitted"}] * 4
+        c.to_json(f / "card.json")
+        z = 1.0 * y + rng.normal(0, 1, len(y))
+        logits[(seed, train_seed)] = z
+        pd.DataFrame({"path": df["path"], "cv_fold": grouped_kfold(df, 4, seed).to_numpy(), "logit": z}).to_csv(
+            f / "predictions.csv", index=False)
+        runs.append(f)
+    res = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4, seed_ensemble=True)
+    for n, seed in enumerate((0, 1)):
+        mean = (logits[(seed, None)] + logits[(seed, 10)]) / 2
+        assert res["recipe"]["pooled_auc_by_seed"][n] == pytest.approx(_safe_auc(y, mean))
+    assert "seed ensemble of 2 training seeds" in res["protocol"] and res["seeds"] == [0, 1]
+    single = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4)  # the single runs: training seed = split seed
+    assert single["recipe"]["pooled_auc_by_seed"][0] == pytest.approx(_safe_auc(y, logits[(0, None)]))
+    vs = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4, incumbent=[runs[0], runs[2]],
+                         seed_ensemble=True)["recipe"]["vs_incumbent"]  # the ensemble beside its single runs
+    assert vs["difference"] != 0 and vs["n_images"] == len(y)
+    with pytest.raises(ValueError, match="same number"):
+        trained_runs_cv(df, runs[:3], whole, tiles, n_boot=20, k=4, seed_ensemble=True)

@@ -148,6 +148,8 @@ def _options_repeats_cv(a: argparse.ArgumentParser) -> None:
                    help="the routed incumbent recipe's runs on the same split seeds: adds the paired AUC difference")
     a.add_argument("--k", type=int, default=5)
     a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--seed-ensemble", action="store_true",
+                   help="the runs are a seed ensemble: each split seed's runs averaged (every run a member)")
     a.add_argument("--out", type=Path, required=True)
 
 
@@ -387,7 +389,7 @@ def _run_repeats_cv(args) -> int:
 
     df = select_rows(index_source(args.data), args.magnification)
     whole, tiles = frozen_features(df["path"].tolist(), args.weights or str(BASELINE_WEIGHTS), default_cache_dir())
-    res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k, args.incumbent_runs)
+    res = trained_runs_cv(df, args.runs, whole, tiles, args.n_boot, args.k, args.incumbent_runs, args.seed_ensemble)
     if args.name:
         res["model_id"] = args.name
     _write_result(res, args.out)

@@ -394,10 +394,14 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
     return card
 
 
-def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5) -> dict:
+def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ensemble: bool = False) -> dict:
     """Runs of one `train` command with different seeds, checked (same recipe, distinct seeds, frozen-cv's folds) and
     read back: per-run out-of-fold logits on df's rows, per-fold AUCs, temperature fallbacks, and the primary run
-    of each split seed (training seed = split seed where there is one)."""
+    of each split seed (training seed = split seed where there is one).
+
+    seed_ensemble=True reads the runs as a seed ensemble (issue 25): each split seed's logits are the mean over all its
+    runs (every run a member, none selected; every split seed must have the same number of members), and the per-fold
+    AUCs are those of that mean."""
     from models.card import ModelCard
 
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
@@ -431,30 +435,46 @@ def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5) -> dict:
     # recipe has: averaging several training seeds' logits would be an ensemble the others do not get.
     primary = [min((i for i, s in enumerate(seeds) if s == ss), key=lambda i: (train_seeds[i] != ss, train_seeds[i]))
                for ss in split_seeds]
-    return {"cards": cards, "recipe": recipe_of(cards[0]), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
-            "split_seeds": split_seeds, "run_oof": run_oof, "run_fold_aucs": run_fold_aucs,
-            "run_fallbacks": run_fallbacks, "minutes": minutes, "primary": primary, "oof": run_oof[primary]}
+    out = {"cards": cards, "recipe": recipe_of(cards[0]), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
+           "split_seeds": split_seeds, "run_oof": run_oof, "run_fold_aucs": run_fold_aucs,
+           "run_fallbacks": run_fallbacks, "minutes": minutes, "primary": primary, "oof": run_oof[primary]}
+    if seed_ensemble:
+        from models.metrics import _safe_auc
+
+        members = {ss: [i for i, s in enumerate(seeds) if s == ss] for ss in split_seeds}
+        counts = {ss: len(m) for ss, m in members.items()}
+        if len(set(counts.values())) != 1 or min(counts.values()) < 2:
+            raise ValueError(f"a seed ensemble needs the same number (>= 2) of runs on every split seed, not {counts}")
+        y = (df["label"] == "malignant").astype(int).to_numpy()
+        out["oof"] = np.stack([run_oof[members[ss]].mean(0) for ss in split_seeds])
+        out["ensemble_fold_aucs"] = [
+            [_safe_auc(y[fold == j], z[fold == j]) for j in range(k)]
+            for z, fold in ((out["oof"][n], grouped_kfold(df, k, ss).to_numpy()) for n, ss in enumerate(split_seeds))]
+        out["members_per_split_seed"] = counts[split_seeds[0]]
+    return out
 
 
 def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, tiles: np.ndarray, n_boot: int = 1000,
-                    k: int = 5, incumbent: list[Path] | None = None) -> dict:
+                    k: int = 5, incumbent: list[Path] | None = None, seed_ensemble: bool = False) -> dict:
     """Rule 1 for a trained recipe: the same `train` command run once per (--seed, --train-seed), read back from each
     run's out-of-fold predictions.csv. --seed draws the folds (each run must hold the frozen-cv folds of its seed:
     checked); runs sharing a split seed but not a training seed measure the training-seed spread on fixed folds,
     reported apart from the summary (one run per split seed, as for every recipe). The split-seed-averaged logits are
     compared, frame by frame on identical folds, with the frozen whole-frame and mean-tile logistic regressions and,
-    given its runs on the same split seeds, the routed incumbent's recipe, by paired patient bootstraps."""
+    given its runs on the same split seeds, the routed incumbent's recipe, by paired patient bootstraps.
+    seed_ensemble=True: each split seed's runs are one seed ensemble (read_repeat_runs), summarised as such."""
     from models.metrics import _safe_auc
 
     y = (df["label"] == "malignant").astype(int).to_numpy()
     pats = df["patient"].astype(str).to_numpy()
     mags = df["magnification"].to_numpy()
-    rr = read_repeat_runs(df, folders, k)
+    rr = read_repeat_runs(df, folders, k, seed_ensemble)
     cards, seeds, train_seeds, pairs, split_seeds = rr["cards"], rr["seeds"], rr["train_seeds"], rr["pairs"], rr["split_seeds"]
     run_oof, run_fold_aucs, run_fallbacks, minutes, primary = (rr["run_oof"], rr["run_fold_aucs"], rr["run_fallbacks"],
                                                                 rr["minutes"], rr["primary"])
     oof = rr["oof"]
-    fold_aucs = [a for i in primary for a in run_fold_aucs[i]]
+    fold_aucs = ([a for per_seed in rr["ensemble_fold_aucs"] for a in per_seed] if seed_ensemble
+                 else [a for i in primary for a in run_fold_aucs[i]])
     temp_fallbacks = f"{sum(run_fallbacks[i] for i in primary)}/{len(fold_aucs)}"
     spread = {}
     for ss in split_seeds:
@@ -481,6 +501,13 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
            "training_minutes_per_run": minutes, "folds_with_temperature_fallback": temp_fallbacks,
            "training_seed_spread": spread,
            "recipe": recipe_summary(y, pats, mags, oof, fold_aucs, ref["whole_lr"], n_boot)}
+    if seed_ensemble:
+        out["protocol"] = (f"a seed ensemble of {rr['members_per_split_seed']} training seeds on each of split seeds "
+                           f"{split_seeds} ({len(cards)} runs of one `train` command; every run a member, none "
+                           f"selected): each split seed's out-of-fold logits are the mean of its members', {k} stratified "
+                           "patient-grouped folds each, identical to frozen-cv's folds; summarised on the "
+                           "split-seed-averaged ensemble logits; paired patient-bootstrap AUC differences on the same "
+                           "frames and folds")
     out["recipe"]["vs_whole_lr"] = out["recipe"].pop("vs_reference")
     out["recipe"]["vs_tiles_mean_lr"] = paired_auc_difference(y, oof.mean(0), ref["tiles_mean_lr"].mean(0), pats,
                                                               n_boot=n_boot)
