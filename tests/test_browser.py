@@ -234,6 +234,26 @@ def _nav(page, name: str) -> None:
     page.get_by_test_id("stSidebarNav").get_by_text(name, exact=True).click()
 
 
+def _settle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app has finished re-running (Streamlit's "Running..." status widget is gone)."""
+    page.wait_for_timeout(500)
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
+
+
+def _submit_until(page, button: str, expect: str, tries: int = 3) -> None:
+    """Press a form's submit button once the app is idle and wait for its result; on a loaded machine a click that
+    lands during a re-run can be dropped, so it is pressed again (an action that took effect shows `expect`)."""
+    for attempt in range(tries):
+        _settle(page)
+        page.get_by_role("button", name=button).click()
+        try:
+            page.get_by_text(expect).first.wait_for(timeout=60_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError
+            if attempt == tries - 1:
+                raise
+
+
 def _shot(name: str, page) -> None:
     page.wait_for_timeout(1200)
     page.screenshot(path=str(ARTIFACTS / f"walk_{name}.png"), full_page=True)
@@ -311,9 +331,8 @@ def test_a_pathologists_review_from_upload_to_signed_off_amended_exported_case(a
     if name.count() and not name.input_value():
         name.fill("dr.walk")
         name.press("Enter")
-        page.wait_for_timeout(1500)
-    page.get_by_role("button", name="Record action").click()  # the default action: sign off
-    page.get_by_text("signed off by dr.walk").first.wait_for()
+        _settle(page)  # the name is committed (a rerun) before the form is submitted
+    _submit_until(page, "Record action", "signed off by dr.walk")  # the default action: sign off
     _shot("5_signed_off", page)
 
     page.locator("label").filter(has_text="amend").first.click()
@@ -321,8 +340,7 @@ def test_a_pathologists_review_from_upload_to_signed_off_amended_exported_case(a
     call.locator("input").click()
     page.get_by_role("option", name="malignant", exact=True).click()
     page.get_by_label("Reason (required to amend or withdraw)").fill("second look at 100X frames")
-    page.get_by_role("button", name="Record action").click()
-    page.get_by_text("Pathologist's call: malignant").first.wait_for()  # the amended call leads the case view
+    _submit_until(page, "Record action", "Pathologist's call: malignant")  # the amended call leads the case view
     _shot("6_amended", page)
 
     with page.expect_download() as dl:
