@@ -83,12 +83,12 @@ def cached_baseline_sentence(model_id: str, magnification: str | None):
 def cached_reliability_or_none(model_id: str):
     """The bins of a model named in a saved case, or [] when that model is no longer in the models root. The id is
     data from the database: only an id under the models root is read (never an explicit path)."""
-    from pathlib import Path
+    from models.engine.serve import model_path
 
-    root = Path(current_root()).resolve()
     try:
-        if Path(model_id).is_absolute() or not (root / model_id).resolve().is_relative_to(root):
-            return []
+        if model_id.startswith(("/", "./", "../", ".\\", "..\\")):
+            return []  # an explicit path is the user's to give, never the database's
+        model_path(model_id, current_root())  # the models root's own check: an id must not lead out of the root
         return cached_reliability(model_id)
     except Exception:  # noqa: BLE001 - a removed or renamed model folder: the case still opens
         return []

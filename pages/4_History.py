@@ -67,8 +67,8 @@ look = st.selectbox("Look closer at frame", range(len(fr)), format_func=lambda i
                     key="hist_look")
 rec = fr.iloc[look]
 full = readable_png(rec.get("frame_png"))
-original = Image.open(io.BytesIO(full or readable_png(rec["thumbnail_png"]) or b"")) if (
-    full or readable_png(rec["thumbnail_png"])) else None
+shown = full or readable_png(rec["thumbnail_png"])  # an older case: its thumbnail
+original = Image.open(io.BytesIO(shown)) if shown else None
 if original is None:
     st.text("No image of this frame was stored.")
 else:
