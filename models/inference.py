@@ -127,7 +127,8 @@ def load_model_folder(folder: str | Path, verify: bool = True) -> LoadedModel:
     card = ModelCard.from_json(card_path)
     weights = folder / card.weights_file
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: weights file missing")
+        why = "; the card is an evaluation-only run (--cv-only): it has no final model" if not card.weights_sha256 else ""
+        raise FileNotFoundError(f"{weights}: weights file missing{why}")
     members = (card.arch_config or {}).get("members") if card.architecture == "seed_ensemble" else None
     if verify and not members:  # an ensemble's files (weights_file is member 0) are each verified below, once
         digest = file_sha256(weights)

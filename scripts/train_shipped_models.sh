@@ -76,7 +76,7 @@ if [[ $only == all || $only == generalisation ]]; then
   # with bf16), read back on frozen-cv's folds beside the frozen recipes.
   for s in 1 2; do
     run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
-        --colour-aug hed --balanced-sampling --cv 5 --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
+        --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
   done
   "$PY" -m training repeats-cv --data "$DATA" --name "all/efficientnet_lite2_finetuned recipe (routed; ImageNet, fine-tuned)" \
       --runs magnif_models/all/efficientnet_lite2_finetuned build/repeats/all/efficientnet_lite2_finetuned_seed1 build/repeats/all/efficientnet_lite2_finetuned_seed2 \
@@ -128,10 +128,10 @@ if [[ $only == rule1-ensemble ]]; then
   # Then repeats-cv reads every split seed's members as one ensemble, beside the single runs on the same folds.
   for s in 1 2; do
     run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
-        --colour-aug hed --balanced-sampling --cv 5 --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
+        --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
     for t in 10 20; do
       run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
-          --colour-aug hed --balanced-sampling --cv 5 --seed $s --train-seed $t --out build/ensemble_s$s/member_train$t
+          --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --train-seed $t --out build/ensemble_s$s/member_train$t
     done
   done
   "$PY" -m training repeats-cv --data "$DATA" --seed-ensemble --name "all/efficientnet_lite2_ensemble recipe" \

@@ -75,6 +75,17 @@ def test_cross_validated_training_writes_out_of_fold_card(official_archive, tmp_
     assert again.evaluation["overall"]["metrics"] == card.evaluation["overall"]["metrics"]
     assert again.baseline["overall"]["metrics"]["auc"] == card.baseline["overall"]["metrics"]["auc"]
 
+    # --cv-only (a rule-1 repeat): the same fold models' out-of-fold logits, no final model, nothing to load
+    cv_only = tmp_path / "all" / "cv_only"
+    c2 = run_train(str(official_archive), "all", "efficientnet_lite2", str(LITE2), cv_only,
+                   FitConfig(recipe="linear", head_epochs=10), cv=3, n_boot=20, cache_dir=tmp_path / "cache",
+                   refit_final=False)
+    p2 = pd.read_csv(cv_only / "predictions.csv", dtype={"patient": str})
+    assert p2["logit"].to_numpy() == pytest.approx(pred["logit"].to_numpy(), abs=1e-6)
+    assert not (cv_only / "model.safetensors").exists() and c2.weights_sha256 == "" and c2.training_log == []
+    assert c2.recipe["final_model_schedule"]["source"].startswith("none: --cv-only")
+    with pytest.raises(FileNotFoundError, match="evaluation-only run"):
+        load_model_folder(cv_only)
 
 
 @pytest.mark.slow

@@ -77,6 +77,8 @@ def _options_train(a: argparse.ArgumentParser) -> None:
     a.add_argument("--no-cross-magnification", action="store_true",
                    help="skip predicting other magnifications' frames of held-out patients")
     a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--cv-only", action="store_true",
+                   help="write the out-of-fold evaluation only, no final model (a rule-1 repeat; needs --cv > 1)")
     a.add_argument("--recipe", choices=["logreg", "linear", "finetune", "full"], default=None,
                    help="default: finetune for pretrained init, full for scratch")
     a.add_argument("--cv", type=int, default=5, help="outer grouped folds; 0 = single train/val/test split")
@@ -314,6 +316,9 @@ def _run_train(args) -> int:
         print(f"error: --task malignancy needs {' '.join(missing)}", file=sys.stderr)
         return 2
 
+    if args.cv_only and not (args.cv and args.cv > 1):
+        print("error: --cv-only needs --cv > 1 (its figures are the out-of-fold predictions)", file=sys.stderr)
+        return 2
     recipe = args.recipe or ("full" if args.init == "scratch" else "finetune")
     train_seed = args.seed if args.train_seed is None else args.train_seed
     fc = FitConfig(recipe=recipe, head_epochs=args.head_epochs, finetune_epochs=args.epochs,
@@ -332,7 +337,7 @@ def _run_train(args) -> int:
                      n_boot=args.n_boot, cache_dir=args.cache_dir, force_fp32=args.fp32, limitations=args.limitation,
                      arch_config={"cnn": args.cnn, "vit": args.vit}, vit_init=args.vit_init, stain=args.stain,
                      eval_tta=args.tta_eval, hc=hc, cross_magnification=not args.no_cross_magnification,
-                     train_seed=train_seed)
+                     train_seed=train_seed, refit_final=not args.cv_only)
     if card is not None:  # rank 0 (or a plain run) wrote the folder
         print(_card_line(card) + f"; baseline AUC {_fmt(metric(card.baseline.get('overall')))}")
     distributed.shutdown()

@@ -302,10 +302,13 @@ def write_folder(out: Path, data: TrainingSet, other: OtherFrames, sc: Scores, p
     """Weights (fp16 safetensors), split.csv, predictions.csv and the cross-magnification predictions."""
     out.mkdir(parents=True, exist_ok=True)
     write_split_csv(data.df.assign(part=part, cv_fold=sc.fold), out / "split.csv", ["part", "cv_fold"])
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    score_other(model, data, other, sc, np.flatnonzero(~np.isin(other.patients, list(set(data.patients)))), temp,
-                temp_tta, "final model (patient has no frame at this magnification: never seen)")
+    if model is not None:  # None: a --cv-only run, which has no final model to save or to score unseen patients with
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        score_other(model, data, other, sc, np.flatnonzero(~np.isin(other.patients, list(set(data.patients)))), temp,
+                    temp_tta, "final model (patient has no frame at this magnification: never seen)")
+    else:
+        (out / "model.safetensors").unlink(missing_ok=True)  # never leave an older run's weights beside this card
     df = data.df
     pred = pd.DataFrame({"path": df["path"], "patient": data.patients, "label": data.y,
                          "magnification": df["magnification"], "source": df["source"], "cv_fold": sc.fold, "part": part,
@@ -332,9 +335,11 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
               baseline_init: str | None = None, force_fp32: bool = False, limitations: list[str] | None = None,
               arch_config: dict | None = None, vit_init: str | None = None, stain: str = "none", eval_tta: bool = False,
               hc: HybridConfig | None = None, cross_magnification: bool = True,
-              train_seed: int | None = None) -> ModelCard:
+              train_seed: int | None = None, refit_final: bool = True) -> ModelCard:
     """Cross-validate (or hold out), refit on all patients, and write the model folder with its card. `seed` draws
-    the folds and splits; `train_seed` (default `seed`) the networks' init and data order."""
+    the folds and splits; `train_seed` (default `seed`) the networks' init and data order. refit_final=False (CV
+    only) writes the out-of-fold evaluation without a final model: a rule-1 repeat needs only the fold models'
+    predictions, and the refit is a sixth of a run."""
     if train_seed is not None:
         fc = replace(fc, seed=train_seed)  # the fit's data order and augmentation follow the training seed too
     train_seed = seed if train_seed is None else train_seed
@@ -364,7 +369,14 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
         protocol = (f"{sc.fold.max() + 1}-fold stratified patient-grouped cross-validation; out-of-fold predictions "
                     "of patients never seen by their fold's model are the test set; temperature fitted per fold on "
                     "inner validation patients")
-        final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, train_seed)
+        if refit_final:
+            final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, train_seed)
+        else:
+            final_model = final_res = None
+            final_temp = fit_temperature_guarded(sc.logit, ts.y)[0]
+            temp_tta_final = fit_temperature_guarded(sc.logit_tta, ts.y)[0] if sc.eval_tta else None
+            schedule = {"source": "none: --cv-only run (out-of-fold evaluation only; no final model, nothing to serve)",
+                        "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
         part = np.full(len(df), "train")
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
@@ -386,17 +398,20 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
     card = ModelCard(
         model_id=model_id or f"{magnification}/{out.name}", architecture=arch, magnification=magnification,
         preprocess=cfg, init=init_record, arch_config=arch_config,
-        temperature=final_temp, weights_sha256=file_sha256(out / "model.safetensors"),
+        temperature=final_temp,
+        weights_sha256=file_sha256(out / "model.safetensors") if final_model is not None else "",
         recipe={"name": recipe.name, "final_model_schedule": schedule,
                 "compute": compute.reason, **({"phases_per_fold": [f["phases"] for f in per_fold]} if hybrid else {}),
                 "phases_chosen_by_fold_validation": [f["phase_chosen"] for f in per_fold] or [final_res.phase_chosen]},
+        # (per_fold is never empty without a final model: --cv-only needs --cv > 1)
         hyperparameters=recipe.hyperparameters() | {"cv_folds": cv, "seed": seed, "train_seed": train_seed, "stain": stain, "eval_tta": eval_tta,
                                                      "world_size": world_size},
         data={"source": str(data), "magnification": magnification, "all": counts(df),
               "final_model": {"train": counts(df[part == "train"]), "val": counts(df[part == "val"]),
                               **({"test": counts(df[part == "test"])} if (part == "test").any() else {})},
               "skipped": [{"path": p, "reason": r} for p, r in skipped]},
-        evaluation=evaluation, per_magnification={}, baseline=baseline, training_log=final_res.log,
+        evaluation=evaluation, per_magnification={}, baseline=baseline,
+        training_log=final_res.log if final_res is not None else [],
         training_time_s=round(time.time() - t_start, 1), versions=versions(), git_commit=git_commit(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         limitations=(limitations or []) + [
