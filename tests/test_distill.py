@@ -158,3 +158,42 @@ def test_a_seed_ensemble_is_read_over_split_seeds_as_the_mean_of_its_members(tmp
     assert vs["difference"] != 0 and vs["n_images"] == len(y)
     with pytest.raises(ValueError, match="same number"):
         trained_runs_cv(df, runs[:3], whole, tiles, n_boot=20, k=4, seed_ensemble=True)
+
+
+def test_an_archived_run_is_read_back_by_repeats_cv_as_the_run_itself(tmp_path):
+    """scripts/archive_oof.py keeps a run's out-of-fold evaluation without weights (build/ does not outlive the
+    machine): repeats-cv reads the archive to the same figures, and a run that is not out of fold is refused."""
+    import pytest
+
+    from models.card import ModelCard
+    from scripts.archive_oof import archive_run
+    from tests.conftest import make_model_folder
+    from training.frozen_cv import trained_runs_cv
+    from training.splits import grouped_kfold
+
+    rng = np.random.default_rng(5)
+    df, y = _patients()
+    df["path"] = [f"/data/sub/f{i}.png" for i in range(len(df))]
+    whole, tiles = rng.normal(size=(len(y), 8)), rng.normal(size=(len(y), 6, 8))
+    runs, archived = [], []
+    for seed in (0, 1):
+        f = make_model_folder(tmp_path / "all" / f"run{seed}", "efficientnet_lite2", "all", seed=seed)
+        c = ModelCard.from_json(f / "card.json")
+        c.hyperparameters = {"lr": 2e-4, "seed": seed, "cv_folds": 4}
+        c.evaluation["per_fold"] = [{"auc": 0.5, "temperature_fit": "fitted"}] * 4
+        c.to_json(f / "card.json")
+        pd.DataFrame({"path": df["path"], "patient": df["patient"], "label": y, "magnification": "100X",
+                      "cv_fold": grouped_kfold(df, 4, seed).to_numpy(), "logit": 1.0 * y + rng.normal(0, 1, len(y)),
+                      "p_malignant": 0.5, "blur_variance": 1.0}).to_csv(f / "predictions.csv", index=False)
+        runs.append(f)
+        archived.append(archive_run(f, tmp_path / "archive"))
+    assert [a.name for a in archived] == ["s0_t0", "s1_t1"] and not list(archived[0].glob("*.safetensors"))
+    assert "blur_variance" not in pd.read_csv(archived[0] / "predictions.csv").columns
+    a = trained_runs_cv(df, archived, whole, tiles, n_boot=30, k=4)
+    b = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4)
+    assert a["recipe"]["pooled_auc_by_seed"] == pytest.approx(b["recipe"]["pooled_auc_by_seed"])
+    c = ModelCard.from_json(runs[0] / "card.json")
+    c.hyperparameters["cv_folds"] = 0
+    c.to_json(runs[0] / "card.json")
+    with pytest.raises(ValueError, match="not a cross-validated run"):
+        archive_run(runs[0], tmp_path / "again")
