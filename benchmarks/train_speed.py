@@ -8,10 +8,11 @@ multiplies by the recipe's counts (steps, validation passes, out-of-fold and TTA
   TTA) in fp32 with the default memory order;
 - new: decoded frames read from the content-keyed cache (training.engine.cache_images); fp32 evaluation in
   channels_last (same arithmetic, oneDNN's faster kernels); the per-epoch early-stopping pass in bf16 where the CPU has
-  AVX512-BF16/AMX (the out-of-fold scores stay fp32).
+  AVX512-BF16/AMX (the out-of-fold scores stay fp32); under CPU bf16 autocast the depthwise convolutions train in fp32
+  (training.engine.depthwise_fp32: oneDNN's bf16 depthwise backward is the slow part of a bf16 step).
 
-Training steps use the precision the CPU flags choose (training.engine.select_compute) in both; an fp32-only line
-shows what an AVX2 machine pays. With --run FOLDER, the wall-clock minutes that run actually took (its card) are
+Training steps use the precision the CPU flags choose (training.engine.select_compute) in both (old: every layer
+under bf16 autocast; new: depthwise layers fp32); an fp32-only line shows what an AVX2 machine pays. With --run FOLDER, the wall-clock minutes that run actually took (its card) are
 printed beside the projection.
 
     python benchmarks/train_speed.py [--data ../shared/data/breakhis] [--run build/ensemble/member_train10]
@@ -34,7 +35,8 @@ from models.archs import build_model  # noqa: E402
 from models.card import PreprocessConfig  # noqa: E402
 from models.preprocess import normalize_uint8  # noqa: E402
 from training.data import index_source  # noqa: E402
-from training.engine import Compute, augment, autocast, cache_images, select_compute, weighted_bce  # noqa: E402
+from training.engine import (Compute, augment, autocast, cache_images, depthwise_fp32, select_compute,  # noqa: E402
+                             weighted_bce)
 
 FOLDS, EPOCHS, BATCH, VAL_SHARE = 5, 6, 16, 0.2  # the routed recipe's schedule (card hyperparameters)
 
@@ -47,8 +49,10 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def step_seconds(images: torch.Tensor, cfg: PreprocessConfig, compute: Compute, repeats: int) -> float:
-    """One optimiser step on an augmented batch of 16, as train_augmented_epoch runs it."""
+def step_seconds(images: torch.Tensor, cfg: PreprocessConfig, compute: Compute, repeats: int,
+                 fp32_depthwise: bool = True) -> float:
+    """One optimiser step on an augmented batch of 16, as train_augmented_epoch runs it (fp32_depthwise=False: the
+    old step, every layer under bf16 autocast)."""
     model, _ = build_model("efficientnet_lite2", "scratch")
     model.train()
     if compute.bf16:
@@ -66,7 +70,8 @@ def step_seconds(images: torch.Tensor, cfg: PreprocessConfig, compute: Compute, 
         loss.backward()
         opt.step()
 
-    return timed(step, repeats)
+    with depthwise_fp32(model, compute if fp32_depthwise else Compute(compute.device, False, "")):
+        return timed(step, repeats)
 
 
 def eval_seconds_per_frame(images: torch.Tensor, cfg: PreprocessConfig, channels_last: bool, bf16: bool,
@@ -106,7 +111,8 @@ def main() -> None:
     n = len(images)
     compute = select_compute()
     fp32 = Compute(torch.device("cpu"), False, "fp32")
-    step = step_seconds(images, cfg, compute, a.repeats)
+    step_old = step_seconds(images, cfg, compute, a.repeats, fp32_depthwise=False)
+    step = step_seconds(images, cfg, compute, a.repeats) if compute.bf16 else step_old
     step_fp32 = step if not compute.bf16 else step_seconds(images, cfg, fp32, a.repeats)
     ev_old = eval_seconds_per_frame(images, cfg, False, False, a.repeats)
     ev_new = eval_seconds_per_frame(images, cfg, True, False, a.repeats)
@@ -124,12 +130,12 @@ def main() -> None:
 
     res = {"compute": compute.reason, "frames": n, "counts": {"optimiser_steps": steps, "validation_frames": val_frames,
                                                               "out_of_fold_frames": oof_frames, "tta_frames": tta_frames},
-           "seconds": {"train_step": step, "train_step_fp32": step_fp32, "eval_frame_fp32_old": ev_old,
+           "seconds": {"train_step_old": step_old, "train_step": step, "train_step_fp32": step_fp32, "eval_frame_fp32_old": ev_old,
                        "eval_frame_fp32_channels_last": ev_new, "validation_frame_new": ev_val_new,
                        "decode_old": decode_old, "decode_cache_hit": decode_new}}
     rows = []
     for tta in (True, False):
-        old = minutes(step, ev_old, ev_old, decode_old, tta)
+        old = minutes(step_old, ev_old, ev_old, decode_old, tta)
         new = minutes(step, ev_val_new, ev_new, decode_new, tta)
         old_fp32 = minutes(step_fp32, ev_old, ev_old, decode_old, tta)
         new_fp32 = minutes(step_fp32, ev_new, ev_new, decode_new, tta)
@@ -143,7 +149,7 @@ def main() -> None:
                                "tta_eval": card["hyperparameters"].get("eval_tta"), "compute": card["recipe"].get("compute")}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"compute: {compute.reason}")
-    print(f"per step {step:.2f} s (fp32 {step_fp32:.2f} s); eval per frame fp32 {ev_old * 1000:.0f} ms -> channels_last "
+    print(f"per step {step_old:.2f} s -> {step:.2f} s (fp32 {step_fp32:.2f} s); eval per frame fp32 {ev_old * 1000:.0f} ms -> channels_last "
           f"{ev_new * 1000:.0f} ms, validation {ev_val_new * 1000:.0f} ms; decode {decode_old:.1f} s -> {decode_new:.1f} s")
     print("| recipe | old min | new min | old/new | fp32-only old | fp32-only new | fp32 old/new |")
     print("|---|---|---|---|---|---|---|")
