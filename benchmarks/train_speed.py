@@ -15,7 +15,11 @@ Training steps use the precision the CPU flags choose (training.engine.select_co
 under bf16 autocast; new: depthwise layers fp32); an fp32-only line shows what an AVX2 machine pays. With --run FOLDER, the wall-clock minutes that run actually took (its card) are
 printed beside the projection.
 
-    python benchmarks/train_speed.py [--data ../shared/data/breakhis] [--run build/ensemble/member_train10]
+    python benchmarks/train_speed.py [--data ../shared/data/breakhis] [--run build/speed/s0_t0]
+        [--paired-with magnif_models/all/efficientnet_lite2_finetuned]
+
+--paired-with OLD: the run trained by the old pipeline with the same command and seeds; the new run's out-of-fold AUC
+minus OLD's on the same frames and folds, with its paired patient-bootstrap 95% CI (the speed-up must not move it).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,10 +95,33 @@ def eval_seconds_per_frame(images: torch.Tensor, cfg: PreprocessConfig, channels
     return timed(run, repeats) / len(x)
 
 
+def paired_runs(new: Path, old: Path) -> dict:
+    """New run minus old run: out-of-fold AUC on the same frames, refusing runs on other folds or other recipes."""
+    from models.metrics import paired_auc_difference
+
+    cards = [json.loads((f / "card.json").read_text()) for f in (new, old)]
+    def same(c: dict) -> dict:  # eval_tta is evaluation only; older cards trained with --seed, in one process
+        hp = {k: v for k, v in c["hyperparameters"].items() if k != "eval_tta"}
+        return {"world_size": 1, **hp, "train_seed": hp.get("train_seed", hp["seed"])}
+
+    if same(cards[0]) != same(cards[1]):
+        raise SystemExit(f"{new} and {old} are not the same command and seeds: {same(cards[0])} vs {same(cards[1])}")
+    p_new, p_old = (pd.read_csv(f / "predictions.csv", dtype={"patient": str}) for f in (new, old))
+    p_new.index, p_old.index = (p["path"].map(lambda x: Path(x).name) for p in (p_new, p_old))
+    p_old = p_old.loc[p_new.index]
+    if not (p_new["cv_fold"].to_numpy() == p_old["cv_fold"].to_numpy()).all():
+        raise SystemExit(f"{new} and {old} are not on the same folds")
+    d = paired_auc_difference(p_new["label"], p_new["logit"], p_old["logit"], p_new["patient"], n_boot=2000, seed=0)
+    return {**d, "new_run": str(new), "old_run": str(old), "new_minutes": cards[0]["training_time_s"] / 60,
+            "old_minutes": cards[1]["training_time_s"] / 60, "new_compute": cards[0]["recipe"].get("compute"),
+            "old_compute": cards[1]["recipe"].get("compute")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/breakhis")
     ap.add_argument("--run", default=None, help="a model folder trained by the new pipeline: its real minutes")
+    ap.add_argument("--paired-with", default=None, help="the old pipeline's run of the same command and seeds")
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/train_speed.json")
     a = ap.parse_args()
@@ -147,6 +175,8 @@ def main() -> None:
         card = json.loads((Path(a.run) / "card.json").read_text())
         res["measured_run"] = {"run": a.run, "minutes": card["training_time_s"] / 60,
                                "tta_eval": card["hyperparameters"].get("eval_tta"), "compute": card["recipe"].get("compute")}
+    if a.run and a.paired_with:
+        res["paired_auc"] = paired_runs(Path(a.run), Path(a.paired_with))
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"compute: {compute.reason}")
     print(f"per step {step_old:.2f} s -> {step:.2f} s (fp32 {step_fp32:.2f} s); eval per frame fp32 {ev_old * 1000:.0f} ms -> channels_last "
@@ -160,6 +190,12 @@ def main() -> None:
     if a.run:
         m = res["measured_run"]
         print(f"measured: {m['run']} took {m['minutes']:.1f} min ({m['compute']}; tta_eval={m['tta_eval']})")
+    if "paired_auc" in res:
+        d = res["paired_auc"]
+        print(f"out-of-fold AUC new {d['auc_challenger']:.3f} vs old {d['auc_incumbent']:.3f}: difference "
+              f"{d['difference']:+.3f} (paired patient-bootstrap 95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}; "
+              f"{d['n_images']} frames, {d['n_patients']['benign']} benign / {d['n_patients']['malignant']} malignant "
+              f"patients); old {d['old_minutes']:.1f} min ({d['old_compute']}), new {d['new_minutes']:.1f} min")
 
 
 if __name__ == "__main__":

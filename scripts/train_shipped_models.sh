@@ -122,25 +122,27 @@ if [[ $only == all || $only == tasks ]]; then
       --parent-model magnif_models/all/efficientnet_lite2_finetuned --n-boot 500 --out magnif_models/subtype/efficientnet_lite2_subtype
 fi
 if [[ $only == rule1-ensemble ]]; then
-  # Issue 25 (open): the seed ensemble under rule 1 on split seeds 0-2. Split seed 0's members are the shipped run and
+  # Issue 25: the seed ensemble under rule 1 on split seeds 0-2. Split seed 0's members are the shipped run and
   # build/ensemble/member_train{10,20}; each further split seed needs its single run (training seed = split seed, also
-  # the single recipe's rule-1 repeat) and training seeds 10 and 20: 6 full runs, 25-30 min each with bf16 on 2 cores.
-  # Then repeats-cv reads every split seed's members as one ensemble, beside the single runs on the same folds.
+  # the single recipe's rule-1 repeat) and training seeds 10 and 20: 6 runs with --cv-only (out-of-fold evaluation, no
+  # refit; about 20 min each with bf16 on 2 cores). Every run's card and out-of-fold predictions are archived in
+  # benchmarks/results/oof_runs (build/ does not outlive the machine); repeats-cv reads every split seed's members
+  # there as one ensemble, beside the single runs on the same folds.
+  A=benchmarks/results/oof_runs/all_efficientnet_lite2_finetuned
+  "$PY" scripts/archive_oof.py magnif_models/all/efficientnet_lite2_finetuned build/ensemble/member_train10 \
+      build/ensemble/member_train20 --into $A
   for s in 1 2; do
-    run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
-        --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --out build/repeats/all/efficientnet_lite2_finetuned_seed$s
-    for t in 10 20; do
+    for t in $s 10 20; do
+      o=build/ensemble_s$s/member_train$t
+      [[ $t == "$s" ]] && o=build/repeats/all/efficientnet_lite2_finetuned_seed$s
       run --magnification all --arch efficientnet_lite2 --init "$LITE2" --recipe full --lr 2e-4 --epochs 6 --patience 6 \
-          --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --train-seed $t --out build/ensemble_s$s/member_train$t
+          --colour-aug hed --balanced-sampling --cv 5 --cv-only --seed $s --train-seed $t --out $o
+      "$PY" scripts/archive_oof.py $o --into $A
     done
   done
   "$PY" -m training repeats-cv --data "$DATA" --seed-ensemble --name "all/efficientnet_lite2_ensemble recipe" \
-      --runs magnif_models/all/efficientnet_lite2_finetuned build/ensemble/member_train10 build/ensemble/member_train20 \
-             build/repeats/all/efficientnet_lite2_finetuned_seed1 build/ensemble_s1/member_train10 build/ensemble_s1/member_train20 \
-             build/repeats/all/efficientnet_lite2_finetuned_seed2 build/ensemble_s2/member_train10 build/ensemble_s2/member_train20 \
-      --incumbent-runs magnif_models/all/efficientnet_lite2_finetuned build/repeats/all/efficientnet_lite2_finetuned_seed1 \
-             build/repeats/all/efficientnet_lite2_finetuned_seed2 \
-      --out benchmarks/results/repeats_lite2_ensemble_3seeds.json
+      --runs $A/s0_t0 $A/s0_t10 $A/s0_t20 $A/s1_t1 $A/s1_t10 $A/s1_t20 $A/s2_t2 $A/s2_t10 $A/s2_t20 \
+      --incumbent-runs $A/s0_t0 $A/s1_t1 $A/s2_t2 --out benchmarks/results/repeats_lite2_ensemble_3seeds.json
 fi
 if [[ $only == all || $only == verdicts ]]; then
   # Issue 25. The routed recipe as a seed ensemble: the shipped run (training seed 0) and the same command with

@@ -213,7 +213,8 @@ def qc_section(path: Path) -> None:
 def speed_section(path: Path) -> None:
     r = json.loads(path.read_text())
     s = r["seconds"]
-    print(f"Compute: {r['compute']}. Per optimiser step {s['train_step']:.2f} s (fp32 {s['train_step_fp32']:.2f} s); "
+    old_step = f"{s['train_step_old']:.2f} s → " if "train_step_old" in s else ""
+    print(f"Compute: {r['compute']}. Per optimiser step {old_step}{s['train_step']:.2f} s (fp32 {s['train_step_fp32']:.2f} s); "
           f"evaluation per frame {s['eval_frame_fp32_old'] * 1000:.0f} ms (fp32) → {s['eval_frame_fp32_channels_last'] * 1000:.0f} ms "
           f"(fp32, channels_last), early-stopping pass {s['validation_frame_new'] * 1000:.0f} ms; decoding "
           f"{s['decode_old']:.1f} s → {s['decode_cache_hit']:.1f} s.\n")
@@ -226,6 +227,13 @@ def speed_section(path: Path) -> None:
     if "measured_run" in r:
         m = r["measured_run"]
         print(f"\nMeasured: `{m['run']}` took {m['minutes']:.1f} min end to end ({m['compute']}; TTA eval {m['tta_eval']}).")
+    if "paired_auc" in r:
+        d = r["paired_auc"]
+        print(f"\nSame command and seeds (split seed 0, training seed 0), new pipeline minus old (`{d['old_run']}`, "
+              f"{d['old_minutes']:.0f} min, {d['old_compute']}): out-of-fold AUC {d['auc_challenger']:.3f} vs "
+              f"{d['auc_incumbent']:.3f}, difference {d['difference']:+.3f} (paired patient-bootstrap 95% CI "
+              f"{d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}; {d['n_images']} frames, {d['n_patients']['benign']} benign / "
+              f"{d['n_patients']['malignant']} malignant patients).")
 
 
 def main() -> None:

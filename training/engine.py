@@ -64,24 +64,34 @@ class Fp32DepthwiseConv2d(nn.Conv2d):
             return super().forward(x.float()).to(x.dtype)
 
 
+_FP32_DEPTHWISE: dict[type, type] = {nn.Conv2d: Fp32DepthwiseConv2d}
+
+
+def _fp32_depthwise_class(cls: type) -> type:
+    """The fp32 variant of a Conv2d class (timm's strided depthwise layers are Conv2dSame, with TF 'same' padding)."""
+    if cls not in _FP32_DEPTHWISE:
+        _FP32_DEPTHWISE[cls] = type(f"Fp32Depthwise{cls.__name__}", (Fp32DepthwiseConv2d, cls), {})
+    return _FP32_DEPTHWISE[cls]
+
+
 class depthwise_fp32:
     """Context manager: a model's depthwise convolutions run in fp32 while it trains under CPU bf16 autocast, and
-    are plain nn.Conv2d again afterwards (same parameters and state_dict keys; only the forward's precision differs).
-    A no-op without bf16 or off the CPU (GPU bf16 depthwise kernels have no such penalty)."""
+    are their own classes again afterwards (same parameters and state_dict keys; only the forward's precision
+    differs). A no-op without bf16 or off the CPU (GPU bf16 depthwise kernels have no such penalty)."""
 
     def __init__(self, model: nn.Module, compute: Compute):
         on = compute.bf16 and compute.device.type == "cpu"
-        self.swapped = [m for m in model.modules() if on and type(m) is nn.Conv2d
-                        and m.groups > 1 and m.groups == m.in_channels]
+        self.swapped = [(m, type(m)) for m in model.modules() if on and isinstance(m, nn.Conv2d)
+                        and not isinstance(m, Fp32DepthwiseConv2d) and m.groups > 1 and m.groups == m.in_channels]
 
     def __enter__(self) -> "depthwise_fp32":
-        for m in self.swapped:
-            m.__class__ = Fp32DepthwiseConv2d  # a subclass without state of its own: swapping the class is safe
+        for m, cls in self.swapped:
+            m.__class__ = _fp32_depthwise_class(cls)  # subclasses without state of their own: swapping is safe
         return self
 
     def __exit__(self, *exc) -> None:
-        for m in self.swapped:
-            m.__class__ = nn.Conv2d
+        for m, cls in self.swapped:
+            m.__class__ = cls
 
 
 def cache_images(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: Path | None = None

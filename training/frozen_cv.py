@@ -406,9 +406,10 @@ def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ens
 
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
     cards = [ModelCard.from_json(Path(f) / "card.json") for f in folders]
-    # what may differ between repeats: the seeds, and eval_tta (8-view TTA scoring of the same fold models: evaluation only)
-    recipe_of = lambda c: {kk: v for kk, v in c.hyperparameters.items()  # noqa: E731
-                           if kk not in ("seed", "train_seed", "eval_tta")}
+    # what may differ between repeats: the seeds, and eval_tta (8-view TTA scoring of the same fold models: evaluation
+    # only); a card from before world_size was recorded trained in one process
+    recipe_of = lambda c: {"world_size": 1, **{kk: v for kk, v in c.hyperparameters.items()  # noqa: E731
+                                               if kk not in ("seed", "train_seed", "eval_tta")}}
     if any(recipe_of(c) != recipe_of(cards[0]) or c.architecture != cards[0].architecture for c in cards):
         raise ValueError("the runs differ in more than --seed/--train-seed: not repeats of one recipe")
     seeds = [int(c.hyperparameters["seed"]) for c in cards]
