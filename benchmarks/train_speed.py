@@ -98,11 +98,12 @@ def eval_seconds_per_frame(images: torch.Tensor, cfg: PreprocessConfig, channels
 def paired_runs(new: Path, old: Path) -> dict:
     """New run minus old run: out-of-fold AUC on the same frames, refusing runs on other folds or other recipes."""
     from models.metrics import paired_auc_difference
+    from training.frozen_cv import recipe_of
 
     cards = [json.loads((f / "card.json").read_text()) for f in (new, old)]
-    def same(c: dict) -> dict:  # eval_tta is evaluation only; older cards trained with --seed, in one process
-        hp = {k: v for k, v in c["hyperparameters"].items() if k != "eval_tta"}
-        return {"world_size": 1, **hp, "train_seed": hp.get("train_seed", hp["seed"])}
+    def same(c: dict) -> dict:  # repeats-cv's test of one recipe, plus both seeds (older cards trained with --seed)
+        hp = c["hyperparameters"]
+        return {**recipe_of(hp), "seed": hp["seed"], "train_seed": hp.get("train_seed", hp["seed"])}
 
     if same(cards[0]) != same(cards[1]):
         raise SystemExit(f"{new} and {old} are not the same command and seeds: {same(cards[0])} vs {same(cards[1])}")

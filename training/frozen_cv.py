@@ -394,6 +394,12 @@ def train_tile_model(data: str, out: Path, weights: str, magnification: str = "a
     return card
 
 
+def recipe_of(hyperparameters: dict) -> dict:
+    """What must match between repeats of one recipe: everything but the seeds and eval_tta (8-view TTA scoring of
+    the same fold models: evaluation only); a card from before world_size was recorded trained in one process."""
+    return {"world_size": 1, **{k: v for k, v in hyperparameters.items() if k not in ("seed", "train_seed", "eval_tta")}}
+
+
 def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ensemble: bool = False) -> dict:
     """Runs of one `train` command with different seeds, checked (same recipe, distinct seeds, frozen-cv's folds) and
     read back: per-run out-of-fold logits on df's rows, per-fold AUCs, temperature fallbacks, and the primary run
@@ -406,11 +412,8 @@ def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ens
 
     names = df["path"].map(lambda p: Path(p).name).to_numpy()
     cards = [ModelCard.from_json(Path(f) / "card.json") for f in folders]
-    # what may differ between repeats: the seeds, and eval_tta (8-view TTA scoring of the same fold models: evaluation
-    # only); a card from before world_size was recorded trained in one process
-    recipe_of = lambda c: {"world_size": 1, **{kk: v for kk, v in c.hyperparameters.items()  # noqa: E731
-                                               if kk not in ("seed", "train_seed", "eval_tta")}}
-    if any(recipe_of(c) != recipe_of(cards[0]) or c.architecture != cards[0].architecture for c in cards):
+    if any(recipe_of(c.hyperparameters) != recipe_of(cards[0].hyperparameters)
+           or c.architecture != cards[0].architecture for c in cards):
         raise ValueError("the runs differ in more than --seed/--train-seed: not repeats of one recipe")
     seeds = [int(c.hyperparameters["seed"]) for c in cards]
     # cards written before --train-seed existed trained with their split seed
@@ -436,7 +439,7 @@ def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ens
     # recipe has: averaging several training seeds' logits would be an ensemble the others do not get.
     primary = [min((i for i, s in enumerate(seeds) if s == ss), key=lambda i: (train_seeds[i] != ss, train_seeds[i]))
                for ss in split_seeds]
-    out = {"cards": cards, "recipe": recipe_of(cards[0]), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
+    out = {"cards": cards, "recipe": recipe_of(cards[0].hyperparameters), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
            "split_seeds": split_seeds, "run_oof": run_oof, "run_fold_aucs": run_fold_aucs,
            "run_fallbacks": run_fallbacks, "minutes": minutes, "primary": primary, "oof": run_oof[primary]}
     if seed_ensemble:

@@ -261,10 +261,16 @@ def refit(recipe: Recipe, data: TrainingSet, sc: Scores, per_fold: list[dict], s
     model = final_recipe.fresh_model(seed)
     res = final_recipe.fit(model, data, np.arange(len(data.df)), np.array([], int), seed, "final")
     model.load_state_dict(res.state)
+    return model, res, *pooled_temperatures(data, sc), {**schedule, "temperature_source": POOLED_TEMPERATURE}
+
+
+POOLED_TEMPERATURE = "fitted on the pooled out-of-fold logits of the fold models"
+
+
+def pooled_temperatures(data: TrainingSet, sc: Scores) -> tuple[float, float | None]:
+    """The card's temperatures (plain and, with --tta-eval, TTA) from the fold models' pooled out-of-fold logits."""
     temp = fit_temperature_guarded(sc.logit, data.y)[0]
-    temp_tta = fit_temperature_guarded(sc.logit_tta, data.y)[0] if sc.eval_tta else None
-    return model, res, temp, temp_tta, {**schedule, "temperature_source": "fitted on the pooled out-of-fold logits "
-                                                                           "of the fold models"}
+    return temp, fit_temperature_guarded(sc.logit_tta, data.y)[0] if sc.eval_tta else None
 
 
 def hold_out(recipe: Recipe, data: TrainingSet, other: OtherFrames, sc: Scores, part: np.ndarray, seed: int,
@@ -373,10 +379,9 @@ def run_train(data: str, magnification: str, arch: str, init: str, out: Path, fc
             final_model, final_res, final_temp, temp_tta_final, schedule = refit(recipe, ts, sc, per_fold, train_seed)
         else:
             final_model = final_res = None
-            final_temp = fit_temperature_guarded(sc.logit, ts.y)[0]
-            temp_tta_final = fit_temperature_guarded(sc.logit_tta, ts.y)[0] if sc.eval_tta else None
+            final_temp, temp_tta_final = pooled_temperatures(ts, sc)
             schedule = {"source": "none: --cv-only run (out-of-fold evaluation only; no final model, nothing to serve)",
-                        "temperature_source": "fitted on the pooled out-of-fold logits of the fold models"}
+                        "temperature_source": POOLED_TEMPERATURE}
         part = np.full(len(df), "train")
     else:
         part = patient_split(df, val=0.15, test=0.15, seed=seed).to_numpy()
