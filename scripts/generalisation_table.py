@@ -132,7 +132,9 @@ def repeats_table(results: list[dict]) -> str:
                          + f"; SD {t['sd']:.3f}, range {t['range']:.3f}; per-fold AUC mean by run "
                          + ", ".join(f"{a:.3f}" for a in t["per_fold_auc_mean"])
                          + f"; temperature fallbacks by run {', '.join(map(str, t['temperature_fallbacks']))}; the "
-                         f"{len(t['train_seeds'])} runs' mean logit (an ensemble, not in the row above) {t['ensemble_auc']:.3f}.")
+                         f"{len(t['train_seeds'])} runs' mean logit "
+                         + ("(this split seed's ensemble, summarised in the row above)" if res.get("seed_ensemble")
+                            else "(an ensemble, not in the row above)") + f" {t['ensemble_auc']:.3f}.")
     n = results[0]["recipe"]["n_patients"] if results else {}
     return "\n".join([f"{results[0]['n_images']} frames, {n.get('benign')} benign / {n.get('malignant')} malignant "
                       f"patients. Protocol: {results[0]['protocol']}.", ""] + lines) if results else ""

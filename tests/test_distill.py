@@ -139,7 +139,8 @@ def test_a_seed_ensemble_is_read_over_split_seeds_as_the_mean_of_its_members(tmp
         f = make_model_folder(tmp_path / "all" / f"run{seed}_{train_seed}", "efficientnet_lite2", "all", seed=seed)
         c = ModelCard.from_json(f / "card.json")
         c.hyperparameters = {"lr": 2e-4, "seed": seed, **({"train_seed": train_seed} if train_seed is not None else {})}
-        c.evaluation["per_fold"] = [{"auc": 0.5, "temperature_fit": "fitted"}] * 4
+        c.evaluation["per_fold"] = [{"auc": 0.5, "temperature_fit": "fitted"}] * 3 + [
+            {"auc": 0.5, "temperature_fit": "fallback T=1" if (seed, train_seed) == (1, 10) else "fitted"}]
         c.to_json(f / "card.json")
         z = 1.0 * y + rng.normal(0, 1, len(y))
         logits[(seed, train_seed)] = z
@@ -151,6 +152,8 @@ def test_a_seed_ensemble_is_read_over_split_seeds_as_the_mean_of_its_members(tmp
         mean = (logits[(seed, None)] + logits[(seed, 10)]) / 2
         assert res["recipe"]["pooled_auc_by_seed"][n] == pytest.approx(_safe_auc(y, mean))
     assert "seed ensemble of 2 training seeds" in res["protocol"] and res["seeds"] == [0, 1]
+    # the ensemble's logits come from every member: a non-primary member's fallback counts (4 runs x 4 folds)
+    assert res["seed_ensemble"] and res["folds_with_temperature_fallback"] == "1/16 member folds"
     single = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4)  # the single runs: training seed = split seed
     assert single["recipe"]["pooled_auc_by_seed"][0] == pytest.approx(_safe_auc(y, logits[(0, None)]))
     vs = trained_runs_cv(df, runs, whole, tiles, n_boot=30, k=4, incumbent=[runs[0], runs[2]],

@@ -479,7 +479,9 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
     oof = rr["oof"]
     fold_aucs = ([a for per_seed in rr["ensemble_fold_aucs"] for a in per_seed] if seed_ensemble
                  else [a for i in primary for a in run_fold_aucs[i]])
-    temp_fallbacks = f"{sum(run_fallbacks[i] for i in primary)}/{len(fold_aucs)}"
+    # An ensemble's out-of-fold logits come from every member, so its fallbacks are counted over every member's folds.
+    temp_fallbacks = (f"{sum(run_fallbacks)}/{len(run_fallbacks) * k} member folds" if seed_ensemble
+                      else f"{sum(run_fallbacks[i] for i in primary)}/{len(fold_aucs)}")
     spread = {}
     for ss in split_seeds:
         rows = [i for i, s in enumerate(seeds) if s == ss]
@@ -506,6 +508,7 @@ def trained_runs_cv(df: pd.DataFrame, folders: list[Path], whole: np.ndarray, ti
            "training_seed_spread": spread,
            "recipe": recipe_summary(y, pats, mags, oof, fold_aucs, ref["whole_lr"], n_boot)}
     if seed_ensemble:
+        out["seed_ensemble"] = True
         out["protocol"] = (f"a seed ensemble of {rr['members_per_split_seed']} training seeds on each of split seeds "
                            f"{split_seeds} ({len(cards)} runs of one `train` command; every run a member, none "
                            f"selected): each split seed's out-of-fold logits are the mean of its members', {k} stratified "
