@@ -12,8 +12,8 @@ multiplies by the recipe's counts (steps, validation passes, out-of-fold and TTA
   (training.engine.depthwise_fp32: oneDNN's bf16 depthwise backward is the slow part of a bf16 step).
 
 Training steps use the precision the CPU flags choose (training.engine.select_compute) in both (old: every layer
-under bf16 autocast; new: depthwise layers fp32); an fp32-only line shows what an AVX2 machine pays. With --run FOLDER, the wall-clock minutes that run actually took (its card) are
-printed beside the projection.
+under bf16 autocast; new: depthwise layers fp32); an fp32-only line shows what an AVX2 machine pays. With --run
+FOLDER, the wall-clock minutes that run actually took (its card) are printed beside the projection.
 
     python benchmarks/train_speed.py [--data ../shared/data/breakhis] [--run build/speed/s0_t0]
         [--paired-with magnif_models/all/efficientnet_lite2_finetuned]
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -96,25 +95,22 @@ def eval_seconds_per_frame(images: torch.Tensor, cfg: PreprocessConfig, channels
 
 
 def paired_runs(new: Path, old: Path) -> dict:
-    """New run minus old run: out-of-fold AUC on the same frames, refusing runs on other folds or other recipes."""
-    from models.metrics import paired_auc_difference
+    """New run minus old run: out-of-fold AUC on the same frames and folds (training.compare.paired_runs), refusing
+    runs of another recipe or other seeds."""
+    from training.compare import paired_runs as paired_difference
     from training.frozen_cv import recipe_of
 
     cards = [json.loads((f / "card.json").read_text()) for f in (new, old)]
+
     def same(c: dict) -> dict:  # repeats-cv's test of one recipe, plus both seeds (older cards trained with --seed)
         hp = c["hyperparameters"]
         return {**recipe_of(hp), "seed": hp["seed"], "train_seed": hp.get("train_seed", hp["seed"])}
 
     if same(cards[0]) != same(cards[1]):
         raise SystemExit(f"{new} and {old} are not the same command and seeds: {same(cards[0])} vs {same(cards[1])}")
-    p_new, p_old = (pd.read_csv(f / "predictions.csv", dtype={"patient": str}) for f in (new, old))
-    p_new.index, p_old.index = (p["path"].map(lambda x: Path(x).name) for p in (p_new, p_old))
-    p_old = p_old.loc[p_new.index]
-    if not (p_new["cv_fold"].to_numpy() == p_old["cv_fold"].to_numpy()).all():
-        raise SystemExit(f"{new} and {old} are not on the same folds")
-    d = paired_auc_difference(p_new["label"], p_new["logit"], p_old["logit"], p_new["patient"], n_boot=2000, seed=0)
-    return {**d, "new_run": str(new), "old_run": str(old), "new_minutes": cards[0]["training_time_s"] / 60,
-            "old_minutes": cards[1]["training_time_s"] / 60, "new_compute": cards[0]["recipe"].get("compute"),
+    r = paired_difference(new, old)
+    return {**r["pooled"], "new_run": str(new), "old_run": str(old), "new_minutes": r["minutes"]["challenger"],
+            "old_minutes": r["minutes"]["incumbent"], "new_compute": cards[0]["recipe"].get("compute"),
             "old_compute": cards[1]["recipe"].get("compute")}
 
 
@@ -159,7 +155,8 @@ def main() -> None:
 
     res = {"compute": compute.reason, "frames": n, "counts": {"optimiser_steps": steps, "validation_frames": val_frames,
                                                               "out_of_fold_frames": oof_frames, "tta_frames": tta_frames},
-           "seconds": {"train_step_old": step_old, "train_step": step, "train_step_fp32": step_fp32, "eval_frame_fp32_old": ev_old,
+           "seconds": {"train_step_old": step_old, "train_step": step, "train_step_fp32": step_fp32,
+                       "eval_frame_fp32_old": ev_old,
                        "eval_frame_fp32_channels_last": ev_new, "validation_frame_new": ev_val_new,
                        "decode_old": decode_old, "decode_cache_hit": decode_new}}
     rows = []
@@ -180,7 +177,8 @@ def main() -> None:
         res["paired_auc"] = paired_runs(Path(a.run), Path(a.paired_with))
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"compute: {compute.reason}")
-    print(f"per step {step_old:.2f} s -> {step:.2f} s (fp32 {step_fp32:.2f} s); eval per frame fp32 {ev_old * 1000:.0f} ms -> channels_last "
+    print(f"per step {step_old:.2f} s -> {step:.2f} s (fp32 {step_fp32:.2f} s); "
+          f"eval per frame fp32 {ev_old * 1000:.0f} ms -> channels_last "
           f"{ev_new * 1000:.0f} ms, validation {ev_val_new * 1000:.0f} ms; decode {decode_old:.1f} s -> {decode_new:.1f} s")
     print("| recipe | old min | new min | old/new | fp32-only old | fp32-only new | fp32 old/new |")
     print("|---|---|---|---|---|---|---|")

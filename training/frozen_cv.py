@@ -439,7 +439,8 @@ def read_repeat_runs(df: pd.DataFrame, folders: list[Path], k: int = 5, seed_ens
     # recipe has: averaging several training seeds' logits would be an ensemble the others do not get.
     primary = [min((i for i, s in enumerate(seeds) if s == ss), key=lambda i: (train_seeds[i] != ss, train_seeds[i]))
                for ss in split_seeds]
-    out = {"cards": cards, "recipe": recipe_of(cards[0].hyperparameters), "seeds": seeds, "train_seeds": train_seeds, "pairs": pairs,
+    out = {"cards": cards, "recipe": recipe_of(cards[0].hyperparameters), "seeds": seeds, "train_seeds": train_seeds,
+           "pairs": pairs,
            "split_seeds": split_seeds, "run_oof": run_oof, "run_fold_aucs": run_fold_aucs,
            "run_fallbacks": run_fallbacks, "minutes": minutes, "primary": primary, "oof": run_oof[primary]}
     if seed_ensemble:
